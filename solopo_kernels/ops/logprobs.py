@@ -1,0 +1,251 @@
+"""``fused_linear_logprobs``: per-token log-probs of the labels, straight from hidden states.
+
+This module is the one dispatch point of the package: it checks inputs, gathers the response
+rows (labels != ignore_index) so that work and memory scale with the number of response tokens
+``N`` and not with all positions ``T``, picks a backend, and wraps the backend's forward/backward
+in one ``torch.autograd.Function``. A backend is a module with
+
+* ``forward(rows, weight, bias, targets, *, temperature, tiles) -> (logp, lse)`` and
+* ``backward(grad_logp, rows, weight, bias, targets, lse, *, temperature, tiles, needs_grad)
+  -> (grad_rows, grad_weight, grad_bias)``,
+
+operating on gathered rows ``(N, H)``; no backend ever holds an ``N x V`` tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..checks import (
+    check_choice,
+    check_float,
+    check_integer,
+    check_labels_and_lengths,
+    check_positive,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+
+BACKENDS = ("auto", "torch", "triton")
+ChunkSize = int | tuple[int, int] | None
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` imports (the Triton backend then runs on CUDA, or anywhere under
+    ``TRITON_INTERPRET=1``)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The backend module for ``backend`` on ``device``.
+
+    ``"auto"`` is ``"triton"`` on CUDA devices when Triton is installed and ``"torch"`` otherwise;
+    the interpreter (``TRITON_INTERPRET=1``) is never chosen automatically: ask for ``"triton"``.
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError('backend="triton" needs the triton package: pip install "solopo-kernels[triton]"')
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f'backend="triton" runs on CUDA tensors (got {device}); on the CPU set '
+                'TRITON_INTERPRET=1 (slow, for tests) or use backend="torch"'
+            )
+    return importlib.import_module(f"{__package__}.{backend}_tiles")
+
+
+def check_chunk_size(chunk_size: ChunkSize) -> None:
+    def positive_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if chunk_size is None or positive_int(chunk_size):
+        return
+    if isinstance(chunk_size, tuple) and len(chunk_size) == 2 and all(map(positive_int, chunk_size)):
+        return
+    raise ValueError(
+        "chunk_size: expected None, a positive int (tokens per tile) or a pair of positive ints "
+        f"(tokens per tile, vocabulary columns per tile), got {chunk_size!r}"
+    )
+
+
+def check_head(weight: object, bias: object, hidden_size: int | None = None) -> tuple[int, int]:
+    """Check ``weight (V, H)`` and ``bias (V,)``; return ``(V, H)``."""
+    weight = check_tensor("weight", weight)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected the lm_head weight of shape (V, H), got {tuple(weight.shape)}")
+    vocab, hidden = weight.shape
+    if hidden_size is not None and hidden != hidden_size:
+        raise ValueError(
+            f"weight: expected shape (V, H) with H = {hidden_size} (the hidden size of the hidden "
+            f"states), got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        bias = check_tensor("bias", bias)
+        check_float("bias", bias)
+        check_shape("bias", bias, (vocab,), "(V,)")
+        check_same_device("weight", weight, bias=bias)
+    return vocab, hidden
+
+
+def check_hidden_and_labels(
+    hidden_name: str, hidden: object, labels_name: str, labels: object, weight: torch.Tensor
+) -> None:
+    """Shape/dtype/device checks of one ``hidden (..., H)`` and its ``labels (...)``."""
+    hidden = check_tensor(hidden_name, hidden)
+    labels = check_tensor(labels_name, labels)
+    check_float(hidden_name, hidden)
+    check_integer(labels_name, labels)
+    if hidden.dim() < 1:
+        raise ValueError(f"{hidden_name}: expected shape (..., H), got a scalar")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"{hidden_name}: expected the dtype of weight ({weight.dtype}), got {hidden.dtype}; "
+            "cast one of them (the kernels accumulate in float32 either way)"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name}: expected shape (..., H) with H = {weight.shape[1]} (weight is "
+            f"{tuple(weight.shape)}), got {tuple(hidden.shape)}"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{labels_name}: expected shape {tuple(hidden.shape[:-1])} (the leading shape of "
+            f"{hidden_name}, already shifted), got {tuple(labels.shape)}"
+        )
+    check_same_device("weight", weight, **{hidden_name: hidden, labels_name: labels})
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
+    the bias, the targets and one log-sum-exp per row; the backward recomputes the logits."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        tiles: Any,
+        backend: ModuleType,
+    ) -> torch.Tensor:
+        logp, lse = backend.forward(rows, weight, bias, targets, temperature=temperature, tiles=tiles)
+        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
+        return logp
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: torch.Tensor) -> tuple[Any, ...]:
+        rows, weight, bias, targets, lse = ctx.saved_tensors
+        grad_rows, grad_weight, grad_bias = ctx.backend.backward(
+            grad_logp.contiguous(),
+            rows,
+            weight,
+            bias,
+            targets,
+            lse,
+            temperature=ctx.temperature,
+            tiles=ctx.tiles,
+            needs_grad=tuple(ctx.needs_input_grad[:3]),
+        )
+        return grad_rows, grad_weight, grad_bias, None, None, None, None
+
+
+def response_logprobs(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: ChunkSize = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probs of ``targets`` for already gathered rows; no input checks (callers check).
+
+    Args:
+        rows: ``(N, H)`` response hidden states, same dtype as ``weight``.
+        weight: ``(V, H)``; bias: ``(V,)`` or None.
+        targets: ``(N,)`` integer ids in ``[0, V)``.
+    Returns:
+        ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
+        ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
+        forward runs alone and nothing is saved.
+    """
+    module = resolve_backend(backend, rows.device)
+    rows = rows.contiguous()
+    tiles = module.default_tiles(rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, weight, bias)
+    )
+    if not needs_grad:
+        logp, _ = module.forward(rows, weight, bias, targets, temperature=temperature, tiles=tiles)
+        return logp
+    return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module)
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    chunk_size: ChunkSize = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token log-probs ``log softmax((hidden @ weight.T + bias) / temperature)[labels]``,
+    computed only at response positions and never materialising ``[tokens x vocab]`` logits.
+
+    Args:
+        hidden: ``(..., H)`` last hidden states (the lm_head input); float32, bfloat16, float16
+            (or float64, for gradcheck). Same dtype as ``weight``.
+        weight: ``(V, H)`` lm_head weight.
+        labels: ``(...)`` integer token ids, already shifted (``hidden[..., t, :]`` predicts
+            ``labels[..., t]``); ``ignore_index`` marks prompt and padding positions.
+        bias: ``(V,)`` lm_head bias, or None.
+        ignore_index: label value of positions that are not response tokens.
+        temperature: the logits are divided by it before the softmax (> 0).
+        chunk_size: tile override: an int (tokens per tile) or ``(tokens, vocab columns)``;
+            default: derived from H, V and the device.
+        backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"`` or ``"triton"``.
+    Returns:
+        float32 tensor of the shape of ``labels`` (float64 for float64 inputs), 0.0 at ignored
+        positions; differentiable in ``hidden``, ``weight`` and ``bias``.
+    Raises:
+        TypeError / ValueError naming the argument on bad input (see SPEC §3).
+    """
+    vocab, _ = check_head(weight, bias)
+    check_hidden_and_labels("hidden", hidden, "labels", labels, weight)
+    check_same_device("weight", weight, bias=bias)
+    check_positive("temperature", temperature)
+    check_chunk_size(chunk_size)
+    check_labels_and_lengths([("labels", labels)], vocab, ignore_index, require_response=False)
+    resolve_backend(backend, hidden.device)
+
+    mask = labels != ignore_index
+    logp = response_logprobs(
+        hidden[mask],
+        weight,
+        labels[mask],
+        bias,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    return torch.zeros(labels.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp)

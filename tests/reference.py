@@ -1,0 +1,126 @@
+"""The float64 reference every kernel and loss is checked against.
+
+It materialises the full ``[..., V]`` logits in float64, applies ``log_softmax`` and gathers the
+labels, then writes SPEC §2 out formula by formula, independently of ``solopo_kernels.losses``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """float64 per-token log-probs, 0 at ignored positions; differentiable in its inputs."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    mask = labels != ignore_index
+    picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask
+
+
+def sequence_logps(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0):
+    """float64 ``(sums, lengths)`` per sequence (last dimension)."""
+    tok = token_logps(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature)
+    return tok.sum(-1), (labels != ignore_index).sum(-1).double()
+
+
+def solopo_objective(
+    short_logps,
+    short_lengths,
+    long_logps,
+    long_lengths,
+    *,
+    ref_short_logps=None,
+    ref_long_logps=None,
+    loss_type="dpo",
+    beta=0.1,
+    alpha=1.0,
+    gamma=0.5,
+    label_smoothing=0.0,
+    ra_target="chosen",
+    ra_distance="abs",
+    ra_use_reference=True,
+):
+    """SPEC §2 in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
+    n = short_logps.shape[0] // 2
+    s = short_logps.double()
+    sl = short_lengths.double()
+
+    def reward(logp, length, ref):
+        if loss_type == "dpo":
+            return beta * (logp - (ref if ref is not None else 0.0))
+        if loss_type == "ipo":
+            return beta * (logp / length - (ref / length if ref is not None else 0.0))
+        if loss_type == "simpo":
+            return beta * logp / length
+        if loss_type == "orpo":
+            m = logp / length
+            return m - torch.log(1 - torch.exp(m))
+        if loss_type == "cpo":
+            return beta * logp
+        raise AssertionError(loss_type)
+
+    prefs, aligns = [], []
+    for i in range(n):
+        rs = ref_short_logps.double() if ref_short_logps is not None else None
+        r_w = reward(s[i], sl[i], rs[i] if rs is not None else None)
+        r_l = reward(s[n + i], sl[n + i], rs[n + i] if rs is not None else None)
+        d = r_w - r_l
+        if loss_type == "dpo":
+            pref = -(1 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+        elif loss_type == "ipo":
+            pref = (d / beta - 1 / (2 * beta)) ** 2
+        elif loss_type == "simpo":
+            pref = -F.logsigmoid(d - gamma)
+        elif loss_type == "orpo":
+            pref = -s[i] / sl[i] - beta * F.logsigmoid(d)
+        else:
+            pref = -F.logsigmoid(d) - s[i] / sl[i]
+        prefs.append(pref)
+        if alpha > 0:
+            use_ref = ra_use_reference and loss_type in ("dpo", "ipo")
+            rows = [i] if ra_target == "chosen" else [i, n + i]
+            total = 0.0
+            for k, row in enumerate(rows):
+                short_row = i if k == 0 else n + i
+                rs_ra = reward(s[short_row], sl[short_row], rs[short_row] if use_ref else None)
+                long_row = row if ra_target == "both" else i
+                rl_ra = reward(
+                    long_logps.double()[long_row],
+                    long_lengths.double()[long_row],
+                    ref_long_logps.double()[long_row] if use_ref else None,
+                )
+                gap = rs_ra - rl_ra
+                total = total + (gap.abs() if ra_distance == "abs" else gap**2)
+            aligns.append(total)
+    preference = torch.stack(prefs).mean()
+    alignment = torch.stack(aligns).mean() if aligns else torch.zeros((), dtype=torch.float64)
+    return preference + alpha * alignment, preference, alignment
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|`` (a norm-wise relative error); NaN fails."""
+    actual = actual.double()
+    expected = expected.double()
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def assert_close_rel(actual, expected, rel: float, what: str = "") -> None:
+    err = max_relative_error(actual, expected)
+    assert err <= rel and not math.isnan(err), f"{what}: relative error {err:.3g} > {rel:.1g}"
