@@ -1,0 +1,22 @@
+"""Test-wide settings: offline hubs, the Triton interpreter on machines without CUDA, seeds."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers, datasets or triton.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels then run in the interpreter, on CPU tensors (slow: tests keep shapes small).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
