@@ -1,0 +1,108 @@
+"""SPEC §4 budgets, checked deterministically: allocation sizes and matmul FLOPs.
+
+Each check is also run on a materialising implementation to show it would fail there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from solopo_kernels import fused_linear_logprobs
+from tests import reference
+from tests.inputs import IGNORE, Head
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the element count of every tensor an op allocates (outputs that do not alias an
+    input: views and in-place results are not allocations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, value in zip(func._schema.returns, outputs):
+            if ret.alias_info is None and isinstance(value, torch.Tensor):
+                self.sizes.append((value.numel(), str(func)))
+        return out
+
+    @property
+    def largest(self) -> tuple[int, str]:
+        return max(self.sizes)
+
+
+def _long_batch(tokens_per_row: int, response_per_row: int, vocab: int, hidden: int):
+    """Two rows of ``tokens_per_row`` positions, each ending in ``response_per_row`` response tokens."""
+    labels = torch.full((2, tokens_per_row), IGNORE)
+    labels[:, -response_per_row:] = torch.randint(0, vocab, (2, response_per_row))
+    h = torch.randn(2, tokens_per_row, hidden, requires_grad=True)
+    return h, labels
+
+
+def _forward_backward(fn, hidden, head, labels):
+    out = fn(hidden, head.weight, labels, head.bias)
+    (out * torch.randn(labels.shape)).sum().backward()
+
+
+# N = 2048 response tokens out of T = 4096, V = 8192: N x V is 50x the tile budget.
+VOCAB, HIDDEN, T_ROW, N_ROW = 8192, 32, 2048, 1024
+BUDGET = 2 * N_ROW * VOCAB // 50
+TILES = (256, 1024)  # 262,144 elements <= BUDGET
+
+
+def test_no_allocation_exceeds_the_tile_budget():
+    head = Head.random(VOCAB, HIDDEN, bias=True)
+    hidden, labels = _long_batch(T_ROW, N_ROW, VOCAB, HIDDEN)
+    assert TILES[0] * TILES[1] <= BUDGET and 2 * N_ROW * VOCAB >= 50 * BUDGET
+    with AllocationRecorder() as rec:
+        _forward_backward(
+            lambda h, w, y, b: fused_linear_logprobs(h, w, y, b, chunk_size=TILES, backend="torch"),
+            hidden,
+            head,
+            labels,
+        )
+    size, op = rec.largest
+    assert size <= BUDGET, f"{op} allocated {size} elements > budget {BUDGET}"
+    assert hidden.grad is not None and head.weight.grad is not None and head.bias.grad is not None
+
+
+def test_allocation_recorder_catches_a_materialising_implementation():
+    head = Head.random(VOCAB, HIDDEN, bias=True)
+    hidden, labels = _long_batch(T_ROW, N_ROW, VOCAB, HIDDEN)
+    with AllocationRecorder() as rec:
+        _forward_backward(reference.token_logps, hidden, head, labels)
+    assert rec.largest[0] >= 2 * T_ROW * VOCAB > BUDGET
+
+
+def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+
+def _matmul_flops(fn, tokens_per_row: int, response_per_row: int, vocab=512, hidden=16) -> int:
+    head = Head.random(vocab, hidden, bias=False)
+    hidden_states, labels = _long_batch(tokens_per_row, response_per_row, vocab, hidden)
+    # The stock counter knows out-of-place addmm only; in-place accumulation does the same work.
+    in_place = {torch.ops.aten.addmm_: _addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+        _forward_backward(fn, hidden_states, head, labels)
+    return counter.get_total_flops()
+
+
+def test_flops_scale_with_response_tokens_not_positions():
+    ours = lambda h, w, y, b: fused_linear_logprobs(h, w, y, b, chunk_size=(64, 128), backend="torch")  # noqa: E731
+    n, vocab, hidden = 2 * 100, 512, 16
+    short = _matmul_flops(ours, 200, 100)
+    long = _matmul_flops(ours, 3200, 100)  # 16x the positions, same response tokens
+    assert short == long == 8 * n * hidden * vocab  # SPEC §4: at most 8 N H V, forward + backward
+    # With twice the response tokens the work doubles.
+    assert _matmul_flops(ours, 200, 200) == 2 * short
+
+
+def test_flop_counter_catches_work_on_prompt_positions():
+    plain_short = _matmul_flops(reference.token_logps, 200, 100)
+    plain_long = _matmul_flops(reference.token_logps, 3200, 100)
+    assert plain_long == 16 * plain_short
