@@ -1,0 +1,138 @@
+"""A per-instance forward patch that returns response log-prob sums instead of logits.
+
+``patch_solopo_forward(model)`` replaces ``model.forward`` (on the instance, not the class) with a
+version that, when called with ``solopo_labels=...``, runs the backbone (``model.base_model``),
+reads ``lm_head`` *at call time* and scores the labelled positions with
+:func:`solopo_kernels.fused_linear_logprobs`. Without ``solopo_labels`` it is the original
+forward, so generation and every other caller are unchanged.
+
+Why inside the forward: a trainer always calls the wrapped model (DDP, FSDP2, ...). The kernel
+then runs inside the wrapper's forward, where FSDP2 has unsharded the root unit's parameters
+(``lm_head`` included) and DDP has armed its gradient reducer, so the ``lm_head`` gradient is
+reduced like any other. Reading ``lm_head.weight`` after the forward, outside the wrapper, gives a
+sharded ``DTensor`` under FSDP2 (and a wrong gradient if one calls ``full_tensor()`` on it); that
+case raises here instead of training on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from ..ops import fused_linear_logprobs
+
+IGNORE_INDEX = -100
+_PATCHED_FLAG = "_solopo_forward_patched"
+
+
+@dataclass
+class SoLoPOLogProbsOutput(ModelOutput):
+    """What a patched model returns when called with ``solopo_labels``.
+
+    Attributes:
+        logps: ``(B,)`` float32 sums of the log-probs of the response tokens of each row.
+        lengths: ``(B,)`` int64 response-token counts of each row.
+    """
+
+    logps: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _check_plain_head(config: Any) -> None:
+    """The kernel computes ``log_softmax(h @ W.T + b)``; heads that rescale or cap logits differ."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in (
+        "final_logit_softcapping",
+        "logit_scale",
+        "output_multiplier",
+        "lm_head_multiplier",
+        "logits_scaling",
+    ):
+        value = getattr(text_config, name, None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"{type(config).__name__}.{name}={value}: this model transforms its logits after the "
+                "lm_head projection, which solopo_kernels' log-prob kernel does not implement"
+            )
+
+
+def patch_target(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``forward`` gets patched: the base model under PEFT (whose wrappers call
+    ``base_model.model.forward`` with all keyword arguments), the model itself otherwise."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
+
+
+def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Add the ``solopo_labels`` path to ``model``'s forward (idempotent); returns ``model``.
+
+    ``model`` is a causal LM (or a PEFT model around one) that is not wrapped by DDP/FSDP/DeepSpeed
+    (unwrap it first; the wrapper keeps calling the patched instance forward). After patching::
+
+        out = model(input_ids=ids, attention_mask=mask, solopo_labels=labels)
+        out.logps    # (B,) float32: sum over t of log p(labels[:, t] | ids[:, :t]), labels != -100
+        out.lengths  # (B,) int64: number of such positions
+
+    ``labels`` has the shape of ``input_ids`` and is *not* shifted (``labels[:, t]`` is the token
+    at position ``t``; -100 marks prompt and padding positions), like the model's own ``labels``.
+    """
+    target = patch_target(model)
+    if getattr(target, _PATCHED_FLAG, False):
+        return model
+    if not hasattr(target, "base_model") or not hasattr(target, "get_output_embeddings"):
+        raise TypeError(
+            f"model: expected a transformers causal LM with a backbone (base_model) and an lm_head, "
+            f"got {type(target).__name__}"
+        )
+    _check_plain_head(target.config)
+    original_forward = target.forward
+
+    # Keep the original signature visible: generate() and Trainer inspect it.
+    @functools.wraps(type(target).forward)
+    def forward(
+        self: torch.nn.Module, *args: Any, solopo_labels: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        if solopo_labels is None:
+            return original_forward(*args, **kwargs)
+        if kwargs.pop("labels", None) is not None:
+            raise ValueError(
+                "labels: pass either labels (the model's own loss) or solopo_labels, not both"
+            )
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = solopo_labels[:, 1:]
+        head = (
+            self.get_output_embeddings()
+        )  # looked up per call: FSDP and PEFT swap modules after patching
+        weight, bias = head.weight, head.bias
+        if _is_dtensor(weight):
+            raise RuntimeError(
+                "lm_head.weight is a sharded DTensor inside the forward: its FSDP unit was not unsharded "
+                "by this forward. Shard lm_head together with the root module (or with the final norm, "
+                "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
+            )
+        # Under autocast the backbone may return a lower precision than the (master) weight; the
+        # kernel wants one dtype and accumulates in float32 either way.
+        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+        labels = labels.to(weight.device)
+        token_logps = fused_linear_logprobs(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX)
+        return SoLoPOLogProbsOutput(
+            logps=token_logps.sum(-1), lengths=(labels != IGNORE_INDEX).sum(-1)
+        )
+
+    target.forward = types.MethodType(forward, target)
+    setattr(target, _PATCHED_FLAG, True)
+    return model
