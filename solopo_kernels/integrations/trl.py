@@ -430,7 +430,8 @@ class SoLoPOTrainer(DPOTrainer):
                     f"{columns}); add the long-context prompt or set long_prompt_column"
                 )
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if not options.uses_long or LONG_PROMPT_IDS in next(iter(dataset)):
+        first = next(iter(dataset), None)  # None: max_length dropped every example
+        if not options.uses_long or first is None or LONG_PROMPT_IDS in first:
             return dataset
         map_kwargs: dict[str, Any] = {"with_indices": True}
         if isinstance(dataset, Dataset):

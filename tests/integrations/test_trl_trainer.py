@@ -1,0 +1,183 @@
+"""SoLoPOTrainer against a float64 full-logits computation of SPEC §2, and short training runs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the trl extra is not installed")
+
+from solopo_kernels.integrations.trl import SoLoPOTrainer  # noqa: E402
+from tests import reference  # noqa: E402
+from tests.integrations import common  # noqa: E402
+
+SPEC_METRICS = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "rewards/long_chosen",
+    "solo_ra/distance",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/long_chosen",
+}
+
+
+def _loss_and_grads(
+    trainer: SoLoPOTrainer, indices: list[int]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, common.batch(trainer, indices))
+    loss.backward()
+    grads = {
+        "lm_head": model.lm_head.weight.grad.clone(),
+        "q_proj": model.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+    }
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("ra_target", ["chosen", "both"])
+@pytest.mark.parametrize("loss_type", ["dpo", "simpo", "orpo"])
+def test_loss_and_gradient_match_float64_full_logits(tmp_path, loss_type, ra_target):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    policy64, ref64 = copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
+    options = dict(beta=0.5, alpha=1.5, gamma=0.3, ra_target=ra_target, ra_distance="abs")
+    trainer = common.trainer(
+        tmp_path,
+        tok=tok,
+        policy=policy,
+        ref=ref if loss_type == "dpo" else None,
+        solopo_loss_type=loss_type,
+        solopo_alpha=options["alpha"],
+        gamma=options["gamma"],
+        solopo_ra_target=ra_target,
+        beta=options["beta"],
+    )
+    if loss_type != "dpo":
+        assert trainer.ref_model is None  # reference-free: none loaded, kept or run
+    loss, grads = _loss_and_grads(trainer, [0, 1, 2, 3])
+
+    expected = common.reference_loss(
+        policy64,
+        ref64 if loss_type == "dpo" else None,
+        tok,
+        common.ROWS,
+        loss_type=loss_type,
+        **options,
+    )
+    expected.backward()
+    reference.assert_close_rel(loss, expected.detach(), 2e-6, f"{loss_type}/{ra_target} loss")
+    reference.assert_close_rel(grads["lm_head"], policy64.lm_head.weight.grad, 1e-5, "lm_head grad")
+    reference.assert_close_rel(
+        grads["q_proj"], policy64.model.layers[0].self_attn.q_proj.weight.grad, 1e-5, "q_proj grad"
+    )
+
+
+def test_alpha_zero_needs_no_long_prompt_and_is_the_preference_loss(tmp_path):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    data = common.dataset().remove_columns("long_prompt")
+    trainer = common.trainer(tmp_path, tok=tok, policy=policy, ref=ref, data=data, solopo_alpha=0.0)
+    batch = common.batch(trainer, [0, 1, 2, 3])
+    assert not any(k.startswith("long_") for k in batch)
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected = common.reference_loss(
+        copy.deepcopy(policy).double(),
+        copy.deepcopy(ref).double(),
+        tok,
+        common.ROWS,
+        beta=0.5,
+        alpha=0.0,
+    )
+    reference.assert_close_rel(loss.detach(), expected, 2e-6, "alpha=0 loss")
+
+
+def test_training_lowers_loss_keeps_finite_and_logs_metrics(tmp_path):
+    trainer = common.trainer(
+        tmp_path,
+        solopo_loss_type="dpo",
+        max_steps=8,
+        learning_rate=2e-2,
+        per_device_train_batch_size=4,
+        gradient_checkpointing=True,  # non-reentrant (the default) with two policy forwards per step
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 8
+    assert SPEC_METRICS <= set(logs[0])
+    assert logs[-1]["loss"] < logs[0]["loss"] - 0.05, [h["loss"] for h in logs]
+    assert all(math.isfinite(v) for h in logs for v in h.values())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("ra_target", ["chosen", "both"])
+def test_precomputed_reference_gives_the_same_loss(tmp_path, ra_target):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    shared = dict(tok=tok, solopo_ra_target=ra_target)
+    live = common.trainer(
+        tmp_path / "live", policy=copy.deepcopy(policy), ref=copy.deepcopy(ref), **shared
+    )
+    pre = common.trainer(
+        tmp_path / "pre",
+        policy=copy.deepcopy(policy),
+        ref=copy.deepcopy(ref),
+        precompute_ref_log_probs=True,
+        **shared,
+    )
+    columns = set(pre.train_dataset.column_names)
+    assert {"ref_chosen_logps", "ref_rejected_logps", "ref_long_chosen_logps"} <= columns
+    assert ("ref_long_rejected_logps" in columns) == (ra_target == "both")
+    batch = common.batch(pre, [0, 1, 2, 3])
+    assert "ref_long_chosen_logps" in batch
+    expected = live.compute_loss(live.model, common.batch(live, [0, 1, 2, 3]))
+    got = pre.compute_loss(pre.model, batch)
+    reference.assert_close_rel(
+        got.detach(), expected.detach(), 1e-6, "precomputed vs live reference"
+    )
+
+
+def test_precompute_without_reference_model_uses_the_initial_policy(tmp_path):
+    # Full fine-tuning, no ref_model: the policy before training is the reference (TRL semantics),
+    # so the rewards at step 0 are exactly zero.
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    trainer = common.trainer(
+        tmp_path, tok=tok, policy=policy, ref=None, precompute_ref_log_probs=True
+    )
+    assert trainer.ref_model is None
+    loss = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1, 2, 3]))
+    assert abs(loss.item() - math.log(2.0)) < 1e-6
+    assert trainer._metrics["train"]["solo_ra/distance"] == [0.0]
+
+
+def test_peft_adapter_disabled_is_the_reference(tmp_path):
+    peft = pytest.importorskip("peft")
+    from solopo_kernels.integrations.trl import SoLoPOTrainer
+
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    trainer = SoLoPOTrainer(
+        model=policy,
+        args=common.config(tmp_path, max_steps=4, learning_rate=2e-2),
+        train_dataset=common.dataset(),
+        processing_class=tok,
+        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer.ref_model is None
+    # A fresh LoRA adapter is zero: policy == base model == reference, so the DPO loss is log 2.
+    loss = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1]))
+    assert abs(loss.item() - math.log(2.0)) < 1e-6
+    head_before = policy.lm_head.weight.detach().clone()
+    trainer.train()
+    # The adapter learned a preference against the frozen base (the reference) ...
+    assert trainer.state.log_history[-2]["rewards/margins"] > 0
+    # ... and the base weights, which the reference forward reads, did not move.
+    assert torch.equal(trainer.model.get_base_model().lm_head.weight, head_before)
