@@ -1,0 +1,76 @@
+"""SoLoPO data: short/long context pairs and preference pairs sampled on the short side.
+
+Pipeline (also the ``solopo-data`` command line, :mod:`solopo_kernels.data.cli`):
+
+1. :func:`read_examples` reads MuSiQue or generic QA JSONL into :class:`QAExample` records.
+2. :func:`build_contexts` builds each example's short prompt (relevant passages only) and long
+   prompt (the same passages among distractors, up to a target length in tokens).
+3. :func:`sample_pairs` samples responses on the short prompts, judges them by sub-exact-match
+   (:func:`sub_exact_match`) and writes chosen/rejected pairs with the long prompt alongside,
+   resumably.
+
+Importing this package does not import torch, the kernels or the losses; the sampler's backends
+import torch/transformers/vllm when they are built.
+"""
+
+from .contexts import (
+    TEMPLATES,
+    ContextBuilder,
+    DistractorPool,
+    PromptTemplate,
+    TargetLengths,
+    build_contexts,
+    format_summary,
+    prompt_text,
+    summarize_lengths,
+)
+from .judge import (
+    extract_final_answer,
+    load_judge,
+    make_sub_em_judge,
+    normalize_answer,
+    sub_exact_match,
+)
+from .readers import Passage, QAExample, read_examples
+from .sampler import (
+    Generation,
+    GenerationBackend,
+    ResumableOutput,
+    SamplingConfig,
+    SamplingSummary,
+    TransformersBackend,
+    VLLMBackend,
+    load_backend,
+    read_context_rows,
+    sample_pairs,
+)
+
+__all__ = [
+    "TEMPLATES",
+    "ContextBuilder",
+    "DistractorPool",
+    "Generation",
+    "GenerationBackend",
+    "Passage",
+    "PromptTemplate",
+    "QAExample",
+    "ResumableOutput",
+    "SamplingConfig",
+    "SamplingSummary",
+    "TargetLengths",
+    "TransformersBackend",
+    "VLLMBackend",
+    "build_contexts",
+    "extract_final_answer",
+    "format_summary",
+    "load_backend",
+    "load_judge",
+    "make_sub_em_judge",
+    "normalize_answer",
+    "prompt_text",
+    "read_context_rows",
+    "read_examples",
+    "sample_pairs",
+    "sub_exact_match",
+    "summarize_lengths",
+]

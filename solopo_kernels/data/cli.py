@@ -1,0 +1,377 @@
+"""``solopo-data``: turn QA data into SoLoPO training data in two commands.
+
+    solopo-data build-contexts --input qa.jsonl --output contexts.jsonl --tokenizer MODEL
+    solopo-data sample-pairs --input contexts.jsonl --output pairs.jsonl --model MODEL
+
+Run ``solopo-data COMMAND --help`` for every option. ``python -m solopo_kernels.data`` is the
+same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from .contexts import TEMPLATES, TargetLengths, build_contexts, format_summary, summarize_lengths
+from .judge import DEFAULT_ANSWER_MARKER, load_judge, make_sub_em_judge
+from .readers import read_examples
+from .sampler import (
+    SamplingConfig,
+    TransformersBackend,
+    load_backend,
+    read_context_rows,
+    sample_pairs,
+)
+
+#: The bundled MuSiQue-schema sample (31 hand-written two-hop questions).
+SAMPLE_PATH = Path(str(files("solopo_kernels.data") / "samples" / "musique_sample.jsonl"))
+TINY = "tiny"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the descriptions' line breaks and shows every option's default."""
+
+
+def tiny_tokenizer_for(texts: Iterable[str]) -> Any:
+    """A :func:`solopo_kernels.testing.tiny_tokenizer` whose vocabulary covers ``texts``.
+
+    Word-level, so a text's token count does not depend on the vocabulary: a context file built
+    with ``--tokenizer tiny`` keeps its lengths when ``sample-pairs --tokenizer tiny`` rebuilds
+    the tokenizer from the contexts.
+    """
+    from tokenizers import pre_tokenizers
+
+    from ..testing import tiny_tokenizer
+
+    splitter = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    words = {piece for text in texts for piece, _ in splitter.pre_tokenize_str(text.lower())}
+    return tiny_tokenizer(sorted(words))
+
+
+def load_tokenizer(name: str, texts: Iterable[str]) -> Any:
+    """Load ``name`` with ``AutoTokenizer.from_pretrained``, or build the tiny one over ``texts``."""
+    if name == TINY:
+        return tiny_tokenizer_for(texts)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _prompt_texts(prompt: str | list[dict[str, str]]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else [message["content"] for message in prompt]
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write ``rows`` to ``path`` through a temporary file, so ``path`` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(partial, path)
+
+
+def build_contexts_command(args: argparse.Namespace) -> int:
+    """Run ``build-contexts``; return the exit status."""
+    examples = read_examples(args.input, args.input_format)[: args.limit]
+    lengths = TargetLengths.parse(
+        None if args.target_range else args.target_lengths, args.target_range
+    )
+    template = TEMPLATES[args.template]
+    texts = [template.header, template.footer, template.answer_cue]
+    for example in examples:
+        texts += [example.question, *example.answers]
+        texts += [passage.render() for passage in (*example.passages, *example.distractors)]
+    tokenizer = load_tokenizer(args.tokenizer, texts)
+    rows = build_contexts(
+        examples,
+        tokenizer,
+        lengths,
+        template=template,
+        prompt_format=args.format,
+        tolerance=args.tolerance,
+        own_distractors=args.own_distractors,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    _write_jsonl(Path(args.output), rows)
+    print(f"wrote {len(rows)} rows to {args.output}")
+    print(format_summary(summarize_lengths(rows, bins=4 if args.target_range else None)))
+    return 0
+
+
+def sample_pairs_command(args: argparse.Namespace) -> int:
+    """Run ``sample-pairs``; return the exit status."""
+    config = SamplingConfig(
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        include_gold=args.include_gold,
+    )
+    rows = read_context_rows(args.input)[: args.limit]
+    judge = load_judge(args.judge) if args.judge else make_sub_em_judge(args.answer_marker)
+    tokenizer_name = args.tokenizer or args.model
+    texts = ["The answer is"]
+    for row in rows:
+        texts += [*_prompt_texts(row["prompt"]), *row["answers"]]
+    tokenizer = load_tokenizer(tokenizer_name, texts)
+    if args.model == TINY:
+        if args.backend == "vllm":
+            raise ValueError("--model tiny is built in memory and runs on the transformers backend")
+        from ..testing import tiny_llama
+
+        longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
+        model = tiny_llama(
+            tokenizer, max_position_embeddings=max(4096, longest + config.max_new_tokens)
+        )
+        backend = TransformersBackend(model.to(args.device or "cpu"), tokenizer)
+    else:
+        backend = load_backend(
+            args.backend,
+            args.model,
+            tokenizer,
+            tokenizer_path=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    settings = {
+        "model": args.model,
+        "tokenizer": tokenizer_name,
+        "judge": args.judge or f"sub-em after {args.answer_marker!r}",
+        "input": str(Path(args.input).resolve()),
+    }
+    try:
+        summary = sample_pairs(
+            rows,
+            backend,
+            tokenizer,
+            args.output,
+            config=config,
+            judge=judge,
+            settings=settings,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished batches are saved; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``solopo-data`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="solopo-data",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build-contexts",
+        help="build the short and long prompt of every QA example",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Build the short prompt (instruction + relevant passages + question) and the long\n"
+            "prompt (the same passages, unchanged, at random depths among distractor passages,\n"
+            "up to a target length in tokens of --tokenizer) of every example. Distractors come\n"
+            "from a pool of all passages in the input; for each example the pool excludes its\n"
+            "relevant passages, passages relevant to examples with the same answer, and passages\n"
+            "that contain its answer. Output JSONL rows: id, prompt, long_prompt, answers,\n"
+            "metadata (target_length, short_length, long_length, rho = short/long, depths of the\n"
+            "relevant passages as fractions of the long prompt, num_distractors, ...). The same\n"
+            "seed gives the same output. Prints the length distribution at the end.\n\n"
+            f"Bundled sample: {SAMPLE_PATH}"
+        ),
+    )
+    build.add_argument(
+        "--input", required=True, help="QA file (JSONL) in the MuSiQue or generic schema"
+    )
+    build.add_argument("--output", required=True, help="where to write the context rows (JSONL)")
+    build.add_argument(
+        "--tokenizer",
+        required=True,
+        help="the target model's tokenizer: a local path or hub id (AutoTokenizer), or "
+        f"'{TINY}' for an offline word-level tokenizer built from the input's words "
+        "(demos and tests)",
+    )
+    build.add_argument(
+        "--input-format",
+        choices=["auto", "musique", "generic"],
+        default="auto",
+        help="input schema. musique: id, question, answer, answer_aliases, paragraphs "
+        "[{title, paragraph_text, is_supporting}]. generic: id, question, answers, passages, "
+        "optional distractors (passages are strings or {title, text}). auto: musique when a "
+        "row has 'paragraphs'",
+    )
+    lengths = build.add_mutually_exclusive_group()
+    lengths.add_argument(
+        "--target-lengths",
+        default="4k,8k,16k,32k",
+        help="comma-separated long-prompt lengths in tokens; each example draws one uniformly "
+        "(multi-scale). 'k' means x1024",
+    )
+    lengths.add_argument(
+        "--target-range",
+        default=None,
+        metavar="LOW:HIGH",
+        help="instead of --target-lengths, draw each example's length uniformly from this "
+        "inclusive range (e.g. 6k:9k)",
+    )
+    build.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="a long prompt of target T has between T - max(1, floor(T * tolerance)) and T "
+        "tokens; the last distractor is cut short if needed",
+    )
+    build.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        default="cot",
+        help="instruction text: 'cot' asks for step-by-step reasoning ending with 'The answer "
+        "is X.' (the paper samples chain-of-thought answers); 'qa' asks for the answer only",
+    )
+    build.add_argument(
+        "--format",
+        choices=["conversational", "standard"],
+        default="conversational",
+        help="conversational: prompts are [{'role': 'user', 'content': ...}] and lengths are "
+        "counted on the chat template's rendering (needs a tokenizer with a chat template); "
+        "standard: prompts are plain strings ending with 'Answer:'",
+    )
+    build.add_argument(
+        "--own-distractors",
+        choices=["pool", "first"],
+        default="pool",
+        help="pool: every distractor is drawn at random from the pool (the paper's random "
+        "distractors); first: an example's own distractors (MuSiQue's non-supporting "
+        "paragraphs, the generic 'distractors') are used first, then the pool",
+    )
+    build.add_argument("--seed", type=int, default=0, help="random seed")
+    build.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(handler=build_contexts_command)
+
+    sample = commands.add_parser(
+        "sample-pairs",
+        help="sample responses on the short prompts and write chosen/rejected pairs",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Generate --num-samples responses to each short prompt, judge each against the gold\n"
+            "answers, and write chosen = the first correct response and rejected = the first\n"
+            "incorrect one, with the long prompt alongside. Examples without both are skipped\n"
+            "and counted. Output JSONL rows (TRL's preference format plus long_prompt): id,\n"
+            "prompt, long_prompt, chosen, rejected, metadata. The output is appended and synced\n"
+            "after every batch, next to OUTPUT.progress; rerunning the same command after an\n"
+            "interruption resumes without duplicating or losing rows."
+        ),
+    )
+    sample.add_argument("--input", required=True, help="context rows written by build-contexts")
+    sample.add_argument("--output", required=True, help="where to write the pairs (JSONL)")
+    sample.add_argument(
+        "--model",
+        required=True,
+        help="the policy model: a local path or hub id, or 'tiny' for a randomly initialised "
+        "tiny Llama built in memory (offline demos; it cannot answer, see --include-gold)",
+    )
+    sample.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer path or hub id if not the model's; 'tiny' builds the offline word-level "
+        "tokenizer from the input's words. Use the tokenizer that build-contexts used",
+    )
+    sample.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "vllm"],
+        default="auto",
+        help="generation backend; auto uses vLLM when it is installed and a GPU is available",
+    )
+    sample.add_argument(
+        "--num-samples", type=int, default=32, help="responses sampled per short prompt"
+    )
+    sample.add_argument(
+        "--temperature", type=float, default=0.85, help="sampling temperature (> 0)"
+    )
+    sample.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    sample.add_argument("--top-k", type=int, default=0, help="top-k cut (0 = off)")
+    sample.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest response, in tokens"
+    )
+    sample.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts per generation call (each with --num-samples responses); part of the "
+        "resume settings because batches carry the seeds",
+    )
+    sample.add_argument(
+        "--seed", type=int, default=0, help="random seed (one derived seed per batch)"
+    )
+    sample.add_argument(
+        "--judge",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="your own judge, called as FUNCTION(response, answers) -> bool. Default: sub-exact-"
+        "match (normalised gold answer or alias found as whole words in the response)",
+    )
+    sample.add_argument(
+        "--answer-marker",
+        default=DEFAULT_ANSWER_MARKER,
+        help="the default judge only reads what follows the last occurrence of this phrase "
+        "(the final answer of a chain of thought), or the whole response when it is absent; "
+        "'' judges the whole response",
+    )
+    sample.add_argument(
+        "--include-gold",
+        action="store_true",
+        help="also offer 'The answer is <gold>.' as a candidate after the samples, so every "
+        "example has a correct response. For demos with models that cannot answer (--model "
+        "tiny): the chosen response is then the reference, not the model's (off-policy); "
+        "metadata.chosen_source says which",
+    )
+    sample.add_argument(
+        "--device", default=None, help="torch device for transformers (default: cuda if available)"
+    )
+    sample.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="model weights' dtype",
+    )
+    sample.add_argument("--limit", type=int, default=None, help="only the first N context rows")
+    sample.add_argument(
+        "--overwrite", action="store_true", help="discard an existing output instead of resuming"
+    )
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sample.set_defaults(handler=sample_pairs_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``solopo-data``; returns the exit status (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        print(f"solopo-data {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Sample responses on the short prompts, judge them, and write preference pairs, resumably.
+
+For each context row (the output of :func:`~solopo_kernels.data.contexts.build_contexts`) the
+sampler generates ``num_samples`` responses to the *short* prompt, judges each one against the
+gold answers, and writes ``chosen`` = the first correct response and ``rejected`` = the first
+incorrect one (empty responses are neither). Rows without both are skipped and counted.
+
+Output is append-only JSONL, flushed and synced after every batch, next to a ``.progress`` file
+that records every finished example id (pairs and skips) and the run's settings. Rerunning with
+the same settings skips finished examples; batches are fixed slices of the input with a seed per
+slice, so a resumed run writes the same rows as an uninterrupted one.
+
+Generation backends share one interface, :class:`GenerationBackend`: ``transformers``
+``generate`` (:class:`TransformersBackend`) and vLLM (:class:`VLLMBackend`). torch,
+transformers and vllm are imported only when a backend is built or used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from tqdm.auto import tqdm
+
+from .contexts import prompt_text
+from .judge import Judge, make_sub_em_judge
+from .readers import iter_jsonl
+
+BackendName = Literal["auto", "transformers", "vllm"]
+
+
+@dataclass
+class Generation:
+    """What a backend returns for a batch.
+
+    ``texts[i]`` holds the sampled responses to prompt ``i``. ``prompt_tokens`` counts each
+    prompt's tokens once; ``generated_tokens`` counts the tokens of all responses (up to and
+    including the end-of-sequence token).
+    """
+
+    texts: list[list[str]]
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class GenerationBackend(Protocol):
+    """Samples ``num_samples`` responses per prompt (given as token ids)."""
+
+    name: str
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+    ) -> Generation:
+        """Return :class:`Generation` for ``prompt_ids``; the same ``seed`` gives the same output."""
+        ...
+
+
+class TransformersBackend:
+    """``model.generate`` of a ``transformers`` causal LM, one left-padded batch per call.
+
+    Note that ``generate`` repeats each prompt ``num_samples`` times, so the prompt is processed
+    ``num_samples`` times (no prefix sharing, unlike vLLM).
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+    ) -> Generation:
+        """See :meth:`GenerationBackend.generate`."""
+        import torch
+
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        device = self.model.device
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=pad_id,
+            )
+        stop_ids = self.model.generation_config.eos_token_id
+        stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids]) - {None}
+        texts: list[list[str]] = [[] for _ in prompt_ids]
+        generated = 0
+        for row, tokens in enumerate(output[:, width:].tolist()):
+            end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), len(tokens))
+            generated += end
+            text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+            texts[row // num_samples].append(text)
+        return Generation(texts, sum(map(len, prompt_ids)), generated)
+
+
+class VLLMBackend:
+    """vLLM's offline ``LLM.generate`` with one seeded ``SamplingParams`` per prompt.
+
+    ``llm_kwargs`` go to ``vllm.LLM`` (``tensor_parallel_size``, ``max_model_len``, ...).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", **llm_kwargs: Any
+    ) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=model, tokenizer=tokenizer, dtype=dtype, **llm_kwargs)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+    ) -> Generation:
+        """See :meth:`GenerationBackend.generate`."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=num_samples,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k if top_k > 0 else -1,
+                max_tokens=max_new_tokens,
+                seed=seed + index,
+            )
+            for index in range(len(prompt_ids))
+        ]
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        texts = [[completion.text for completion in output.outputs] for output in outputs]
+        generated = sum(
+            len(completion.token_ids) for output in outputs for completion in output.outputs
+        )
+        return Generation(texts, sum(map(len, prompt_ids)), generated)
+
+
+def load_backend(
+    name: BackendName,
+    model: str,
+    tokenizer: Any,
+    *,
+    tokenizer_path: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+) -> GenerationBackend:
+    """Load ``model`` (a local path or hub id) into the backend ``name``.
+
+    ``"auto"`` picks vLLM when it is importable and a CUDA device is available, else
+    transformers. ``device`` (transformers only) defaults to ``cuda`` when available, else
+    ``cpu``; ``dtype`` is ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+    """
+    import torch
+
+    if name == "auto":
+        use_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+        name = "vllm" if use_vllm else "transformers"
+    if name == "vllm":
+        return VLLMBackend(model, tokenizer=tokenizer_path, dtype=dtype)
+    if name != "transformers":
+        raise ValueError(f"backend must be auto, transformers or vllm, got {name!r}")
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    return TransformersBackend(
+        loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer
+    )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled and pairs picked.
+
+    ``num_samples`` responses per short prompt at ``temperature`` (with ``top_p`` and ``top_k``;
+    ``top_k=0`` means no top-k cut), at most ``max_new_tokens`` each; ``batch_size`` prompts per
+    backend call; ``seed`` seeds each batch. ``include_gold`` adds the reference response
+    ``"The answer is <gold answer>."`` after the samples, so an example always has a correct
+    candidate (for demos with models that cannot answer; the pair is then off-policy).
+    """
+
+    num_samples: int = 32
+    temperature: float = 0.85
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    include_gold: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class SamplingSummary:
+    """Counts and costs of a run.
+
+    ``pairs``, ``no_correct`` and ``no_incorrect`` count the whole output (earlier runs
+    included); the other fields count this run: ``processed`` examples, ``samples`` generated,
+    ``prompt_tokens`` (each prompt once), ``generated_tokens`` and ``seconds`` of generation.
+    """
+
+    examples: int
+    already_done: int
+    processed: int
+    pairs: int
+    no_correct: int
+    no_incorrect: int
+    samples: int
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.pairs} pairs written in total; skipped {self.no_correct} examples without a "
+            f"correct response and {self.no_incorrect} without an incorrect one. This run: "
+            f"{self.processed} examples ({self.already_done} of {self.examples} were already "
+            f"done), {self.samples} samples, {self.prompt_tokens} prompt tokens, "
+            f"{self.generated_tokens} generated tokens, {self.seconds:.1f} s generating."
+        )
+
+
+def gold_response(answers: Sequence[str]) -> str:
+    """The reference response that ``include_gold`` adds: ``"The answer is <answers[0]>."``."""
+    return f"The answer is {answers[0]}."
+
+
+def read_context_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a context file (``build-contexts`` output); return its rows in order.
+
+    Each row needs a unique string ``id``, ``prompt`` and ``long_prompt`` (both strings or both
+    message lists), and ``answers`` (a non-empty list of strings).
+    """
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for line_number, row in iter_jsonl(path):
+        example_id = row.get("id")
+        where = f"{path}:{line_number}: example {example_id!r}"
+        if not isinstance(example_id, str) or not example_id:
+            raise ValueError(f"{path}:{line_number}: field 'id' must be a non-empty string")
+        if example_id in seen:
+            raise ValueError(f"{where}: field 'id' is repeated")
+        seen.add(example_id)
+        for field in ("prompt", "long_prompt"):
+            if not isinstance(row.get(field), str | list) or not row[field]:
+                raise ValueError(f"{where}: field {field!r} must be a string or a message list")
+        if type(row["prompt"]) is not type(row["long_prompt"]):
+            raise ValueError(f"{where}: fields 'prompt' and 'long_prompt' differ in format")
+        answers = row.get("answers")
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(answer, str) and answer.strip() for answer in answers)
+        ):
+            raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a crash left without its newline."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+class ResumableOutput:
+    """The append-only output JSONL and its ``.progress`` record file.
+
+    The progress file starts with the run's ``settings``; then one record per finished example
+    (``id``, ``status``, ``num_correct``). Opening an existing output checks the settings, cuts a
+    half-written last line, and restores records for rows whose batch was written but not
+    recorded. ``overwrite`` starts afresh.
+    """
+
+    def __init__(self, path: str | Path, settings: dict[str, Any], *, overwrite: bool = False):
+        self.path = Path(path)
+        self.progress_path = self.path.with_name(self.path.name + ".progress")
+        settings = json.loads(json.dumps(settings))
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            self.progress_path.unlink(missing_ok=True)
+        self.statuses: dict[str, str] = {}
+        if self.progress_path.exists():
+            self._resume(settings)
+        elif self.path.exists() and self.path.stat().st_size:
+            raise ValueError(
+                f"{self.path} exists but {self.progress_path.name} does not; pass overwrite "
+                "(--overwrite) or choose another output path"
+            )
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+            self.progress_path.write_text(json.dumps({"settings": settings}) + "\n")
+        self._rows = open(self.path, "a", encoding="utf-8")
+        self._progress = open(self.progress_path, "a", encoding="utf-8")
+
+    def _resume(self, settings: dict[str, Any]) -> None:
+        _drop_partial_line(self.path)
+        _drop_partial_line(self.progress_path)
+        lines = self.progress_path.read_text(encoding="utf-8").splitlines()
+        stored = json.loads(lines[0])["settings"] if lines else {}
+        if stored != settings:
+            changed = sorted(
+                key
+                for key in settings.keys() | stored.keys()
+                if stored.get(key) != settings.get(key)
+            )
+            raise ValueError(
+                f"{self.path} was written with different settings ({', '.join(changed)}); rerun "
+                "with the same options, pass --overwrite, or choose another output path"
+            )
+        for line in lines[1:]:
+            record = json.loads(line)
+            self.statuses[record["id"]] = record["status"]
+        missing = [
+            {"id": row["id"], "status": "pair", "num_correct": row["metadata"]["num_correct"]}
+            for _, row in iter_jsonl(self.path)
+            if row["id"] not in self.statuses
+        ]
+        if missing:
+            with open(self.progress_path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in missing)
+            self.statuses.update((record["id"], "pair") for record in missing)
+
+    def append(self, rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> None:
+        """Write a batch's rows, then its records; each file is flushed and synced."""
+        for handle, items in ((self._rows, rows), (self._progress, records)):
+            handle.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.statuses.update((record["id"], record["status"]) for record in records)
+
+    def close(self) -> None:
+        """Close both files."""
+        self._rows.close()
+        self._progress.close()
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    return random.Random(f"{seed}/{batch_index}").getrandbits(31)
+
+
+def _as_response(text: str, conversational: bool) -> str | list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+def sample_pairs(
+    rows: Sequence[dict[str, Any]],
+    backend: GenerationBackend,
+    tokenizer: Any,
+    output: str | Path,
+    *,
+    config: SamplingConfig = SamplingConfig(),
+    judge: Judge | None = None,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SamplingSummary:
+    """Sample, judge and write preference pairs for ``rows``; return the run's summary.
+
+    Args:
+        rows: context rows (see :func:`read_context_rows`), in a fixed order: batches are the
+            slices ``rows[i * batch_size : (i + 1) * batch_size]``.
+        backend: the generation backend.
+        tokenizer: the model's tokenizer; conversational prompts are rendered with its chat
+            template, string prompts are tokenized with its special tokens.
+        output: the output JSONL (``<output>.progress`` is written next to it).
+        config: sampling settings.
+        judge: ``judge(response, answers) -> bool``; default sub-EM on the final answer
+            (:func:`~solopo_kernels.data.judge.make_sub_em_judge`).
+        settings: extra identity of the run (model, judge, ...), stored with ``config``; resuming
+            with different settings raises ``ValueError``.
+        overwrite: discard an existing output instead of resuming it.
+        progress: show a progress bar.
+
+    Output rows: ``id``, ``prompt``, ``long_prompt``, ``chosen``, ``rejected`` (strings, or
+    ``[{"role": "assistant", "content": ...}]`` for conversational prompts) and ``metadata``
+    (the context's metadata plus ``answers``, ``num_samples``, ``num_correct``,
+    ``chosen_source``: ``"sample"`` or ``"gold"``).
+    """
+    judge = judge or make_sub_em_judge()
+    store = ResumableOutput(
+        output, {**asdict(config), **(settings or {}), "backend": backend.name}, overwrite=overwrite
+    )
+    already_done = sum(row["id"] in store.statuses for row in rows)
+    counts = Counter(samples=0, prompt_tokens=0, generated_tokens=0)
+    seconds = 0.0
+    bar = tqdm(
+        total=len(rows),
+        initial=already_done,
+        desc="sample-pairs",
+        unit="example",
+        disable=not progress,
+    )
+    try:
+        for batch_index, start in enumerate(range(0, len(rows), config.batch_size)):
+            batch = rows[start : start + config.batch_size]
+            if all(row["id"] in store.statuses for row in batch):
+                continue
+            prompt_ids = [
+                tokenizer(
+                    prompt_text(tokenizer, row["prompt"]),
+                    add_special_tokens=isinstance(row["prompt"], str),
+                )["input_ids"]
+                for row in batch
+            ]
+            began = time.perf_counter()
+            generation = backend.generate(
+                prompt_ids,
+                num_samples=config.num_samples,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k,
+                seed=_batch_seed(config.seed, batch_index),
+            )
+            seconds += time.perf_counter() - began
+            counts.update(
+                samples=config.num_samples * len(batch),
+                prompt_tokens=generation.prompt_tokens,
+                generated_tokens=generation.generated_tokens,
+            )
+            out_rows, records = [], []
+            for row, texts in zip(batch, generation.texts, strict=True):
+                if row["id"] in store.statuses:
+                    continue
+                pair_row, record = _judge_row(row, texts, judge, config)
+                records.append(record)
+                if pair_row is not None:
+                    out_rows.append(pair_row)
+            store.append(out_rows, records)
+            bar.update(len(records))
+    finally:
+        bar.close()
+        store.close()
+    totals = Counter(store.statuses.values())
+    return SamplingSummary(
+        examples=len(rows),
+        already_done=already_done,
+        processed=sum(row["id"] in store.statuses for row in rows) - already_done,
+        pairs=totals["pair"],
+        no_correct=totals["no_correct"],
+        no_incorrect=totals["no_incorrect"],
+        samples=counts["samples"],
+        prompt_tokens=counts["prompt_tokens"],
+        generated_tokens=counts["generated_tokens"],
+        seconds=seconds,
+    )
+
+
+def _judge_row(
+    row: dict[str, Any], texts: Sequence[str], judge: Judge, config: SamplingConfig
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Judge one example's samples; return its output row (None when skipped) and its record."""
+    answers = row["answers"]
+    candidates = [(text.strip(), "sample") for text in texts]
+    if config.include_gold:
+        candidates.append((gold_response(answers), "gold"))
+    verdicts = [(text, source, judge(text, answers)) for text, source in candidates if text]
+    correct = [(text, source) for text, source, ok in verdicts if ok]
+    incorrect = [text for text, _, ok in verdicts if not ok]
+    num_correct = sum(ok for _, source, ok in verdicts if source == "sample")
+    status = "no_correct" if not correct else "no_incorrect" if not incorrect else "pair"
+    record = {"id": row["id"], "status": status, "num_correct": num_correct}
+    if status != "pair":
+        return None, record
+    conversational = isinstance(row["prompt"], list)
+    chosen, source = correct[0]
+    pair_row = {
+        "id": row["id"],
+        "prompt": row["prompt"],
+        "long_prompt": row["long_prompt"],
+        "chosen": _as_response(chosen, conversational),
+        "rejected": _as_response(incorrect[0], conversational),
+        "metadata": {
+            **row.get("metadata", {}),
+            "answers": answers,
+            "num_samples": config.num_samples,
+            "num_correct": num_correct,
+            "chosen_source": source,
+        },
+    }
+    return pair_row, record

@@ -1,0 +1,104 @@
+"""The solopo-data command line: --help, the offline two-command demo, errors, imports."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from solopo_kernels.data.cli import build_parser, main
+
+from .conftest import read_jsonl, write_jsonl
+
+
+def test_help_explains_every_option(capsys):
+    parser = build_parser()
+    [commands] = [
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    ]
+    assert set(commands.choices) == {"build-contexts", "sample-pairs"}
+    for name, subparser in commands.choices.items():
+        options = [
+            action
+            for action in subparser._actions
+            if action.option_strings and action.dest != "help"
+        ]
+        assert len(options) >= 10
+        for action in options:
+            assert action.help and len(action.help) >= 10, (name, action.dest)
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert all(action.option_strings[-1] in text for action in options)
+
+
+def test_offline_demo_two_commands(tmp_path, sample_path, capsys):
+    import datasets
+
+    contexts, pairs = tmp_path / "contexts.jsonl", tmp_path / "pairs.jsonl"
+    build = ["build-contexts", "--input", str(sample_path), "--output", str(contexts)]
+    build += ["--tokenizer", "tiny", "--target-lengths", "512,1k", "--limit", "4", "--quiet"]
+    assert main(build) == 0
+    out = capsys.readouterr().out
+    assert "wrote 4 rows" in out and "rho mean" in out
+    sample = ["sample-pairs", "--input", str(contexts), "--output", str(pairs), "--model", "tiny"]
+    sample += ["--tokenizer", "tiny", "--num-samples", "2", "--max-new-tokens", "4"]
+    sample += ["--include-gold", "--quiet"]
+    assert main(sample) == 0
+    assert "pairs written in total" in capsys.readouterr().out
+    dataset = datasets.load_dataset("json", data_files=str(pairs), split="train")
+    assert len(dataset) == 4
+    assert {"prompt", "long_prompt", "chosen", "rejected", "metadata"} <= set(dataset.column_names)
+    assert all(
+        len(row["long_prompt"][0]["content"]) > len(row["prompt"][0]["content"]) for row in dataset
+    )
+
+    # Same command again: everything is done, nothing is added.
+    assert main(sample) == 0
+    assert len(read_jsonl(pairs)) == 4
+    # Other settings on the same output: refused with a clear message.
+    assert main([*sample, "--temperature", "0.5"]) == 2
+    assert "different settings (temperature)" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_naming_the_example(tmp_path, capsys):
+    row = {
+        "id": "q7",
+        "question": "Q?",
+        "answer": "A",
+        "paragraphs": [{"title": "t", "paragraph_text": "p", "is_supporting": False}],
+    }
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])
+    code = main(
+        [
+            "build-contexts",
+            "--input",
+            str(path),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--tokenizer",
+            "tiny",
+        ]
+    )
+    assert code == 2
+    assert (
+        "example 'q7': field 'paragraphs' has no paragraph with is_supporting"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_data_package_adds_no_torch_kernels_or_losses():
+    code = (
+        "import sys, solopo_kernels; before = set(sys.modules); "
+        "import solopo_kernels.data, solopo_kernels.data.cli; "
+        "new = set(sys.modules) - before; "
+        "bad = sorted(m for m in new if m.split('.')[0] in ('torch', 'transformers', 'vllm') "
+        "or m.startswith(('solopo_kernels.ops', 'solopo_kernels.losses'))); "
+        "print(bad); sys.exit(bool(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
