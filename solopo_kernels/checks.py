@@ -60,15 +60,21 @@ def check_integer(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected an integer tensor (e.g. torch.long), got {tensor.dtype}")
 
 
-def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None], meaning: str) -> None:
+def check_shape(
+    name: str, tensor: torch.Tensor, expected: Sequence[int | None], meaning: str
+) -> None:
     """Raise unless ``tensor.shape`` matches ``expected`` (``None`` = any size) of the given rank."""
     shape = tuple(tensor.shape)
-    if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+    if len(shape) != len(expected) or any(
+        e is not None and s != e for s, e in zip(shape, expected)
+    ):
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name}: expected shape {meaning} = {want}, got {shape}")
 
 
-def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+def check_same_device(
+    reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None
+) -> None:
     for name, tensor in others.items():
         if tensor is not None and tensor.device != reference.device:
             raise ValueError(

@@ -19,7 +19,6 @@ from torch import nn
 from .checks import (
     check_choice,
     check_float,
-    check_integer,
     check_labels_and_lengths,
     check_positive,
     check_same_device,
@@ -75,18 +74,26 @@ class SoLoPOOptions:
         check_choice("ra_distance", self.ra_distance, RA_DISTANCES)
         check_positive("beta", self.beta)
         check_positive("alpha", self.alpha, allow_zero=True)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma):
+        if (
+            isinstance(self.gamma, bool)
+            or not isinstance(self.gamma, (int, float))
+            or not math.isfinite(self.gamma)
+        ):
             raise ValueError(f"gamma: expected a finite number, got {self.gamma!r}")
         check_positive("label_smoothing", self.label_smoothing, allow_zero=True)
         if self.label_smoothing > 0.5:
-            raise ValueError(f"label_smoothing: expected a value in [0, 0.5], got {self.label_smoothing}")
+            raise ValueError(
+                f"label_smoothing: expected a value in [0, 0.5], got {self.label_smoothing}"
+            )
         if self.label_smoothing and self.loss_type != "dpo":
             raise ValueError(
                 f"label_smoothing: only defined for loss_type='dpo', got {self.label_smoothing} "
                 f"with loss_type={self.loss_type!r}"
             )
         if not isinstance(self.ra_use_reference, bool):
-            raise TypeError(f"ra_use_reference: expected a bool, got {type(self.ra_use_reference).__name__}")
+            raise TypeError(
+                f"ra_use_reference: expected a bool, got {type(self.ra_use_reference).__name__}"
+            )
 
     @property
     def uses_long(self) -> bool:
@@ -183,7 +190,10 @@ def rewards(
 
 
 def preference_losses(
-    options: SoLoPOOptions, chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, chosen_mean_logp: torch.Tensor
+    options: SoLoPOOptions,
+    chosen_reward: torch.Tensor,
+    rejected_reward: torch.Tensor,
+    chosen_mean_logp: torch.Tensor,
 ) -> torch.Tensor:
     """Per-pair preference loss of SPEC §2 with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
     margin = chosen_reward - rejected_reward
@@ -237,17 +247,23 @@ def _objective(
 
     if not options.uses_long:
         alignment = torch.zeros((), dtype=acc, device=short_logps.device)
-        return SoLoPOOutput(preference, preference, alignment, short_logps, short_lengths, None, None, metrics)
+        return SoLoPOOutput(
+            preference, preference, alignment, short_logps, short_lengths, None, None, metrics
+        )
 
     long_logps = long_logps.to(acc)
     long_lengths = long_lengths.to(acc)
     n_long = long_logps.shape[0]
     use_ref = options.needs_reference and options.ra_use_reference
     # The short-side rewards inside SoLo-RA drop the reference terms when ra_use_reference=False.
-    short_ra = short_rewards if use_ref or not options.needs_reference else rewards(
-        options, short_logps, short_lengths, None
+    short_ra = (
+        short_rewards
+        if use_ref or not options.needs_reference
+        else rewards(options, short_logps, short_lengths, None)
     )
-    long_ra = rewards(options, long_logps, long_lengths, ref_long_logps.to(acc) if use_ref else None)
+    long_ra = rewards(
+        options, long_logps, long_lengths, ref_long_logps.to(acc) if use_ref else None
+    )
     gap = short_ra[:n_long] - long_ra
     per_row = _distance(options, gap)
     # "both": chosen and rejected terms are summed per pair, then averaged over pairs.
@@ -261,10 +277,14 @@ def _objective(
         metrics["logps/long_rejected"] = long_logps[n_pairs:].detach().mean()
 
     loss = preference + options.alpha * alignment
-    return SoLoPOOutput(loss, preference, alignment, short_logps, short_lengths, long_logps, long_lengths, metrics)
+    return SoLoPOOutput(
+        loss, preference, alignment, short_logps, short_lengths, long_logps, long_lengths, metrics
+    )
 
 
-def _check_sequence_vector(name: str, value: object, size: int, meaning: str, reference: torch.Tensor) -> torch.Tensor:
+def _check_sequence_vector(
+    name: str, value: object, size: int, meaning: str, reference: torch.Tensor
+) -> torch.Tensor:
     tensor = check_tensor(name, value)
     check_shape(name, tensor, (size,), meaning)
     check_same_device("short inputs", reference, **{name: tensor})
@@ -285,7 +305,10 @@ def _check_references(
             f"ref_short_logps: required for loss_type={options.loss_type!r}: the reference model's "
             f"per-sequence log-prob sums of shape (2B,) = ({2 * n_pairs},)"
         )
-    check_float("ref_short_logps", _check_sequence_vector("ref_short_logps", ref_short_logps, 2 * n_pairs, "(2B,)", reference))
+    check_float(
+        "ref_short_logps",
+        _check_sequence_vector("ref_short_logps", ref_short_logps, 2 * n_pairs, "(2B,)", reference),
+    )
     if options.needs_long_reference:
         n_long = options.long_rows_per_pair * n_pairs
         meaning = "(B,)" if n_long == n_pairs else "(2B,)"
@@ -295,7 +318,10 @@ def _check_references(
                 f"ra_use_reference=True: reference log-prob sums on the long input of shape "
                 f"{meaning} = ({n_long},) (or pass ra_use_reference=False)"
             )
-        check_float("ref_long_logps", _check_sequence_vector("ref_long_logps", ref_long_logps, n_long, meaning, reference))
+        check_float(
+            "ref_long_logps",
+            _check_sequence_vector("ref_long_logps", ref_long_logps, n_long, meaning, reference),
+        )
 
 
 def solopo_loss(
@@ -329,7 +355,9 @@ def solopo_loss(
     Returns:
         :class:`SoLoPOOutput`.
     """
-    options = SoLoPOOptions(loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference)
+    options = SoLoPOOptions(
+        loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference
+    )
     short_logps = check_tensor("short_logps", short_logps)
     check_float("short_logps", short_logps)
     if short_logps.dim() != 1 or short_logps.shape[0] == 0 or short_logps.shape[0] % 2:
@@ -348,7 +376,10 @@ def solopo_loss(
                 f"long_logps: required when alpha > 0 (got alpha={alpha}): long-input sums of shape "
                 f"{meaning} = ({n_long},) with their long_lengths; pass alpha=0 to train without SoLo-RA"
             )
-        check_float("long_logps", _check_sequence_vector("long_logps", long_logps, n_long, meaning, short_logps))
+        check_float(
+            "long_logps",
+            _check_sequence_vector("long_logps", long_logps, n_long, meaning, short_logps),
+        )
         _check_sequence_vector("long_lengths", long_lengths, n_long, meaning, short_logps)
         lengths_to_check.append(("long_lengths", long_lengths))
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_logps)
@@ -356,7 +387,9 @@ def solopo_loss(
         empty = torch.stack([(t <= 0).any() for _, t in lengths_to_check]).tolist()
         for (name, _), has_empty in zip(lengths_to_check, empty):
             if has_empty:
-                raise ValueError(f"{name}: every sequence needs at least one response token (counts must be > 0)")
+                raise ValueError(
+                    f"{name}: every sequence needs at least one response token (counts must be > 0)"
+                )
     return _objective(
         options,
         short_logps,
@@ -416,7 +449,9 @@ def fused_solopo_loss(
     Short and long response rows are gathered into one row set and go through the kernel in one
     call (one pass over the weight); the result equals two separate calls.
     """
-    options = SoLoPOOptions(loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference)
+    options = SoLoPOOptions(
+        loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference
+    )
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("short_hidden", short_hidden, "short_labels", short_labels, weight)
     if short_hidden.dim() != 3 or short_hidden.shape[0] == 0 or short_hidden.shape[0] % 2:
@@ -497,7 +532,9 @@ class FusedSoLoPOLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.options = SoLoPOOptions(loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference)
+        self.options = SoLoPOOptions(
+            loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference
+        )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
         check_choice("backend", backend, ("auto", "torch", "triton"))

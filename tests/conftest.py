@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 
 # Before anything imports transformers, datasets or triton.
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+for _var in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+):
     os.environ.setdefault(_var, "1")
 
 import torch  # noqa: E402

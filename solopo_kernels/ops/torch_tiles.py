@@ -30,7 +30,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_tiles(
-    n_rows: int, hidden: int, vocab: int, device: torch.device, chunk_size: int | tuple[int, int] | None
+    n_rows: int,
+    hidden: int,
+    vocab: int,
+    device: torch.device,
+    chunk_size: int | tuple[int, int] | None,
 ) -> tuple[int, int]:
     """Return ``(token_tile, vocab_tile)``.
 
@@ -61,7 +65,9 @@ def _logits_tile(
     return logits
 
 
-def _target_columns(targets: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_columns(
+    targets: torch.Tensor, start: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Local column of each target in the vocab tile ``[start, start + width)`` (clamped, so
     always a valid index) and whether the target really lies in the tile."""
     local = targets - start
@@ -106,7 +112,9 @@ def forward(
             target_logit[t0:t1] = torch.where(in_tile, picked, target_logit[t0:t1])
             new_max = torch.maximum(running_max[t0:t1], logits.amax(1))
             tile_sum = logits.sub_(new_max.unsqueeze(1)).exp_().sum(1)
-            running_sum[t0:t1] = running_sum[t0:t1] * torch.exp(running_max[t0:t1] - new_max) + tile_sum
+            running_sum[t0:t1] = (
+                running_sum[t0:t1] * torch.exp(running_max[t0:t1] - new_max) + tile_sum
+            )
             running_max[t0:t1] = new_max
     lse = running_max + torch.log(running_sum)
     return target_logit - lse, lse
@@ -152,7 +160,9 @@ def backward(
         w = weight[v0:v1].to(acc)
         b = bias[v0:v1].to(acc) if bias is not None else None
         if need_weight:
-            weight_tile_grad = grad_weight[v0:v1] if weight_acc_buffer is None else weight_acc_buffer[: v1 - v0]
+            weight_tile_grad = (
+                grad_weight[v0:v1] if weight_acc_buffer is None else weight_acc_buffer[: v1 - v0]
+            )
             weight_tile_grad.zero_()
         for t0 in range(0, n_rows, token_tile):
             t1 = min(t0 + token_tile, n_rows)

@@ -93,7 +93,9 @@ def _matmul_flops(fn, tokens_per_row: int, response_per_row: int, vocab=512, hid
 
 
 def test_flops_scale_with_response_tokens_not_positions():
-    ours = lambda h, w, y, b: fused_linear_logprobs(h, w, y, b, chunk_size=(64, 128), backend="torch")  # noqa: E731
+    ours = lambda h, w, y, b: fused_linear_logprobs(
+        h, w, y, b, chunk_size=(64, 128), backend="torch"
+    )  # noqa: E731
     n, vocab, hidden = 2 * 100, 512, 16
     short = _matmul_flops(ours, 200, 100)
     long = _matmul_flops(ours, 3200, 100)  # 16x the positions, same response tokens

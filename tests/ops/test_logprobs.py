@@ -17,25 +17,45 @@ import torch
 from solopo_kernels import fused_linear_logprobs
 from solopo_kernels.ops import logprobs as dispatch
 from tests import reference
-from tests.inputs import BACKENDS, IGNORE, Head, float64_leaf, random_hidden, response_labels, skip_unless_backend_runs
+from tests.inputs import (
+    BACKENDS,
+    IGNORE,
+    Head,
+    float64_leaf,
+    random_hidden,
+    response_labels,
+    skip_unless_backend_runs,
+)
 
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def check_against_reference(hidden, head, labels, *, temperature=1.0, chunk_size=None, backend="torch", grad_tol=1e-5):
+def check_against_reference(
+    hidden, head, labels, *, temperature=1.0, chunk_size=None, backend="torch", grad_tol=1e-5
+):
     out = fused_linear_logprobs(
-        hidden, head.weight, labels, head.bias, temperature=temperature, chunk_size=chunk_size, backend=backend
+        hidden,
+        head.weight,
+        labels,
+        head.bias,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        backend=backend,
     )
     assert out.dtype == torch.float32 and out.shape == labels.shape
     assert torch.all(out[labels == IGNORE] == 0)
     ref_head = head.float64()
     ref_hidden = float64_leaf(hidden)
-    expected = reference.token_logps(ref_hidden, ref_head.weight, labels, ref_head.bias, temperature=temperature)
+    expected = reference.token_logps(
+        ref_hidden, ref_head.weight, labels, ref_head.bias, temperature=temperature
+    )
     reference.assert_close_rel(out, expected, 1e-5, "log-probs")
 
     upstream = torch.randn(labels.shape)
     params = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
-    ref_params = [ref_hidden, ref_head.weight] + ([ref_head.bias] if ref_head.bias is not None else [])
+    ref_params = [ref_hidden, ref_head.weight] + (
+        [ref_head.bias] if ref_head.bias is not None else []
+    )
     grads = torch.autograd.grad((out * upstream).sum(), params)
     ref_grads = torch.autograd.grad((expected * upstream.double()).sum(), ref_params)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
@@ -51,7 +71,9 @@ def test_float32_values_and_grads(backend, bias, temperature):
     head = Head.random(vocab=203, hidden=24, bias=bias)
     hidden = random_hidden(3, 17, 24)
     labels = response_labels(3, 17, 203)
-    check_against_reference(hidden, head, labels, temperature=temperature, chunk_size=(5, 64), backend=backend)
+    check_against_reference(
+        hidden, head, labels, temperature=temperature, chunk_size=(5, 64), backend=backend
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,7 +83,9 @@ def test_half_precision_inputs(backend, dtype):
     head = Head.random(vocab=150, hidden=32, bias=True, dtype=dtype)
     hidden = random_hidden(2, 19, 32, dtype=dtype)
     labels = response_labels(2, 19, 150)
-    check_against_reference(hidden, head, labels, temperature=0.9, backend=backend, grad_tol=GRAD_TOL[dtype])
+    check_against_reference(
+        hidden, head, labels, temperature=0.9, backend=backend, grad_tol=GRAD_TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, (3, 1), (4, 33), (1000, 1000)])
@@ -121,7 +145,9 @@ def test_gradcheck_float64():
     labels = torch.tensor([[IGNORE, 3, 10], [0, IGNORE, 5]])
 
     def fn(h, w, b):
-        return fused_linear_logprobs(h, w, labels, b, temperature=0.9, chunk_size=(2, 3), backend="torch")
+        return fused_linear_logprobs(
+            h, w, labels, b, temperature=0.9, chunk_size=(2, 3), backend="torch"
+        )
 
     assert torch.autograd.gradcheck(fn, (hidden, head.weight, head.bias))
 
@@ -130,7 +156,9 @@ def test_no_grad_runs_the_forward_alone():
     head = Head.random(vocab=40, hidden=8, bias=True)
     hidden = random_hidden(2, 6, 8)
     labels = response_labels(2, 6, 40)
-    with mock.patch.object(dispatch.LinearLogProbs, "apply", side_effect=AssertionError("autograd used")):
+    with mock.patch.object(
+        dispatch.LinearLogProbs, "apply", side_effect=AssertionError("autograd used")
+    ):
         with torch.no_grad():
             out = fused_linear_logprobs(hidden, head.weight, labels, head.bias)
     assert out.grad_fn is None and not out.requires_grad
