@@ -1,0 +1,348 @@
+"""The Triton backend (``solopo_kernels.ops.triton_tiles``) against the float64 reference and the
+torch backend, at small shapes that run under ``TRITON_INTERPRET=1`` on the CPU.
+
+Tolerances (max |ours - reference| / max |reference|, reference in float64 from the same inputs):
+float32: values and gradients <= 1e-5; bfloat16/float16: values <= 1e-5, gradients <= 1e-2.
+Every test checks :data:`triton_tiles.launch_counts`, so a silent fallback to torch fails.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from solopo_kernels import fused_linear_logprobs, fused_solopo_loss  # noqa: E402
+from solopo_kernels.checks import value_checks_disabled  # noqa: E402
+from solopo_kernels.ops import logprobs as dispatch  # noqa: E402
+from solopo_kernels.ops import torch_tiles, triton_tiles  # noqa: E402
+from tests import reference  # noqa: E402
+from tests.inputs import IGNORE, Head, float64_leaf, random_hidden, response_labels  # noqa: E402
+from tests.ops.test_budgets import AllocationRecorder  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Shapes that are multiples of no block size (interpreter blocks: 16 rows, 32 columns, 16 of H).
+V, H = 150, 40
+
+
+class Launches:
+    """Triton kernel launches since the test started, by kind (``launches["forward"]``)."""
+
+    def __init__(self) -> None:
+        self.before = dict(triton_tiles.launch_counts)
+        self.expect_none = False
+
+    def __getitem__(self, kind: str) -> int:
+        return triton_tiles.launch_counts[kind] - self.before.get(kind, 0)
+
+
+@pytest.fixture
+def launches():
+    """Asserts after the test that the Triton forward really ran (unless the test expects no
+    launch, and then that none happened)."""
+    counts = Launches()
+    yield counts
+    if counts.expect_none:
+        assert counts["forward"] == 0 and counts["dlogits"] == 0
+    else:
+        assert counts["forward"] > 0, "the Triton forward kernel never ran"
+
+
+def _params(hidden, head):
+    return [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+
+
+def _run(hidden, head, labels, upstream, backend, **kwargs):
+    out = fused_linear_logprobs(hidden, head.weight, labels, head.bias, backend=backend, **kwargs)
+    grads = torch.autograd.grad((out * upstream).sum(), _params(hidden, head))
+    return out, grads
+
+
+def _reference(hidden, head, labels, upstream, temperature=1.0):
+    ref_head, ref_hidden = head.float64(), float64_leaf(hidden)
+    out = reference.token_logps(
+        ref_hidden, ref_head.weight, labels, ref_head.bias, temperature=temperature
+    )
+    grads = torch.autograd.grad((out * upstream.double()).sum(), _params(ref_hidden, ref_head))
+    return out, grads
+
+
+def _check(out, grads, expected, expected_grads, grad_tol, params):
+    assert out.dtype == torch.float32
+    reference.assert_close_rel(out, expected, 1e-5, "log-probs")
+    for name, g, r, p in zip(("hidden", "weight", "bias"), grads, expected_grads, params):
+        assert g.dtype == p.dtype, f"grad {name} dtype"
+        reference.assert_close_rel(g, r, grad_tol, f"grad {name}")
+
+
+def _batch(rows, length, dtype, bias, vocab=V, hidden=H):
+    head = Head.random(vocab, hidden, bias=bias, dtype=dtype)
+    x = random_hidden(rows, length, hidden, dtype=dtype)
+    labels = response_labels(rows, length, vocab, min_response=length // 2)
+    labels[-1, -1] = vocab - 1  # the last vocabulary id, in the ragged last vocabulary tile
+    return x, head, labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_triton_matches_float64_reference(dtype, bias, temperature, launches):
+    x, head, labels = _batch(3, 19, dtype, bias)
+    upstream = torch.randn(labels.shape)
+    # (16, 64): several token tiles and vocabulary tiles in the backward, the last ones ragged.
+    out, grads = _run(
+        x, head, labels, upstream, "triton", temperature=temperature, chunk_size=(16, 64)
+    )
+    assert torch.all(out[labels == IGNORE] == 0)
+    expected, expected_grads = _reference(x, head, labels, upstream, temperature)
+    _check(out, grads, expected, expected_grads, GRAD_TOL[dtype], _params(x, head))
+    n = int((labels != IGNORE).sum())
+    assert launches["dlogits"] == -(-n // 16) * 3  # token tiles x vocabulary tiles (64+64+22)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_torch_backend(dtype, launches):
+    x, head, labels = _batch(2, 23, dtype, bias=True)
+    upstream = torch.randn(labels.shape)
+    ours = _run(x, head, labels, upstream, "triton", temperature=0.9)
+    theirs = _run(x, head, labels, upstream, "torch", temperature=0.9)
+    reference.assert_close_rel(ours[0], theirs[0], 1e-5, "log-probs")
+    for g, r in zip(ours[1], theirs[1]):
+        reference.assert_close_rel(g, r, GRAD_TOL[dtype], "grads")
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_vocab_splits_merge_exactly(splits, dtype, launches):
+    """Split-V (the GPU's path when rows alone don't fill it): equal to one split and to the
+    reference, with targets in every split including the last vocabulary id."""
+    n = 21
+    rows = torch.randn(n, H).to(dtype)
+    head = Head.random(V, H, bias=True, dtype=dtype)
+    targets = torch.randint(0, V, (n,))
+    targets[:4] = torch.tensor([0, 31, 32, V - 1])  # split edges (splits are multiples of 32)
+    one = triton_tiles.default_tiles(n, H, V, rows.device, None)
+    assert one.splits == 1  # the interpreter default; a GPU picks more for small N
+    with torch.no_grad():
+        logp_1, lse_1 = triton_tiles.forward(
+            rows, head.weight, head.bias, targets, temperature=1.0, tiles=one
+        )
+        many = replace(one, splits=splits)
+        logp_s, lse_s = triton_tiles.forward(
+            rows, head.weight, head.bias, targets, temperature=1.0, tiles=many
+        )
+    expected = reference.token_logps(rows, head.weight, targets, head.bias)
+    reference.assert_close_rel(logp_s, expected, 1e-5, "log-probs")
+    reference.assert_close_rel(logp_s, logp_1, 1e-6, "splits vs one split")
+    reference.assert_close_rel(lse_s, lse_1, 1e-6, "lse, splits vs one split")
+
+
+def test_triton_is_deterministic(launches):
+    x, head, labels = _batch(2, 17, torch.float32, bias=True)
+    upstream = torch.randn(labels.shape)
+    first = _run(x, head, labels, upstream, "triton", chunk_size=(8, 64))
+    second = _run(x, head, labels, upstream, "triton", chunk_size=(8, 64))
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_one_row_with_the_last_vocabulary_id(dtype, launches):
+    head = Head.random(V, H, bias=True, dtype=dtype)
+    x = random_hidden(1, H, dtype=dtype)
+    labels = torch.tensor([V - 1])
+    upstream = torch.randn(1)
+    out, grads = _run(x, head, labels, upstream, "triton")
+    expected, expected_grads = _reference(x, head, labels, upstream)
+    _check(out, grads, expected, expected_grads, GRAD_TOL[dtype], _params(x, head))
+
+
+def test_triton_tiny_and_odd_sizes(launches):
+    """H and V smaller than one block, and H not a multiple of BLOCK_K."""
+    for vocab, hidden in [(1, 3), (7, 5), (33, 17)]:
+        x, head, labels = _batch(2, 5, torch.float32, bias=True, vocab=vocab, hidden=hidden)
+        upstream = torch.randn(labels.shape)
+        out, grads = _run(x, head, labels, upstream, "triton")
+        expected, expected_grads = _reference(x, head, labels, upstream)
+        _check(out, grads, expected, expected_grads, 1e-5, _params(x, head))
+
+
+def test_triton_non_contiguous_hidden_and_tied_weight(launches):
+    """The usual shifted slice of hidden states, and a weight shared with the input embedding
+    (its gradient adds both uses) that is a transposed view: any strides."""
+    ids = torch.randint(0, V, (3, 12))
+    embedding = torch.nn.Parameter(torch.randn(H, V).t())  # (V, H), non-contiguous
+    labels = response_labels(3, 11, V)
+
+    def loss(backend):
+        emb = embedding[ids]
+        hidden = (emb * 1.5)[:, :-1]  # not viewable as (N, H)
+        assert not hidden.is_contiguous() and not embedding.is_contiguous()
+        if backend == "reference":
+            out = reference.token_logps(hidden.double(), embedding.double(), labels)
+        else:
+            out = fused_linear_logprobs(hidden, embedding, labels, backend=backend)
+        return (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+
+    (grad,) = torch.autograd.grad(loss("triton"), [embedding])
+    (expected,) = torch.autograd.grad(loss("reference"), [embedding])
+    reference.assert_close_rel(grad, expected, 1e-5, "tied weight grad")
+
+
+def test_triton_all_positions_ignored(launches):
+    head = Head.random(V, H, bias=True)
+    x = random_hidden(2, 4, H)
+    labels = torch.full((2, 4), IGNORE)
+    out = fused_linear_logprobs(x, head.weight, labels, head.bias, backend="triton")
+    assert torch.equal(out, torch.zeros(2, 4))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+    assert torch.equal(head.bias.grad, torch.zeros_like(head.bias))
+    launches.expect_none = True  # zero rows: nothing to launch
+
+
+def test_triton_out_of_range_targets_match_no_column(launches):
+    """With value checks off, an out-of-range id reads nothing out of bounds: its target logit is
+    0, so its log-prob is -lse, and its gradient is just -g * softmax."""
+    rows = torch.randn(3, H)
+    weight = torch.randn(V, H)
+    targets = torch.tensor([-5, V, 7])
+    tiles = triton_tiles.default_tiles(3, H, V, rows.device, None)
+    with value_checks_disabled():
+        logp, lse = triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
+    assert torch.isfinite(logp).all()
+    torch.testing.assert_close(logp[:2], -lse[:2])
+    expected_lse = torch.logsumexp(rows.double() @ weight.double().T, -1)
+    reference.assert_close_rel(lse, expected_lse, 1e-6, "lse")
+
+
+def test_triton_float64_is_refused(launches):
+    head = Head.random(V, H, bias=False, dtype=torch.float64)
+    x = random_hidden(1, 4, H, dtype=torch.float64)
+    with pytest.raises(TypeError, match='backend="torch"'):
+        fused_linear_logprobs(x, head.weight, torch.tensor([[1, 2, 3, 4]]), backend="triton")
+    launches.expect_none = True  # refused before any launch
+
+
+def test_triton_backend_resolution(launches):
+    assert dispatch.resolve_backend("triton", DEVICE) is triton_tiles
+    expected = triton_tiles if DEVICE.type == "cuda" else torch_tiles  # never the interpreter
+    assert dispatch.resolve_backend("auto", DEVICE) is expected
+    launches.expect_none = True
+
+
+def test_triton_no_tile_sized_allocation_beyond_the_budget(launches):
+    """No allocation of N x V: the largest is a gradient, an input copy or the dlogits tile."""
+    x, head, labels = _batch(4, 40, torch.float32, bias=True, vocab=300, hidden=H)
+    n = int((labels != IGNORE).sum())
+    tile = (16, 64)
+    assert n * 300 > max(tile[0] * tile[1], 300 * H, n * H)
+    with AllocationRecorder() as rec:
+        out = fused_linear_logprobs(
+            x, head.weight, labels, head.bias, chunk_size=tile, backend="triton"
+        )
+        (out * torch.randn(labels.shape)).sum().backward()
+    size, op = rec.largest
+    assert size <= max(tile[0] * tile[1], 300 * H, x.numel()), f"{op} allocated {size} elements"
+
+
+def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
+    """A peaked distribution: the bias puts ~all mass on the first 64 ids (the targets), so the
+    other vocabulary tiles have |dlogits| ~ exp(-30). With the filter on they are skipped and the
+    gradient error stays below the documented bound; by default nothing is skipped."""
+    n, vocab = 24, 256
+    rows = torch.randn(n, H, requires_grad=True)
+    weight = (torch.randn(vocab, H) * 0.1).requires_grad_()
+    bias = torch.cat([torch.zeros(64), torch.full((vocab - 64,), -30.0)]).requires_grad_()
+    targets = torch.randint(0, 64, (n,))
+    g = torch.randn(n)
+    tiles = (n, 64)  # one token tile, four vocabulary tiles
+
+    def grads(threshold):
+        before = triton_tiles.launch_counts["skipped_tiles"]
+        if threshold is None:
+            logp = dispatch.response_logprobs(
+                rows, weight, targets, bias, chunk_size=tiles, backend="triton"
+            )
+        else:
+            with triton_tiles.skip_negligible_tiles(threshold):
+                logp = dispatch.response_logprobs(
+                    rows, weight, targets, bias, chunk_size=tiles, backend="triton"
+                )
+        out = torch.autograd.grad((logp * g).sum(), [rows, weight, bias])
+        return logp.detach(), out, triton_tiles.launch_counts["skipped_tiles"] - before
+
+    exact_logp, exact, skipped_default = grads(None)
+    eps = 1e-6
+    logp, filtered, skipped = grads(eps)
+    assert skipped_default == 0 and skipped == 3
+    assert torch.equal(logp, exact_logp)  # values are never filtered
+    err_rows = (filtered[0] - exact[0]).abs().max().item()
+    err_weight = (filtered[1] - exact[1]).abs().max().item()
+    err_bias = (filtered[2] - exact[2]).abs().max().item()
+    assert err_rows <= eps * (vocab - 64) * weight.abs().max().item()
+    assert err_weight <= eps * n * rows.abs().max().item()
+    assert err_bias <= eps * n
+    assert max(err_rows, err_weight, err_bias) > 0  # something was really dropped
+    with pytest.raises(ValueError, match="threshold"):
+        with triton_tiles.skip_negligible_tiles(-1.0):
+            pass
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "simpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fused_solopo_loss_matches_reference(loss_type, dtype, launches):
+    """The whole loss runs through the Triton kernels once (short and long rows together)."""
+    b, ts, tl_, vocab, hidden = 2, 9, 15, 80, 24
+    head = Head.random(vocab, hidden, bias=True, dtype=dtype)
+    sh, lh = (
+        random_hidden(2 * b, ts, hidden, dtype=dtype),
+        random_hidden(b, tl_, hidden, dtype=dtype),
+    )
+    sl, ll = response_labels(2 * b, ts, vocab), response_labels(b, tl_, vocab)
+    ref_s, ref_l = -torch.rand(2 * b) * 20 - 1, -torch.rand(b) * 20 - 1
+    options = dict(
+        loss_type=loss_type, beta=0.1 if loss_type == "dpo" else 2.0, alpha=0.7, temperature=0.8
+    )
+    out = fused_solopo_loss(
+        head.weight,
+        sh,
+        sl,
+        lh,
+        ll,
+        head.bias,
+        ref_short_logps=ref_s,
+        ref_long_logps=ref_l,
+        backend="triton",
+        **options,
+    )
+    params = [sh, lh, head.weight, head.bias]
+    grads = torch.autograd.grad(out.loss, params)
+
+    ref_head, ref_sh, ref_lh = head.float64(), float64_leaf(sh), float64_leaf(lh)
+    temperature = options.pop("temperature")
+    s_logps, s_len = reference.sequence_logps(
+        ref_sh, ref_head.weight, sl, ref_head.bias, temperature=temperature
+    )
+    l_logps, l_len = reference.sequence_logps(
+        ref_lh, ref_head.weight, ll, ref_head.bias, temperature=temperature
+    )
+    loss, _, _ = reference.solopo_objective(
+        s_logps, s_len, l_logps, l_len, ref_short_logps=ref_s, ref_long_logps=ref_l, **options
+    )
+    ref_grads = torch.autograd.grad(loss, [ref_sh, ref_lh, ref_head.weight, ref_head.bias])
+    reference.assert_close_rel(out.loss, loss, 1e-5, "loss")
+    for name, g, r in zip(("short_hidden", "long_hidden", "weight", "bias"), grads, ref_grads):
+        reference.assert_close_rel(g, r, GRAD_TOL[dtype], f"grad {name}")
+    assert launches["forward"] == 1
