@@ -34,8 +34,17 @@ SAMPLE_PATH = Path(str(files("solopo_kernels.data") / "samples" / "musique_sampl
 TINY = "tiny"
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the descriptions' line breaks and shows every option's default."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and shows the options' defaults (when they have one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = (
+            action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        )
+        if not quiet and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def tiny_tokenizer_for(texts: Iterable[str]) -> Any:
@@ -177,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``solopo-data`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="solopo-data",
-        description=__doc__,
+        description=(
+            "Turn QA data into SoLoPO training data in two commands:\n\n"
+            "  solopo-data build-contexts --input qa.jsonl --output contexts.jsonl --tokenizer MODEL\n"
+            "  solopo-data sample-pairs --input contexts.jsonl --output pairs.jsonl --model MODEL\n\n"
+            "Run 'solopo-data COMMAND --help' for every option. 'python -m solopo_kernels.data' "
+            "is the same program."
+        ),
         formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "paragraphs, the generic 'distractors') are used first, then the pool",
     )
     build.add_argument("--seed", type=int, default=0, help="random seed")
-    build.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    build.add_argument(
+        "--limit", type=int, default=None, help="only the first N examples (the pool too)"
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(handler=build_contexts_command)
 

@@ -278,7 +278,10 @@ class SamplingSummary:
 
 
 def gold_response(answers: Sequence[str]) -> str:
-    """The reference response that ``include_gold`` adds: ``"The answer is <answers[0]>."``."""
+    """The reference response that ``include_gold`` adds: ``"The answer is <answers[0]>."``.
+
+    After a string prompt it is preceded by a space, like a sampled continuation.
+    """
     return f"The answer is {answers[0]}."
 
 
@@ -514,10 +517,14 @@ def _judge_row(
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Judge one example's samples; return its output row (None when skipped) and its record."""
     answers = row["answers"]
-    candidates = [(text.strip(), "sample") for text in texts]
+    conversational = isinstance(row["prompt"], list)
+    # A string prompt is continued by the response as generated (its leading space included);
+    # a chat response is a message of its own.
+    candidates = [(text.strip() if conversational else text.rstrip(), "sample") for text in texts]
     if config.include_gold:
-        candidates.append((gold_response(answers), "gold"))
-    verdicts = [(text, source, judge(text, answers)) for text, source in candidates if text]
+        gold = gold_response(answers)
+        candidates.append((gold if conversational else f" {gold}", "gold"))
+    verdicts = [(text, source, judge(text, answers)) for text, source in candidates if text.strip()]
     correct = [(text, source) for text, source, ok in verdicts if ok]
     incorrect = [text for text, _, ok in verdicts if not ok]
     num_correct = sum(ok for _, source, ok in verdicts if source == "sample")
@@ -525,7 +532,6 @@ def _judge_row(
     record = {"id": row["id"], "status": status, "num_correct": num_correct}
     if status != "pair":
         return None, record
-    conversational = isinstance(row["prompt"], list)
     chosen, source = correct[0]
     pair_row = {
         "id": row["id"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 
@@ -102,3 +103,51 @@ def test_data_package_adds_no_torch_kernels_or_losses():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_demo_output_trains_with_the_solopo_trainer(tmp_path, sample_path):
+    """The contract with the trainer: the two commands' output is a SoLoPOTrainer dataset."""
+    pytest.importorskip("trl")
+    import datasets
+
+    from solopo_kernels.data.cli import tiny_tokenizer_for
+    from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer
+    from solopo_kernels.testing import tiny_llama
+
+    contexts, pairs = tmp_path / "contexts.jsonl", tmp_path / "pairs.jsonl"
+    common = ["--tokenizer", "tiny", "--limit", "4", "--quiet"]
+    build = ["build-contexts", "--input", str(sample_path), "--output", str(contexts)]
+    assert main([*build, "--target-lengths", "512,1k", *common]) == 0
+    sample = ["sample-pairs", "--input", str(contexts), "--output", str(pairs), "--model", "tiny"]
+    assert (
+        main([*sample, "--num-samples", "2", "--max-new-tokens", "4", "--include-gold", *common])
+        == 0
+    )
+
+    dataset = datasets.load_dataset("json", data_files=str(pairs), split="train")
+    texts = [
+        m["content"]
+        for row in dataset
+        for key in ("prompt", "long_prompt", "chosen", "rejected")
+        for m in row[key]
+    ]
+    tokenizer = tiny_tokenizer_for(texts)
+    args = SoLoPOConfig(
+        output_dir=str(tmp_path / "run"),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        max_steps=1,
+        logging_steps=1,
+        solopo_loss_type="simpo",
+        max_length=None,
+        disable_tqdm=True,
+    )
+    trainer = SoLoPOTrainer(
+        model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert math.isfinite(logged["loss"]) and "solo_ra/distance" in logged

@@ -121,7 +121,12 @@ def simple_rows(n):
 
 def test_pair_selection_and_skips(tmp_path, tiny_tok):
     responses = [
-        ["wrong", "", "so the answer is Poland.", "Polska"],  # pair: first correct, first incorrect
+        [
+            "wrong",
+            "",
+            " so the answer is Poland. ",
+            "Polska",
+        ],  # pair: first correct, first incorrect
         ["nope", "no"],  # no correct response
         ["Poland", "the answer is Polska"],  # no incorrect response
         ["", "   "],  # only empty responses: neither
@@ -135,7 +140,7 @@ def test_pair_selection_and_skips(tmp_path, tiny_tok):
     [pair] = read_jsonl(output)
     assert (pair["id"], pair["chosen"], pair["rejected"]) == (
         "r0",
-        "so the answer is Poland.",
+        " so the answer is Poland.",
         "wrong",
     )
     assert pair["metadata"]["num_correct"] == 2 and pair["metadata"]["chosen_source"] == "sample"
@@ -158,7 +163,7 @@ def test_pair_selection_and_skips(tmp_path, tiny_tok):
         progress=False,
     )
     [pair] = read_jsonl(gold)
-    assert (pair["chosen"], pair["rejected"]) == ("The answer is Poland.", "nope")
+    assert (pair["chosen"], pair["rejected"]) == (" The answer is Poland.", "nope")
     assert pair["metadata"]["chosen_source"] == "gold" and pair["metadata"]["num_correct"] == 0
 
 
