@@ -475,7 +475,7 @@ def fused_solopo_loss(
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_labels)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
-    resolve_backend(backend, short_hidden.device)
+    resolve_backend(backend, short_hidden.device, short_hidden.dtype)
     check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
 
     masks = [labels != ignore_index for _, labels in labels_to_check]

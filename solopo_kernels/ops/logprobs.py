@@ -46,15 +46,19 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> ModuleType:
-    """The backend module for ``backend`` on ``device``.
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype | None = None
+) -> ModuleType:
+    """The backend module for ``backend`` on ``device`` for inputs of ``dtype``.
 
-    ``"auto"`` is ``"triton"`` on CUDA devices when Triton is installed and ``"torch"`` otherwise;
-    the interpreter (``TRITON_INTERPRET=1``) is never chosen automatically: ask for ``"triton"``.
+    ``"auto"`` is ``"triton"`` on CUDA devices when Triton is installed and ``"torch"`` otherwise
+    (and always for float64, which only the torch backend computes, e.g. for gradcheck); the
+    interpreter (``TRITON_INTERPRET=1``) is never chosen automatically: ask for ``"triton"``.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        backend = "triton" if use_triton else "torch"
     if backend == "triton":
         if not triton_available():
             raise ValueError(
@@ -196,7 +200,7 @@ def response_logprobs(
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
         forward runs alone and nothing is saved.
     """
-    module = resolve_backend(backend, rows.device)
+    module = resolve_backend(backend, rows.device, rows.dtype)
     rows = rows.contiguous()
     tiles = module.default_tiles(
         rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size
@@ -247,7 +251,7 @@ def fused_linear_logprobs(
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_labels_and_lengths([("labels", labels)], vocab, ignore_index, require_response=False)
-    resolve_backend(backend, hidden.device)
+    resolve_backend(backend, hidden.device, hidden.dtype)
 
     mask = labels != ignore_index
     logp = response_logprobs(

@@ -6,33 +6,12 @@ Each check is also run on a materialising implementation to show it would fail t
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from solopo_kernels import fused_linear_logprobs
 from tests import reference
 from tests.inputs import IGNORE, Head
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the element count of every tensor an op allocates (outputs that do not alias an
-    input: views and in-place results are not allocations)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: list[tuple[int, str]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, value in zip(func._schema.returns, outputs):
-            if ret.alias_info is None and isinstance(value, torch.Tensor):
-                self.sizes.append((value.numel(), str(func)))
-        return out
-
-    @property
-    def largest(self) -> tuple[int, str]:
-        return max(self.sizes)
+from tests.instruments import AllocationRecorder
 
 
 def _long_batch(tokens_per_row: int, response_per_row: int, vocab: int, hidden: int):
@@ -93,9 +72,9 @@ def _matmul_flops(fn, tokens_per_row: int, response_per_row: int, vocab=512, hid
 
 
 def test_flops_scale_with_response_tokens_not_positions():
-    ours = lambda h, w, y, b: fused_linear_logprobs(
-        h, w, y, b, chunk_size=(64, 128), backend="torch"
-    )  # noqa: E731
+    def ours(h, w, y, b):
+        return fused_linear_logprobs(h, w, y, b, chunk_size=(64, 128), backend="torch")
+
     n, vocab, hidden = 2 * 100, 512, 16
     short = _matmul_flops(ours, 200, 100)
     long = _matmul_flops(ours, 3200, 100)  # 16x the positions, same response tokens

@@ -26,6 +26,7 @@ from tests.inputs import (
     response_labels,
     skip_unless_backend_runs,
 )
+from tests.instruments import expect_backend
 
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -33,15 +34,19 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 def check_against_reference(
     hidden, head, labels, *, temperature=1.0, chunk_size=None, backend="torch", grad_tol=1e-5
 ):
-    out = fused_linear_logprobs(
-        hidden,
-        head.weight,
-        labels,
-        head.bias,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        backend=backend,
-    )
+    with expect_backend(backend):
+        out = fused_linear_logprobs(
+            hidden,
+            head.weight,
+            labels,
+            head.bias,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            backend=backend,
+        )
+        upstream = torch.randn(labels.shape)
+        params = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+        grads = torch.autograd.grad((out * upstream).sum(), params)
     assert out.dtype == torch.float32 and out.shape == labels.shape
     assert torch.all(out[labels == IGNORE] == 0)
     ref_head = head.float64()
@@ -51,12 +56,9 @@ def check_against_reference(
     )
     reference.assert_close_rel(out, expected, 1e-5, "log-probs")
 
-    upstream = torch.randn(labels.shape)
-    params = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
     ref_params = [ref_hidden, ref_head.weight] + (
         [ref_head.bias] if ref_head.bias is not None else []
     )
-    grads = torch.autograd.grad((out * upstream).sum(), params)
     ref_grads = torch.autograd.grad((expected * upstream.double()).sum(), ref_params)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert g.dtype == params[0].dtype
@@ -169,3 +171,10 @@ def test_no_grad_runs_the_forward_alone():
 
 def test_auto_backend_is_torch_on_cpu():
     assert dispatch.resolve_backend("auto", torch.device("cpu")).__name__.endswith("torch_tiles")
+
+
+def test_auto_backend_on_cuda_picks_triton_but_torch_for_float64():
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    assert dispatch.resolve_backend("auto", cuda, torch.float64).__name__.endswith("torch_tiles")
+    assert dispatch.resolve_backend("auto", cuda, torch.bfloat16).__name__.endswith("triton_tiles")

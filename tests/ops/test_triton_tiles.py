@@ -24,7 +24,7 @@ from solopo_kernels.ops import logprobs as dispatch  # noqa: E402
 from solopo_kernels.ops import torch_tiles, triton_tiles  # noqa: E402
 from tests import reference  # noqa: E402
 from tests.inputs import IGNORE, Head, float64_leaf, random_hidden, response_labels  # noqa: E402
-from tests.ops.test_budgets import AllocationRecorder  # noqa: E402
+from tests.instruments import AllocationRecorder  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
