@@ -1,0 +1,182 @@
+"""Train a tiny Llama with SoLoPO on the CPU in about a minute, fully offline.
+
+The task is fact lookup. The short prompt holds one fact and a question; the long prompt buries
+the same fact among distractor facts about other people, items and places, and asks the same
+question. Chosen answers name the right place, rejected ones a place from a distractor fact.
+
+The model is built in code and first gets a few steps of plain supervised fine-tuning on the
+*short* prompts only (a stand-in for an instruct model tuned on short contexts), so it answers
+differently with and without the distractors. SoLoPO then trains the preference on the short
+prompts and, through the SoLo-RA term, pulls the reward of the chosen answer under the long prompt
+towards its reward under the short one. The script prints the objective on held-out pairs before
+and after: the loss and the SoLo-RA distance go down.
+
+    python examples/train_tiny_solopo.py                     # SoLo-SimPO, alpha 0.5, 40 steps
+    python examples/train_tiny_solopo.py --loss-type dpo --alpha 1 --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import tempfile
+
+# Nothing here comes from a hub; say so before transformers/datasets are imported.
+for _var in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer  # noqa: E402
+from solopo_kernels.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+
+NAMES = "alice bob carol dave erin frank grace heidi ivan judy".split()
+ITEMS = "key cup book lamp coin ring map hat".split()
+PLACES = "kitchen garden attic cellar garage office hall porch library bakery".split()
+GLUE = "put the in where did question answer".split()
+
+
+def make_pairs(n: int, distractors: int, rng: random.Random) -> list[dict[str, str]]:
+    """``n`` rows with ``prompt``, ``long_prompt``, ``chosen`` and ``rejected`` (TRL's standard
+    preference format plus the long-prompt column)."""
+    rows = []
+    for _ in range(n):
+        name, item, place = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(PLACES)
+        facts = [(name, item, place)]
+        while len(facts) < distractors + 1:  # no distractor answers the question
+            fact = (rng.choice(NAMES), rng.choice(ITEMS), rng.choice(PLACES))
+            if fact[:2] != (name, item):
+                facts.append(fact)
+        wrong = next(
+            (f[2] for f in facts[1:] if f[2] != place),
+            rng.choice([p for p in PLACES if p != place]),
+        )
+        question = f"question : where did {name} put the {item} ? answer :"
+        sentences = [f"{a} put the {b} in the {c} ." for a, b, c in facts]
+        relevant, others = sentences[0], sentences[1:]
+        others.insert(rng.randrange(len(others) + 1), relevant)  # bury the relevant fact
+        rows.append(
+            {
+                "prompt": f"{relevant} {question}",
+                "long_prompt": " ".join(others) + f" {question}",
+                "chosen": f" in the {place} .",
+                "rejected": f" in the {wrong} .",
+            }
+        )
+    return rows
+
+
+def warm_up_on_short_prompts(
+    model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], steps: int
+) -> None:
+    """Plain next-token SFT on ``prompt + chosen`` (short prompts only)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    texts = [r["prompt"] + r["chosen"] + tokenizer.eos_token for r in rows]
+    model.train()
+    for step in tqdm(range(steps), desc="warm-up SFT on short prompts"):
+        batch = tokenizer(texts[(step * 16) % len(texts) :][:16], padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--loss-type", default="simpo", choices=["dpo", "ipo", "simpo", "orpo", "cpo"]
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="SoLo-RA weight")
+    parser.add_argument(
+        "--beta", type=float, default=None, help="default: 2.0 for simpo, 0.1 otherwise"
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--distractors", type=int, default=5, help="distractor facts in each long prompt"
+    )
+    parser.add_argument("--ra-target", default="chosen", choices=["chosen", "both"])
+    parser.add_argument(
+        "--warmup-steps", type=int, default=200, help="SFT steps on short prompts first"
+    )
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    tokenizer = tiny_tokenizer(NAMES + ITEMS + PLACES + GLUE)
+    model = tiny_llama(tokenizer, hidden_size=64, num_layers=2, seed=args.seed)
+    train, held_out = make_pairs(256, args.distractors, rng), make_pairs(32, args.distractors, rng)
+    warm_up_on_short_prompts(model, tokenizer, train, steps=args.warmup_steps)
+
+    short_len = sum(len(tokenizer(text=r["prompt"])["input_ids"]) for r in train) / len(train)
+    long_len = sum(len(tokenizer(text=r["long_prompt"])["input_ids"]) for r in train) / len(train)
+    print(
+        f"prompts: {short_len:.0f} tokens short, {long_len:.0f} tokens long (rho = {short_len / long_len:.2f})"
+    )
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = SoLoPOConfig(
+            output_dir=output_dir,
+            solopo_loss_type=args.loss_type,
+            solopo_alpha=args.alpha,
+            solopo_ra_target=args.ra_target,
+            beta=args.beta
+            if args.beta is not None
+            else (2.0 if args.loss_type == "simpo" else 0.1),
+            # dpo/ipo on this tiny model: keep the reference out of SoLo-RA so that the distance
+            # starts where the warm-up left it (with it, both sides start at exactly 0).
+            solopo_ra_use_reference=False,
+            max_steps=args.steps,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=16,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            logging_steps=10,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,  # tiny model: nothing to save
+            report_to="none",
+            save_strategy="no",
+            seed=args.seed,
+        )
+        trainer = SoLoPOTrainer(
+            model=model,
+            ref_model=copy.deepcopy(model) if args.loss_type in ("dpo", "ipo") else None,
+            args=config,
+            train_dataset=Dataset.from_list(train),
+            eval_dataset=Dataset.from_list(held_out),
+            processing_class=tokenizer,
+        )
+        before = trainer.evaluate()
+        trainer.train()
+        after = trainer.evaluate()
+
+    keys = [
+        "loss",
+        "solo_ra/distance",
+        "rewards/chosen",
+        "rewards/long_chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+    ]
+    print(
+        f"\nSoLo-{args.loss_type.upper()} (alpha={args.alpha}) on {len(held_out)} held-out pairs:"
+    )
+    print(f"  {'':22s}{'start':>10s}{'end':>10s}")
+    for key in keys:
+        print(f"  {key:22s}{before[f'eval_{key}']:10.4f}{after[f'eval_{key}']:10.4f}")
+
+
+if __name__ == "__main__":
+    main()
