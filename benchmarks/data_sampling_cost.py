@@ -48,23 +48,28 @@ from solopo_kernels.testing import tiny_llama  # noqa: E402
 
 
 def measure(
-    rows: list[dict[str, Any]], backend: Any, tokenizer: Any, config: SamplingConfig, repeats: int
+    row: dict[str, Any], backend: Any, tokenizer: Any, config: SamplingConfig, repeats: int
 ) -> dict[str, Any]:
-    """Run the pair sampler over ``rows`` into a scratch file ``repeats`` times; return the cost
-    figures with the fastest run's seconds (the runs are seeded alike, so the tokens are equal)."""
+    """Run the pair sampler on one row ``repeats`` times; return its cost figures, with the
+    fastest run's seconds (the runs are seeded alike, so their tokens are equal)."""
     seconds = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as scratch:
             output = Path(scratch) / "pairs.jsonl"
-            summary = sample_pairs(rows, backend, tokenizer, output, config=config, progress=False)
+            summary = sample_pairs([row], backend, tokenizer, output, config=config, progress=False)
         seconds.append(summary.seconds)
     return {
-        "examples": len(rows),
+        "examples": 1,
         "seconds": min(seconds),
         "prompt_tokens": summary.prompt_tokens,
         "prefill_tokens": summary.prompt_tokens * config.num_samples,
         "generated_tokens": summary.generated_tokens,
     }
+
+
+def total(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-wise sums of :func:`measure` results."""
+    return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
 def main() -> None:
@@ -86,11 +91,18 @@ def main() -> None:
     )
     parser.add_argument("--hidden-size", type=int, default=32, help="tiny Llama width")
     parser.add_argument("--layers", type=int, default=2, help="tiny Llama depth")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is steadiest on a shared machine)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import torch
 
+    torch.set_num_threads(args.threads)
     examples = read_examples(args.input)
     texts = [example.question for example in examples] + ["The answer is", "Answer:"]
     texts += [p.render() for example in examples for p in (*example.passages, *example.distractors)]
@@ -119,24 +131,29 @@ def main() -> None:
         batch_size=1,
         seed=args.seed,
     )
-    measure(rows[:1], backend, tokenizer, config, 1)  # warm-up
-    by_target: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    measure(rows[0], backend, tokenizer, config, 1)  # warm-up
+    # Short and long runs alternate example by example, so that both see the same machine load.
+    per_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_target[row["metadata"]["target_length"]].append(row)
-
-    results: dict[str, dict[str, Any]] = {}
-    for target, group in sorted(by_target.items()):
-        results[f"short ({target})"] = measure(group, backend, tokenizer, config, args.repeats)
-        long_rows = [{**row, "prompt": row["long_prompt"]} for row in group]
-        results[f"long ({target})"] = measure(long_rows, backend, tokenizer, config, args.repeats)
+        target = row["metadata"]["target_length"]
+        per_row[f"short ({target})"].append(measure(row, backend, tokenizer, config, args.repeats))
+        long_row = {**row, "prompt": row["long_prompt"]}
+        per_row[f"long ({target})"].append(
+            measure(long_row, backend, tokenizer, config, args.repeats)
+        )
+    targets = sorted({row["metadata"]["target_length"] for row in rows})
+    results = {
+        f"{side} ({target})": total(per_row[f"{side} ({target})"])
+        for target in targets
+        for side in ("short", "long")
+    }
     for side in ("short", "long"):
-        parts = [results[f"{side} ({target})"] for target in sorted(by_target)]
-        results[f"{side} (all)"] = {key: sum(part[key] for part in parts) for key in parts[0]}
+        results[f"{side} (all)"] = total([results[f"{side} ({target})"] for target in targets])
 
     print(
         f"\nSampling cost, {args.num_samples} samples x up to {args.max_new_tokens} new tokens per "
         f"prompt, tiny Llama ({sum(p.numel() for p in model.parameters())} parameters) on "
-        f"{torch.get_num_threads()} CPU threads, transformers generate, fastest of {args.repeats}:"
+        f"{torch.get_num_threads()} CPU threads, transformers generate, fastest of {args.repeats} per example:"
     )
     header = f"{'prompts':>13} {'examples':>8} {'seconds':>8} {'prompt tok':>10} {'prefill tok':>11} {'new tok':>8} {'ms/new tok':>10}"
     print(header)

@@ -101,6 +101,8 @@ class TransformersBackend:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("tokenizer: needs a pad_token or an eos_token to pad prompts")
         width = max(len(ids) for ids in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
