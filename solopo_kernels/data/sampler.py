@@ -282,7 +282,7 @@ class SamplingSummary:
 def gold_response(answers: Sequence[str]) -> str:
     """The reference response that ``include_gold`` adds: ``"The answer is <answers[0]>."``.
 
-    After a string prompt it is preceded by a space, like a sampled continuation.
+    After a string prompt the sampler puts a space before it, like a sampled continuation.
     """
     return f"The answer is {answers[0]}."
 
@@ -321,12 +321,22 @@ def read_context_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _drop_partial_line(path: Path) -> None:
-    """Cut a last line that a crash left without its newline."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
+def _drop_partial_line(path: Path, chunk_size: int = 1 << 16) -> None:
+    """Cut a last line that a crash left without its newline (reading only the file's tail)."""
+    with open(path, "r+b") as handle:
+        end = position = handle.seek(0, os.SEEK_END)
+        while position > 0:
+            step = min(chunk_size, position)
+            handle.seek(position - step)
+            chunk = handle.read(step)
+            if position == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(position - step + newline + 1)
+                return
+            position -= step
+        handle.truncate(0)
 
 
 class ResumableOutput:
@@ -364,7 +374,10 @@ class ResumableOutput:
         _drop_partial_line(self.path)
         _drop_partial_line(self.progress_path)
         lines = self.progress_path.read_text(encoding="utf-8").splitlines()
-        stored = json.loads(lines[0])["settings"] if lines else {}
+        if not lines:  # stopped right after creating the files
+            self.progress_path.write_text(json.dumps({"settings": settings}) + "\n")
+            return
+        stored = json.loads(lines[0])["settings"]
         if stored != settings:
             changed = sorted(
                 key

@@ -296,3 +296,36 @@ def test_duplicate_context_ids_and_bad_config(tmp_path):
     for bad in ({"num_samples": 0}, {"temperature": 0.0}, {"top_p": 1.5}, {"top_k": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1 << 16])
+def test_drop_partial_line(tmp_path, chunk_size):
+    from solopo_kernels.data.sampler import _drop_partial_line
+
+    path = tmp_path / "rows.jsonl"
+    cases = [
+        (b"", b""),
+        (b"a\n", b"a\n"),
+        (b"a\nbc", b"a\n"),
+        (b"abc", b""),
+        (b"aa\nbb\n" + b"c" * 9, b"aa\nbb\n"),
+    ]
+    for content, expected in cases:
+        path.write_bytes(content)
+        _drop_partial_line(path, chunk_size)
+        assert path.read_bytes() == expected
+
+
+def test_resume_after_a_stop_before_the_header(tmp_path, tiny_tok):
+    output = tmp_path / "pairs.jsonl"
+    output.write_text("")
+    (tmp_path / "pairs.jsonl.progress").write_text("")
+    summary = sample_pairs(
+        simple_rows(1),
+        ScriptedBackend([["a", "Poland"]]),
+        tiny_tok,
+        output,
+        config=SamplingConfig(num_samples=2),
+        progress=False,
+    )
+    assert summary.pairs == 1 and read_jsonl(output)[0]["chosen"] == "Poland"
