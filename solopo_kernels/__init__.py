@@ -3,19 +3,41 @@ optimization (SoLoPO: short-to-long preference optimization, arXiv 2505.11166).
 
 Public API (SPEC §3): :func:`fused_linear_logprobs`, :func:`fused_solopo_loss`,
 :class:`FusedSoLoPOLoss`, :func:`solopo_loss` and its output type :class:`SoLoPOOutput`.
+The names are imported on first use, so ``solopo_kernels.data`` (pure Python) does not pull in
+torch.
 """
 
-from ._version import __version__
-from .checks import value_checks_disabled
-from .losses import FusedSoLoPOLoss, SoLoPOOutput, fused_solopo_loss, solopo_loss
-from .ops import fused_linear_logprobs
+from __future__ import annotations
 
-__all__ = [
-    "FusedSoLoPOLoss",
-    "SoLoPOOutput",
-    "__version__",
-    "fused_linear_logprobs",
-    "fused_solopo_loss",
-    "solopo_loss",
-    "value_checks_disabled",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_PUBLIC = {
+    "fused_linear_logprobs": ".ops",
+    "fused_solopo_loss": ".losses",
+    "FusedSoLoPOLoss": ".losses",
+    "solopo_loss": ".losses",
+    "SoLoPOOutput": ".losses",
+    "value_checks_disabled": ".checks",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+if TYPE_CHECKING:
+    from .checks import value_checks_disabled
+    from .losses import FusedSoLoPOLoss, SoLoPOOutput, fused_solopo_loss, solopo_loss
+    from .ops import fused_linear_logprobs
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
