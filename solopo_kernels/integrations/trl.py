@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad, use_adapter
 
 from ..losses import SoLoPOOptions, solopo_loss
+from .args import SoLoPOArguments, check_solopo_args, solopo_options
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
 
 logger = logging.getLogger(__name__)
@@ -56,102 +57,23 @@ LONG_PROMPT_IDS = "long_prompt_ids"
 
 
 @dataclass
-class SoLoPOConfig(DPOConfig):
-    """``DPOConfig`` plus the SoLoPO options (SPEC §2).
+class SoLoPOConfig(SoLoPOArguments, DPOConfig):
+    """``DPOConfig`` plus the SoLoPO options of :class:`~.args.SoLoPOArguments` (SPEC §2).
 
     ``beta`` and ``label_smoothing`` (dpo only) are DPOConfig's. DPO-only loss options that SoLoPO
     does not implement (``loss_type``, ``loss_weights``, ``ld_alpha``, ``f_divergence_type``,
     ``use_weighting``) must stay at their defaults, and so must ``truncation_mode="keep_start"``:
-    a non-default value raises instead of being silently ignored.
+    a non-default value raises instead of being silently ignored (see :func:`~.args.check_solopo_args`).
     """
-
-    solopo_alpha: float = field(
-        default=1.0,
-        metadata={
-            "help": "Weight of the SoLo-RA term; 0 trains plain short-context PO (no long-input work)."
-        },
-    )
-    solopo_loss_type: str = field(
-        default="dpo",
-        metadata={"help": "Reward and preference loss: dpo, ipo, simpo, orpo or cpo."},
-    )
-    solopo_ra_target: str = field(
-        default="chosen",
-        metadata={
-            "help": "'chosen' aligns the chosen response (paper default); 'both' also the rejected one."
-        },
-    )
-    solopo_ra_distance: str = field(
-        default="abs", metadata={"help": "SoLo-RA distance: 'abs' or 'squared'."}
-    )
-    solopo_ra_use_reference: bool = field(
-        default=True,
-        metadata={
-            "help": "dpo/ipo: keep the reference terms inside SoLo-RA (False skips the long reference forward)."
-        },
-    )
-    long_prompt_column: str = field(
-        default="long_prompt",
-        metadata={
-            "help": "Dataset column with the long-context prompt (same format rules as 'prompt')."
-        },
-    )
-    max_long_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Maximum long prompt+response length; the long prompt is cut from the left to fit."
-        },
-    )
-    gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.solopo_options  # noqa: B018  (validates the SoLoPO options)
-        defaults = {
-            "loss_type": ["sigmoid"],
-            "ld_alpha": None,
-            "f_divergence_type": "reverse_kl",
-            "use_weighting": False,
-            "truncation_mode": "keep_start",
-        }
-        for name, default in defaults.items():
-            if getattr(self, name) != default:
-                raise ValueError(
-                    f"{name}: SoLoPOTrainer does not implement DPOConfig.{name}={getattr(self, name)!r} "
-                    f"(leave it at {default!r}; choose the loss with solopo_loss_type)"
-                )
-        if self.loss_weights not in (None, [1.0]):
-            raise ValueError(f"loss_weights: not used by SoLoPOTrainer, got {self.loss_weights!r}")
-        if self.max_long_length is not None and self.max_long_length < 2:
-            raise ValueError(
-                f"max_long_length: expected None or an int >= 2, got {self.max_long_length!r}"
-            )
-        if not self.solopo_options.needs_reference and self.sync_ref_model:
-            raise ValueError(
-                f"sync_ref_model: solopo_loss_type={self.solopo_loss_type!r} is reference-free; there is no "
-                "reference model to sync"
-            )
-        reentrant = (self.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)
-        if self.gradient_checkpointing and reentrant and self.solopo_alpha > 0:
-            raise ValueError(
-                "gradient_checkpointing_kwargs: use_reentrant=True is not supported: SoLoPO runs two policy "
-                "forwards per step, which reentrant checkpointing breaks under DDP ('marked as ready twice'); "
-                "use the default use_reentrant=False"
-            )
+        check_solopo_args(self)
 
     @property
     def solopo_options(self) -> SoLoPOOptions:
         """The validated loss options passed to :func:`solopo_kernels.solopo_loss`."""
-        return SoLoPOOptions(
-            loss_type=self.solopo_loss_type,
-            beta=self.beta,
-            alpha=self.solopo_alpha,
-            gamma=self.gamma,
-            label_smoothing=self.label_smoothing,
-            ra_target=self.solopo_ra_target,
-            ra_distance=self.solopo_ra_distance,
-            ra_use_reference=self.solopo_ra_use_reference,
-        )
+        return solopo_options(self)
 
 
 @dataclass
@@ -318,7 +240,9 @@ def tokenize_long_prompt(
 class SoLoPOTrainer(DPOTrainer):
     """Short-to-long preference optimization on top of ``trl.DPOTrainer``.
 
-    Arguments are DPOTrainer's; ``args`` must be a :class:`SoLoPOConfig`. The train/eval datasets
+    Arguments are DPOTrainer's; ``args`` is a :class:`SoLoPOConfig` (or another ``DPOConfig`` that
+    mixes in :class:`~.args.SoLoPOArguments`, like Axolotl's training arguments with the plugin
+    loaded; it is checked by :func:`~.args.check_solopo_args`). The train/eval datasets
     are in TRL's preference format plus ``args.long_prompt_column``. With a reference-free loss type
     (simpo, orpo, cpo) no reference model is loaded, kept or run (a passed ``ref_model`` is
     released with a warning).
@@ -338,8 +262,6 @@ class SoLoPOTrainer(DPOTrainer):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(args, SoLoPOConfig):
-            raise TypeError(f"args: expected a SoLoPOConfig, got {type(args).__name__}")
         if kwargs.get("compute_metrics") is not None:
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
         if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
@@ -347,7 +269,7 @@ class SoLoPOTrainer(DPOTrainer):
                 "DeepSpeed ZeRO-3 is not supported yet: the log-prob kernel's backward recomputes the logits from "
                 "the lm_head weight, which ZeRO-3 re-partitions after the forward. Use FSDP2 or ZeRO-1/2."
             )
-        self._solopo = args.solopo_options
+        self._solopo = check_solopo_args(args)
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
@@ -358,6 +280,11 @@ class SoLoPOTrainer(DPOTrainer):
             )
         if data_collator is None:
             data_collator = self._default_collator(processing_class, args)
+        elif self._solopo.uses_long and not isinstance(data_collator, DataCollatorForSoLoPO):
+            raise ValueError(
+                f"data_collator: expected a DataCollatorForSoLoPO (it builds the long rows), got "
+                f"{type(data_collator).__name__}; leave it None for the default"
+            )
         reference_free = not self._solopo.needs_reference
         if reference_free and ref_model is not None:
             logger.warning(
@@ -404,7 +331,7 @@ class SoLoPOTrainer(DPOTrainer):
         if pad_token not in tokenizer.get_vocab():
             raise ValueError(f"pad_token: {pad_token!r} is not in the tokenizer's vocabulary")
         tokenizer.pad_token = pad_token
-        options = args.solopo_options
+        options = solopo_options(args)
         return DataCollatorForSoLoPO(
             pad_token_id=tokenizer.pad_token_id,
             max_length=args.max_length,
@@ -420,7 +347,7 @@ class SoLoPOTrainer(DPOTrainer):
         self, dataset: Any, processing_class: Any, args: SoLoPOConfig, dataset_name: str
     ) -> Any:
         # Runs inside DPOTrainer.__init__ before Trainer.__init__: use `args`, not `self.args`.
-        options = args.solopo_options
+        options = solopo_options(args)
         column = args.long_prompt_column
         if options.uses_long:
             columns = list(next(iter(dataset)).keys())

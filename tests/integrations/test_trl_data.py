@@ -209,7 +209,7 @@ def test_extra_batch_keys_never_reach_the_model(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"loss_type": "hinge"}, "loss_type: SoLoPOTrainer does not implement"),
+        ({"loss_type": "hinge"}, "loss_type: SoLoPO does not implement"),
         ({"solopo_loss_type": "kto"}, "loss_type"),
         ({"solopo_loss_type": "simpo", "sync_ref_model": True}, "sync_ref_model"),
         (

@@ -1,0 +1,131 @@
+"""The SoLoPO training arguments, shared by the TRL config and the Axolotl training-args mixin.
+
+Import-light (no TRL, no Axolotl): :class:`SoLoPOArguments` is a plain dataclass mixed into
+``trl.DPOConfig`` by :class:`solopo_kernels.integrations.trl.SoLoPOConfig`, and into Axolotl's
+training arguments by the Axolotl plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..losses import SoLoPOOptions
+
+
+@dataclass
+class SoLoPOArguments:
+    """SoLoPO options on top of a ``DPOConfig`` (``beta`` and ``label_smoothing`` are DPOConfig's)."""
+
+    solopo_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the SoLo-RA term; 0 trains plain short-context PO (no long-input work)."
+        },
+    )
+    solopo_loss_type: str = field(
+        default="dpo",
+        metadata={"help": "Reward and preference loss: dpo, ipo, simpo, orpo or cpo."},
+    )
+    solopo_ra_target: str = field(
+        default="chosen",
+        metadata={
+            "help": "'chosen' aligns the chosen response (paper default); 'both' also the rejected one."
+        },
+    )
+    solopo_ra_distance: str = field(
+        default="abs", metadata={"help": "SoLo-RA distance: 'abs' or 'squared'."}
+    )
+    solopo_ra_use_reference: bool = field(
+        default=True,
+        metadata={
+            "help": "dpo/ipo: keep the reference terms inside SoLo-RA (False skips the long reference forward)."
+        },
+    )
+    long_prompt_column: str = field(
+        default="long_prompt",
+        metadata={
+            "help": "Dataset column with the long-context prompt (same format rules as 'prompt')."
+        },
+    )
+    max_long_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum long prompt+response length; the long prompt is cut from the left to fit."
+        },
+    )
+    gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+
+
+SOLOPO_ARGUMENT_NAMES = tuple(f.name for f in fields(SoLoPOArguments))
+
+# DPOConfig options that SoLoPO does not implement, with the only value it accepts.
+_DPO_DEFAULTS: dict[str, Any] = {
+    "loss_type": ["sigmoid"],
+    "ld_alpha": None,
+    "f_divergence_type": "reverse_kl",
+    "use_weighting": False,
+    "truncation_mode": "keep_start",
+}
+
+
+def solopo_options(args: Any) -> SoLoPOOptions:
+    """The validated :class:`~solopo_kernels.losses.SoLoPOOptions` of a config with the
+    :class:`SoLoPOArguments` fields plus ``beta`` and ``label_smoothing``."""
+    missing = [name for name in SOLOPO_ARGUMENT_NAMES if not hasattr(args, name)]
+    if missing:
+        raise TypeError(
+            f"args: {type(args).__name__} has no {missing[0]!r}; pass a SoLoPOConfig (or a DPOConfig "
+            "that mixes in SoLoPOArguments)"
+        )
+    return SoLoPOOptions(
+        loss_type=args.solopo_loss_type,
+        beta=args.beta,
+        alpha=args.solopo_alpha,
+        gamma=args.gamma,
+        label_smoothing=args.label_smoothing,
+        ra_target=args.solopo_ra_target,
+        ra_distance=args.solopo_ra_distance,
+        ra_use_reference=args.solopo_ra_use_reference,
+    )
+
+
+def check_solopo_args(args: Any) -> SoLoPOOptions:
+    """Validate a DPOConfig carrying :class:`SoLoPOArguments`; returns its loss options.
+
+    Raises ``ValueError`` for a DPO-only option SoLoPO would otherwise silently ignore
+    (``loss_type``, ``loss_weights``, ``ld_alpha``, ``f_divergence_type``, ``use_weighting``),
+    ``truncation_mode="keep_end"``, ``sync_ref_model`` with a reference-free loss, and
+    reentrant gradient checkpointing (two policy forwards per step break it under DDP).
+    """
+    options = solopo_options(args)
+    for name, default in _DPO_DEFAULTS.items():
+        value = getattr(args, name, default)
+        if value != default:
+            raise ValueError(
+                f"{name}: SoLoPO does not implement DPOConfig.{name}={value!r} (leave it at "
+                f"{default!r}; choose the loss with solopo_loss_type)"
+            )
+    if getattr(args, "loss_weights", None) not in (None, [1.0]):
+        raise ValueError(f"loss_weights: not used by SoLoPO, got {args.loss_weights!r}")
+    if args.max_long_length is not None and (
+        not isinstance(args.max_long_length, int) or args.max_long_length < 2
+    ):
+        raise ValueError(
+            f"max_long_length: expected None or an int >= 2, got {args.max_long_length!r}"
+        )
+    if not options.needs_reference and getattr(args, "sync_ref_model", False):
+        raise ValueError(
+            f"sync_ref_model: solopo_loss_type={options.loss_type!r} is reference-free; there is no "
+            "reference model to sync"
+        )
+    reentrant = (getattr(args, "gradient_checkpointing_kwargs", None) or {}).get(
+        "use_reentrant", False
+    )
+    if getattr(args, "gradient_checkpointing", False) and reentrant and options.uses_long:
+        raise ValueError(
+            "gradient_checkpointing_kwargs: use_reentrant=True is not supported: SoLoPO runs two policy "
+            "forwards per step, which reentrant checkpointing breaks under DDP ('marked as ready twice'); "
+            "use the default use_reentrant=False"
+        )
+    return options
