@@ -181,3 +181,30 @@ def test_peft_adapter_disabled_is_the_reference(tmp_path):
     assert trainer.state.log_history[-2]["rewards/margins"] > 0
     # ... and the base weights, which the reference forward reads, did not move.
     assert torch.equal(trainer.model.get_base_model().lm_head.weight, head_before)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    # The loss is a per-batch mean (like DPOTrainer); Trainer divides it by the accumulation
+    # steps, so 2 x 2 pairs accumulated equal 4 pairs at once. Plain SGD makes the update the
+    # gradient itself.
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    params = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        trainer = common.trainer(
+            tmp_path / str(batch_size),
+            tok=tok,
+            policy=copy.deepcopy(policy),
+            ref=copy.deepcopy(ref),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,  # no clipping
+        )
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    start = torch.cat([p.detach().flatten() for p in policy.parameters()])
+    assert (params[0] - start).abs().max() > 1e-3  # the step moved the weights
+    reference.assert_close_rel(params[1] - start, params[0] - start, 1e-5, "accumulated update")
