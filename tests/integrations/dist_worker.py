@@ -94,6 +94,8 @@ def main() -> None:
     if result is not None and torch.distributed.get_rank() == 0:
         torch.save(result, out_path)
     torch.distributed.barrier()
+    # An explicit teardown: a gloo group left to interpreter shutdown can abort the process.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

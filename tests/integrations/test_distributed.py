@@ -38,8 +38,14 @@ def _torchrun(mode: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "tests.integrations.dist_worker", mode, str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (
-        f"torchrun {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # Keep the lines that say why (progress bars and warnings fill stderr otherwise).
+    why = [
+        line
+        for line in proc.stderr.splitlines()
+        if "arning" not in line and "examples/s" not in line
+    ]
+    assert proc.returncode == 0, f"torchrun {mode} failed:\n{proc.stdout[-3000:]}\n" + "\n".join(
+        why[-60:]
     )
     return torch.load(out)
 
