@@ -296,7 +296,9 @@ class SoLoPOTrainer(DPOTrainer):
         if reference_free:
             # DPOTrainer keeps no reference model when it precomputes reference log-probs (outside
             # FSDP); our _precompute_ref_logps is a no-op for reference-free types, so this route
-            # loads, keeps and runs no reference at all. The flag is restored right after.
+            # loads, keeps and runs no reference at all. The flag is restored right after. Costs:
+            # TRL 1.16 hashes the policy's weights once (its precompute cache key), and under FSDP
+            # it still loads a reference from the model path, freed below.
             args.precompute_ref_log_probs = True
         try:
             super().__init__(
@@ -349,13 +351,17 @@ class SoLoPOTrainer(DPOTrainer):
         # Runs inside DPOTrainer.__init__ before Trainer.__init__: use `args`, not `self.args`.
         options = solopo_options(args)
         column = args.long_prompt_column
-        if options.uses_long:
-            columns = list(next(iter(dataset)).keys())
-            if column not in columns and LONG_PROMPT_IDS not in columns:
-                raise ValueError(
-                    f"long_prompt_column: the {dataset_name} dataset has no column {column!r} (columns: "
-                    f"{columns}); add the long-context prompt or set long_prompt_column"
-                )
+        first = next(iter(dataset), None)
+        if (
+            options.uses_long
+            and first is not None
+            and column not in first
+            and LONG_PROMPT_IDS not in first
+        ):
+            raise ValueError(
+                f"long_prompt_column: the {dataset_name} dataset has no column {column!r} (columns: "
+                f"{list(first)}); add the long-context prompt or set long_prompt_column"
+            )
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         first = next(iter(dataset), None)  # None: max_length dropped every example
         if not options.uses_long or first is None or LONG_PROMPT_IDS in first:
