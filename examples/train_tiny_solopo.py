@@ -11,7 +11,7 @@ prompts and, through the SoLo-RA term, pulls the reward of the chosen answer und
 towards its reward under the short one. The script prints the objective on held-out pairs before
 and after: the loss and the SoLo-RA distance go down.
 
-    python examples/train_tiny_solopo.py                     # SoLo-SimPO, alpha 0.5, 40 steps
+    python examples/train_tiny_solopo.py                     # SoLo-SimPO, alpha 0.5, 60 steps
     python examples/train_tiny_solopo.py --loss-type dpo --alpha 1 --steps 60
 """
 
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument(
         "--beta", type=float, default=None, help="default: 2.0 for simpo, 0.1 otherwise"
     )
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
         "--distractors", type=int, default=5, help="distractor facts in each long prompt"
     )
