@@ -20,6 +20,7 @@ the long side is always token-for-token the response of the short side (after th
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -208,7 +209,8 @@ def tokenize_long_prompt(
         )
     chat_kwargs: dict[str, Any] = {}
     if short_is_chat:
-        tools = example.get("tools")
+        tools = example.get("tools")  # as TRL reads it: a list, or a JSON string of one
+        tools = json.loads(tools) if isinstance(tools, str) else tools
         chat_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
     elif long_is_chat:  # string prompt, message-list long prompt: render it like the prompt was
         long_prompt = tokenizer.apply_chat_template(
