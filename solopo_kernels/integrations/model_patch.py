@@ -124,8 +124,12 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
                 "by this forward. Shard lm_head together with the root module (or with the final norm, "
                 "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
             )
-        # Under autocast the backbone may return a lower precision than the (master) weight; the
-        # kernel wants one dtype and accumulates in float32 either way.
+        # The kernel wants one dtype for hidden and weight (it accumulates in float32 either way).
+        # Under autocast the lm_head would have run in the autocast dtype: do the same, so a
+        # float32 master weight does not turn the projection into a float32 GEMM.
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            weight = weight.to(torch.get_autocast_dtype(device_type))
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         labels = labels.to(weight.device)
         token_logps = fused_linear_logprobs(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX)
