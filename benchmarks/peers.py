@@ -145,7 +145,8 @@ def _rows(
 
 
 def make_inputs(workload: Workload, device: torch.device, seed: int = 0) -> Inputs:
-    """The tensors of one cell on ``device``: leaves that need gradients, labels, references.
+    """The tensors of one cell on ``device``: leaves that need gradients, labels, references
+    (constants; zeros for ``dpo-long``, so that every peer there computes the same number).
 
     The weight is scaled so that logits have a spread like a trained head's (std ~0.6 at any H);
     the long chosen row of ``solopo`` carries the same response tokens as the short chosen row.
@@ -170,7 +171,8 @@ def make_inputs(workload: Workload, device: torch.device, seed: int = 0) -> Inpu
         tensors["pair_hidden"], tensors["pair_labels"] = _rows(
             2 * w.pairs, w.long_len, w.response_len, w, g
         )
-        tensors["ref_pair"] = -w.response_len * (2.0 + torch.rand(2 * w.pairs, generator=g))
+        # Zero reference sums: Liger's DPO without a reference model then computes the same loss.
+        tensors["ref_pair"] = torch.zeros(2 * w.pairs)
     else:
         tensors["hidden"], tensors["labels"] = _rows(1, w.long_len, w.response_len, w, g)
     out: Inputs = {}

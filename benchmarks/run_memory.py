@@ -258,13 +258,19 @@ def package_versions() -> dict[str, str | None]:
 
 def environment(device: str, threads: int) -> dict[str, Any]:
     """What produced the figures: machine, versions, threads, date, commit, command line."""
+    git = ["git", "-C", str(HERE.parent)]
     try:
-        git = ["git", "rev-parse", "HEAD"]
-        commit = subprocess.run(
-            git, cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        # Uncommitted changes to the code that produced the figures, if any.
+        status = [*git, "status", "--porcelain", "--", "benchmarks/*.py", "solopo_kernels"]
+        dirty = subprocess.run(
+            status, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        commit = head.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        commit, dirty = None, []
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
@@ -279,6 +285,9 @@ def environment(device: str, threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": package_versions(),
         "git_commit": commit,
+        "git_uncommitted": [line.strip() for line in dirty],
+        # Other processes share a CPU: the 1-minute load average when the report is written.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "command": " ".join([f"python benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
     }
 
@@ -386,14 +395,38 @@ def summary(
             if p == "ours" or r is None or r.status != "ok":
                 continue
             tag = " (less work: †)" if partial(p, w) else ""
-            ratios = {m: METRICS[m][0](r) / METRICS[m][0](ours) for m in METRICS}
-            parts.append(
-                f"{PEERS[p].label}{tag}: peak {ratios['peak']:.1f}x, extra {ratios['extra']:.1f}x, time {ratios['time']:.2f}x"
-            )
+            peak, time_ = r.peak_bytes / ours.peak_bytes, r.median_s / ours.median_s
+            parts.append(f"{PEERS[p].label}{tag}: peak memory {peak:.1f}x, time {time_:.2f}x")
         lines.append(
             f"- largest {kind} cell ({w.label()}): peer / solopo-kernels = " + "; ".join(parts)
         )
     return lines
+
+
+def loss_check(
+    cells: list[Workload], peers: list[str], results: dict[tuple[int, str], CellResult]
+) -> str:
+    """Whether every full-work peer's loss matches solopo-kernels' (they compute the same number)."""
+    worst, where = 0.0, ""
+    for index, w in enumerate(cells):
+        ours = results.get((index, "ours"))
+        if ours is None or ours.status != "ok":
+            continue
+        for p in peers:
+            r = results.get((index, p))
+            if p == "ours" or partial(p, w) or r is None or r.status != "ok":
+                continue
+            diff = abs(r.loss - ours.loss) / max(abs(ours.loss), 1e-6)
+            if diff > worst:
+                worst, where = diff, f" ({PEERS[p].label}, {w.label(head=False)})"
+    return f"Loss cross-check: the largest relative difference to solopo-kernels' loss is {worst:.1e}{where}."
+
+
+def set_length_axis(ax: Any, lengths: list[int]) -> None:
+    """Log-2 x axis with the measured lengths as ticks, written 4K, 8K, ..."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.minorticks_off()
 
 
 def plots(
@@ -413,6 +446,8 @@ def plots(
     styles = ["-", "--", ":", "-."]
     for kind in dict.fromkeys(w.kind for w in cells):
         indices = [i for i, w in enumerate(cells) if w.kind == kind]
+        if len({cells[i].long_len for i in indices}) < 2:
+            continue  # a curve needs two lengths
         groups = list(
             dict.fromkeys(
                 (cells[i].response_len, cells[i].short_len, cells[i].hidden, cells[i].vocab)
@@ -448,7 +483,7 @@ def plots(
                         label=label,
                     )
             w = cells[indices[0]]
-            ax.set_xscale("log", base=2)
+            set_length_axis(ax, sorted({cells[i].long_len for i in indices}))
             ax.set_yscale("log")
             ax.set_xlabel(
                 "long-context length Tl (tokens)"
@@ -483,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no cell: check --long, --short and --response", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bar = tqdm(total=len(cells) * len(args.peers), desc="loss heads", unit="cell", file=sys.stderr)
 
     def progress(index: int, peer: str, result: CellResult) -> None:
@@ -505,11 +541,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar.close()
     elapsed = time.perf_counter() - started
 
-    env = environment(args.device, args.threads)
+    env = environment(args.device, args.threads) | {"load_average_1min_at_start": load_before}
     machine = (
         f"{env['device_name']}, {env['threads']} threads of {env['cpu_cores']} cores, "
         f"{(env['ram_bytes'] or 0) / 2**30:.0f} GiB RAM; torch {env['versions']['torch']}"
     )
+    if load_before is not None:
+        machine += (
+            f"; load average {load_before:.1f} at start, {env['load_average_1min']:.1f} at end"
+        )
     report = [
         f"## Loss-head peak memory and time: {args.device}, {args.dtype}, H={args.hidden}, V={args.vocab}, "
         f"{args.pairs} pair(s) per batch, {args.loss_type} (--{args.preset})",
@@ -525,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "### Extra memory: peak minus the gradients every peer returns (dW, dhidden)",
         "",
+        "Figures of a few MiB and below are within the page-level noise of RSS.",
+        "",
         table(cells, args.peers, results, "extra"),
         "",
         "### Time (forward + backward)",
@@ -536,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         legend(cells, args.peers),
         "",
         *summary(cells, args.peers, results),
+        "",
+        loss_check(cells, args.peers, results),
     ]
     problems = [
         f"- {cells[i].label()} | {PEERS[p].label}: {r.status}: {r.reason}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -244,6 +245,7 @@ def plot(
     cells: list[dict[str, Any]], results: dict[tuple[int, str], CellResult], path: Path
 ) -> None:
     import matplotlib
+    from run_memory import set_length_axis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -269,7 +271,7 @@ def plot(
             label=LABELS[method],
         )
     for ax, ylabel in zip(axes, ("step time (s)", "peak step memory (MiB)"), strict=True):
-        ax.set_xscale("log", base=2)
+        set_length_axis(ax, [c["long_len"] for c in cells])
         ax.set_yscale("log")
         ax.set_xlabel("long-context length Tl (tokens)")
         ax.set_ylabel(ylabel)
@@ -306,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     cells = [shared | {"long_len": tl, "positions": tl} for tl in args.long]
     started = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bar = tqdm(total=len(cells) * len(METHODS), desc="training steps", unit="cell", file=sys.stderr)
 
     def progress(index: int, method: str, result: CellResult) -> None:
@@ -332,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bar.close()
     elapsed = time.perf_counter() - started
-    env = environment(args.device, args.threads)
+    env = environment(args.device, args.threads) | {"load_average_1min_at_start": load_before}
     text = "\n".join(
         [
             f"## One training step: SoLoPO vs long-context DPO ({args.device})",
@@ -340,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Policy: random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
             f"({args.kv_heads} KV), vocab {args.vocab}, SDPA attention, float32; Ts = {args.short}, "
             f"response {args.response} tokens, one pair; reference log-probs precomputed. "
-            f"Machine: {env['device_name']}, {args.threads} threads; torch {env['versions']['torch']}; {env['date']}. "
+            f"Machine: {env['device_name']}, {args.threads} threads; torch {env['versions']['torch']}; {env['date']}; "
+            f"load average {load_before:.1f} at start, {env['load_average_1min']:.1f} at end. "
             f"Time: median of up to {args.repeats} steps after warm-up, methods interleaved; "
             "memory: peak above weights and inputs (activations, gradients, loss head).",
             "",
