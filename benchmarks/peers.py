@@ -6,11 +6,12 @@ each *peer* turns them into a ``step()`` that runs forward + backward of its los
 
 Workload kinds:
 
-* ``solopo``: one SoLoPO batch: the short pair ``x_short + y_w``, ``x_short + y_l`` (``2B x Ts``)
-  and the long chosen row ``x_long + y_w`` (``B x Tl``), the full SoLoPO loss (preference loss on
+* ``solopo``: one SoLoPO batch: the short pair ``x_short + y_w``, ``x_short + y_l`` (``2B`` rows
+  of ``Ts + R`` positions: context, then response) and the long chosen row ``x_long + y_w``
+  (``B`` rows of ``Tl + R``), the full SoLoPO loss (preference loss on
   the short pair + ``alpha`` x SoLo-RA between the short and long rewards of ``y_w``);
 * ``dpo-long``: long-context DPO, the baseline SoLoPO replaces: the pair ``x_long + y_w``,
-  ``x_long + y_l`` (``2B x Tl``), the DPO (or SimPO/ORPO/CPO) loss;
+  ``x_long + y_l`` (``2B`` rows of ``Tl + R``), the DPO (or SimPO/ORPO/CPO) loss;
 * ``logprobs``: one sequence of ``T`` positions with ``N`` response tokens, the sum of per-token
   log-probs (the primitive every loss above is built from).
 
@@ -55,9 +56,11 @@ class Workload:
 
     Attributes:
         kind: one of :data:`KINDS`.
-        long_len: ``Tl``, positions of each long row (``T`` for ``logprobs``).
-        short_len: ``Ts``, positions of each short row (``solopo`` only).
-        response_len: response tokens per row (``N`` for ``logprobs``); the responses sit at the
+        long_len: ``Tl``, the long context ``x_long`` of each long row (``T``, all positions of
+            the sequence, for ``logprobs``).
+        short_len: ``Ts``, the short context ``x_short`` of each short row (``solopo`` only).
+        response_len: response tokens per row, after the context (``N``, within ``T``, for
+            ``logprobs``); the responses sit at the
             end of each row (prompt positions carry ``ignore_index``).
         hidden: ``H``; vocab: ``V``.
         pairs: ``B``, preference pairs per batch.
@@ -80,13 +83,11 @@ class Workload:
             raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not 0 < self.response_len <= self.long_len:
+        if self.response_len <= 0 or (
+            self.kind == "logprobs" and self.response_len > self.long_len
+        ):
             raise ValueError(
-                f"response_len: expected 0 < N <= {self.long_len}, got {self.response_len}"
-            )
-        if self.kind == "solopo" and not 0 < self.response_len <= self.short_len:
-            raise ValueError(
-                f"short_len: expected >= response_len ({self.response_len}), got {self.short_len}"
+                f"response_len: expected 0 < N (<= T = {self.long_len} for logprobs), got {self.response_len}"
             )
 
     @property
@@ -97,9 +98,10 @@ class Workload:
     def rows(self) -> list[int]:
         """Positions of every row the loss head reads (what a head without compaction pays for)."""
         if self.kind == "solopo":
-            return [self.short_len] * (2 * self.pairs) + [self.long_len] * self.pairs
+            short, long = self.short_len + self.response_len, self.long_len + self.response_len
+            return [short] * (2 * self.pairs) + [long] * self.pairs
         if self.kind == "dpo-long":
-            return [self.long_len] * (2 * self.pairs)
+            return [self.long_len + self.response_len] * (2 * self.pairs)
         return [self.long_len]
 
     @property
@@ -157,10 +159,10 @@ def make_inputs(workload: Workload, device: torch.device, seed: int = 0) -> Inpu
     tensors: Inputs = {"weight": weight}
     if w.kind == "solopo":
         tensors["short_hidden"], tensors["short_labels"] = _rows(
-            2 * w.pairs, w.short_len, w.response_len, w, g
+            2 * w.pairs, w.short_len + w.response_len, w.response_len, w, g
         )
         tensors["long_hidden"], tensors["long_labels"] = _rows(
-            w.pairs, w.long_len, w.response_len, w, g
+            w.pairs, w.long_len + w.response_len, w.response_len, w, g
         )
         tensors["long_labels"][:, -w.response_len :] = tensors["short_labels"][
             : w.pairs, -w.response_len :
@@ -169,7 +171,7 @@ def make_inputs(workload: Workload, device: torch.device, seed: int = 0) -> Inpu
         tensors["ref_long"] = -w.response_len * (2.0 + torch.rand(w.pairs, generator=g))
     elif w.kind == "dpo-long":
         tensors["pair_hidden"], tensors["pair_labels"] = _rows(
-            2 * w.pairs, w.long_len, w.response_len, w, g
+            2 * w.pairs, w.long_len + w.response_len, w.response_len, w, g
         )
         # Zero reference sums: Liger's DPO without a reference model then computes the same loss.
         tensors["ref_pair"] = torch.zeros(2 * w.pairs)

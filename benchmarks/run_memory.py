@@ -42,8 +42,9 @@ HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 
 # Grids. CPU shapes are scaled down from real models so that --quick fits in a few minutes on two
-# cores (a full-logits forward+backward at T=16K, H=1024, V=32768 alone takes ~80 s there); the GPU
-# shapes are Llama-3-8B's head. "long" is the long-context length Tl (T for logprobs).
+# shared cores (one full-logits forward+backward at T=16K, H=1024, V=32768 takes 30-80 s there,
+# and the default grid runs that much work ~10 times); the GPU shapes are Llama-3-8B's head.
+# "long" is the long-context length Tl (T for logprobs).
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("cpu", "quick"): {
         "kinds": ["solopo", "dpo-long"],
@@ -111,9 +112,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}"
     )
     parser.add_argument("--kinds", help=f"comma-separated workload kinds: {','.join(KINDS)}")
-    parser.add_argument("--long", help="comma-separated long-context lengths Tl (T for logprobs)")
+    parser.add_argument(
+        "--long", help="comma-separated long-context lengths Tl (T, all positions, for logprobs)"
+    )
     parser.add_argument("--short", type=int, help="short-context length Ts (solopo)")
-    parser.add_argument("--response", help="comma-separated response lengths (N for logprobs)")
+    parser.add_argument(
+        "--response", help="comma-separated response lengths R, after the context (N for logprobs)"
+    )
     parser.add_argument("--hidden", type=int, help="H")
     parser.add_argument("--vocab", type=int, help="V")
     parser.add_argument(
@@ -187,8 +192,8 @@ def grid(args: argparse.Namespace) -> list[Workload]:
     for kind in args.kinds:
         for response in args.response:
             for length in args.long:
-                if response > length or (kind == "solopo" and response > args.short):
-                    continue
+                if kind == "logprobs" and response > length:
+                    continue  # N response tokens within T positions
                 cells.append(
                     Workload(
                         kind,
@@ -455,7 +460,7 @@ def plots(
             )
         )
         for metric in ("peak", "time"):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
+            fig, ax = plt.subplots(figsize=(9, 4.5))
             for p_index, p in enumerate(peers):
                 for g_index, group in enumerate(groups):
                     xs, ys = [], []
@@ -502,7 +507,7 @@ def plots(
                 f"{kind}: {'peak memory' if metric == 'peak' else 'time'} ({shape})", fontsize=10
             )
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
             fig.tight_layout()
             path = folder / f"{'memory' if metric == 'peak' else 'time'}_{kind}.png"
             fig.savefig(path, dpi=120)
@@ -557,7 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Machine: {machine}; {env['date']}. Peak memory: one forward+backward above its inputs "
         f"({'peak RSS, fresh mark per run' if args.device == 'cpu' else 'max_memory_allocated'}); time: median of up to "
         f"{args.repeats} runs after warm-up, peers interleaved. Ratios: to the best peer of the row; "
-        "† = computes less than the row (not counted as best).",
+        "† = computes less than the row (not counted as best). Ts, Tl: short and long context "
+        "lengths, each row being a context followed by R response tokens (T, N for logprobs).",
         "",
         "### Peak memory",
         "",

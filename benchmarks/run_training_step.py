@@ -7,10 +7,10 @@ efficiency claim, measured).
 A step is policy forward + loss + backward of a small Llama made in code
 (``solopo_kernels.testing.tiny_llama``, SDPA attention, no gradient checkpointing):
 
-* ``solopo``: forward of the short pair ``x_short + y_w``, ``x_short + y_l`` (``2 x Ts``) and of
-  the long chosen row ``x_long + y_w`` (``1 x Tl``), then ``fused_solopo_loss`` (SoLo-DPO,
-  alpha = 3);
-* ``dpo-long``: forward of the long pair ``x_long + y_w``, ``x_long + y_l`` (``2 x Tl``), then
+* ``solopo``: forward of the short pair ``x_short + y_w``, ``x_short + y_l`` (2 rows of ``Ts + R``
+  tokens: context, then response) and of the long chosen row ``x_long + y_w`` (1 row of
+  ``Tl + R``), then ``fused_solopo_loss`` (SoLo-DPO, alpha = 3);
+* ``dpo-long``: forward of the long pair ``x_long + y_w``, ``x_long + y_l`` (2 rows of ``Tl + R``), then
   the DPO loss (``fused_solopo_loss`` with alpha = 0 on the long pair: the same fused head, so the
   comparison isolates what SoLoPO changes: which sequences go through the model);
 * ``dpo-short``: forward of the short pair only, then the DPO loss (the floor SoLoPO adds one
@@ -97,11 +97,12 @@ def build_cell(name: str, cell: dict[str, Any], device: torch.device, seed: int)
     )
     g = torch.Generator().manual_seed(seed)
     ts, tl, r, v = cell["short_len"], cell["long_len"], cell["response_len"], cell["vocab"]
-    short_ids, short_labels = _batch(2, ts, r, v, g)
-    long_ids, long_labels = _batch(2 if name == "dpo-long" else 1, tl, r, v, g)
+    # Rows are context + response: Ts and Tl are the context lengths (rho = Ts / Tl, as in the paper).
+    short_ids, short_labels = _batch(2, ts + r, r, v, g)
+    long_ids, long_labels = _batch(2 if name == "dpo-long" else 1, tl + r, r, v, g)
     if name == "solopo":  # the long chosen row answers with the short chosen row's response
         long_ids[0, -r:] = short_ids[0, -r:]
-        long_labels[0, tl - r - 1 : tl - 1] = long_ids[0, tl - r :]
+        long_labels[0, tl - 1 : tl + r - 1] = long_ids[0, tl:]
     ref = -r * (2.0 + torch.rand(2, generator=g))
     tensors = [t.to(device) for t in (short_ids, short_labels, long_ids, long_labels, ref)]
     short_ids, short_labels, long_ids, long_labels, ref = tensors
@@ -162,7 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--short", type=int, default=1024, help="short-context length Ts (the paper: ~1.1K)"
     )
-    parser.add_argument("--response", type=int, default=256, help="response tokens")
+    parser.add_argument(
+        "--response", type=int, default=256, help="response tokens after each context"
+    )
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -223,7 +226,7 @@ def report(
     cap = int(args.max_mem_gb * 2**30)
     lines += [
         "",
-        f"Largest long length whose step fits {args.max_mem_gb:g} GiB (peak above weights and inputs):",
+        f"Largest long context Tl whose step fits {args.max_mem_gb:g} GiB (peak above weights and inputs):",
         "",
     ]
     for method in ("solopo", "dpo-long"):
@@ -301,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "heads": args.heads,
         "kv_heads": args.kv_heads,
         "vocab": args.vocab,
-        "max_len": max(args.long + [args.short]),
+        "max_len": max(args.long + [args.short]) + args.response,
         # The sizes harness.dominates() compares (an OOM at Tl skips longer Tl).
         "pairs": 1,
         "response_tokens": args.response,
@@ -342,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             f"Policy: random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
             f"({args.kv_heads} KV), vocab {args.vocab}, SDPA attention, float32; Ts = {args.short}, "
-            f"response {args.response} tokens, one pair; reference log-probs precomputed. "
+            f"response {args.response} tokens after each context, one pair; reference log-probs precomputed. "
             f"Machine: {env['device_name']}, {args.threads} threads; torch {env['versions']['torch']}; {env['date']}; "
             f"load average {load_before:.1f} at start, {env['load_average_1min']:.1f} at end. "
             f"Time: median of up to {args.repeats} steps after warm-up, methods interleaved; "
