@@ -13,15 +13,23 @@ and after: the loss and the SoLo-RA distance go down.
 
     python examples/train_tiny_solopo.py                     # SoLo-SimPO, alpha 0.5, 60 steps
     python examples/train_tiny_solopo.py --loss-type dpo --alpha 1 --steps 60
+    python examples/train_tiny_solopo.py --data demo/pairs.jsonl   # the output of `solopo-data`
+
+With ``--data`` it trains on a JSONL file of ``prompt``, ``long_prompt``, ``chosen`` and
+``rejected`` rows (standard or conversational, e.g. from ``solopo-data sample-pairs``) instead of
+the synthetic task, with a word-level tokenizer over the file's words; a tenth of the rows (at
+least 2) is held out.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import tempfile
+from typing import Any
 
 # Nothing here comes from a hub; say so before transformers/datasets are imported.
 for _var in (
@@ -75,12 +83,45 @@ def make_pairs(n: int, distractors: int, rng: random.Random) -> list[dict[str, s
     return rows
 
 
+def load_pairs(path: str) -> list[dict[str, Any]]:
+    """The ``prompt``, ``long_prompt``, ``chosen`` and ``rejected`` columns of a JSONL file."""
+    keys = ("prompt", "long_prompt", "chosen", "rejected")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"{path}: row {i} has no {', '.join(missing)} column")
+    if len(rows) < 4:
+        raise ValueError(f"{path}: expected at least 4 rows to train and hold out, got {len(rows)}")
+    return [{k: row[k] for k in keys} for row in rows]
+
+
+def as_text(
+    tokenizer, value: str | list[dict[str, str]], *, generation_prompt: bool = False
+) -> str:
+    """A standard-format string as is; a conversational message list rendered by the chat template."""
+    if isinstance(value, str):
+        return value
+    return tokenizer.apply_chat_template(
+        value, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
 def warm_up_on_short_prompts(
     model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], steps: int
 ) -> None:
     """Plain next-token SFT on ``prompt + chosen`` (short prompts only)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    texts = [r["prompt"] + r["chosen"] + tokenizer.eos_token for r in rows]
+    texts = [
+        (
+            r["prompt"] + r["chosen"]
+            if isinstance(r["prompt"], str)
+            else as_text(tokenizer, r["prompt"] + r["chosen"])
+        )
+        + tokenizer.eos_token
+        for r in rows
+    ]
     model.train()
     for step in tqdm(range(steps), desc="warm-up SFT on short prompts"):
         batch = tokenizer(texts[(step * 16) % len(texts) :][:16], padding=True, return_tensors="pt")
@@ -110,17 +151,42 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data", help="a JSONL file of preference pairs with a long_prompt column (see above)"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    tokenizer = tiny_tokenizer(NAMES + ITEMS + PLACES + GLUE)
+    if args.data:
+        from solopo_kernels.data.cli import tiny_tokenizer_for
+
+        rows = load_pairs(args.data)
+        rng.shuffle(rows)
+        n_held_out = max(2, len(rows) // 10)
+        train, held_out = rows[n_held_out:], rows[:n_held_out]
+        texts = [
+            m["content"] if isinstance(m, dict) else m
+            for row in rows
+            for value in row.values()
+            for m in ([value] if isinstance(value, str) else value)
+        ]
+        tokenizer = tiny_tokenizer_for(texts)
+    else:
+        tokenizer = tiny_tokenizer(NAMES + ITEMS + PLACES + GLUE)
+        train = make_pairs(256, args.distractors, rng)
+        held_out = make_pairs(32, args.distractors, rng)
     model = tiny_llama(tokenizer, hidden_size=64, num_layers=2, seed=args.seed)
-    train, held_out = make_pairs(256, args.distractors, rng), make_pairs(32, args.distractors, rng)
     warm_up_on_short_prompts(model, tokenizer, train, steps=args.warmup_steps)
 
-    short_len = sum(len(tokenizer(text=r["prompt"])["input_ids"]) for r in train) / len(train)
-    long_len = sum(len(tokenizer(text=r["long_prompt"])["input_ids"]) for r in train) / len(train)
+    def prompt_tokens(key: str) -> float:
+        lengths = [
+            len(tokenizer(text=as_text(tokenizer, r[key], generation_prompt=True))["input_ids"])
+            for r in train
+        ]
+        return sum(lengths) / len(lengths)
+
+    short_len, long_len = prompt_tokens("prompt"), prompt_tokens("long_prompt")
     print(
         f"prompts: {short_len:.0f} tokens short, {long_len:.0f} tokens long (rho = {short_len / long_len:.2f})"
     )
@@ -138,7 +204,9 @@ def main() -> None:
             # starts where the warm-up left it (with it, both sides start at exactly 0).
             solopo_ra_use_reference=False,
             max_steps=args.steps,
-            per_device_train_batch_size=8,
+            per_device_train_batch_size=min(8, len(train)),
+            # --data: the file's own lengths decide (the synthetic task is short anyway).
+            max_length=None,
             per_device_eval_batch_size=16,
             learning_rate=args.lr,
             lr_scheduler_type="constant",
