@@ -8,6 +8,7 @@ the target logit is picked from the tile that holds its id. Everything is accumu
 (float64 for float64 inputs), whatever the input dtype.
 
 FLOPs: forward ``2 N H V``; backward ``6 N H V`` (recomputed logits, ``grad_rows``, ``grad_weight``).
+The backward's tile loop is :mod:`.gradients`, shared with the Triton backend.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .gradients import accumulate_gradients
 
 # Tile budgets, in logits elements. The CPU budget keeps a float32 tile at 16 MiB (cache- and
 # RAM-friendly on a laptop-class CPU); on an accelerator larger tiles amortise launch overhead.
@@ -135,54 +138,24 @@ def backward(
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. ``rows``, ``weight`` and ``bias``.
 
     Each logits tile is recomputed and turned in place into
-    ``dlogits = grad_logp * (onehot(target) - softmax) / temperature``, then
-    ``grad_rows += dlogits @ W_tile`` and ``grad_weight[tile] = dlogits^T @ rows`` are accumulated
-    in the accumulation dtype and cast to the parameters' dtypes at the end of each tile.
+    ``dlogits = grad_logp * (onehot(target) - softmax) / temperature``; the shared tile loop of
+    :mod:`.gradients` accumulates the gradients from it.
     """
-    need_rows, need_weight, need_bias = needs_grad
     acc = accumulation_dtype(rows.dtype)
-    n_rows, vocab = rows.shape[0], weight.shape[0]
-    token_tile, vocab_tile = tiles
     scale = grad_logp.to(acc) / temperature
+    cached: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    grad_rows = torch.zeros(rows.shape, dtype=acc, device=rows.device) if need_rows else None
-    grad_weight = torch.empty_like(weight) if need_weight else None
-    # float32 weights accumulate straight into grad_weight; others through one float32 tile buffer.
-    weight_acc_buffer = (
-        torch.empty((min(vocab_tile, vocab), weight.shape[1]), dtype=acc, device=weight.device)
-        if need_weight and weight.dtype != acc
-        else None
-    )
-    grad_bias = torch.zeros(vocab, dtype=acc, device=rows.device) if need_bias else None
+    def fill(t0: int, t1: int, v0: int, v1: int) -> torch.Tensor:
+        if v0 not in cached:  # up-cast each weight tile once, not once per token tile
+            cached.clear()
+            cached[v0] = (weight[v0:v1].to(acc), bias[v0:v1].to(acc) if bias is not None else None)
+        w, b = cached[v0]
+        dlogits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature)
+        dlogits.sub_(lse[t0:t1].unsqueeze(1)).exp_()  # softmax probabilities
+        dlogits.mul_(-scale[t0:t1].unsqueeze(1))
+        local, in_tile = _target_columns(targets[t0:t1], v0, v1 - v0)
+        return dlogits.scatter_add_(1, local, (scale[t0:t1] * in_tile).unsqueeze(1))
 
-    for v0 in range(0, vocab, vocab_tile):
-        v1 = min(v0 + vocab_tile, vocab)
-        w = weight[v0:v1].to(acc)
-        b = bias[v0:v1].to(acc) if bias is not None else None
-        if need_weight:
-            weight_tile_grad = (
-                grad_weight[v0:v1] if weight_acc_buffer is None else weight_acc_buffer[: v1 - v0]
-            )
-            weight_tile_grad.zero_()
-        for t0 in range(0, n_rows, token_tile):
-            t1 = min(t0 + token_tile, n_rows)
-            row_tile = rows[t0:t1].to(acc)
-            dlogits = _logits_tile(row_tile, w, b, temperature)
-            dlogits.sub_(lse[t0:t1].unsqueeze(1)).exp_()  # softmax probabilities
-            dlogits.mul_(-scale[t0:t1].unsqueeze(1))
-            local, in_tile = _target_columns(targets[t0:t1], v0, v1 - v0)
-            dlogits.scatter_add_(1, local, (scale[t0:t1] * in_tile).unsqueeze(1))
-            if need_rows:
-                grad_rows[t0:t1].addmm_(dlogits, w)
-            if need_weight:
-                weight_tile_grad.addmm_(dlogits.t(), row_tile)
-            if need_bias:
-                grad_bias[v0:v1] += dlogits.sum(0)
-        if weight_acc_buffer is not None:
-            grad_weight[v0:v1].copy_(weight_tile_grad)
-
-    return (
-        grad_rows.to(rows.dtype) if grad_rows is not None else None,
-        grad_weight,
-        grad_bias.to(bias.dtype) if grad_bias is not None else None,
+    return accumulate_gradients(
+        rows, weight, bias, fill, tiles=tiles, needs_grad=needs_grad, acc_dtype=acc
     )

@@ -73,6 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gradients import accumulate_gradients
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -111,8 +113,6 @@ _DLOGITS_ELEMENTS = 1 << 14 if _INTERPRET else 1 << 26
 _MAX_TOKEN_TILE = 8192
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# torch.addmm(acc_fp32, a_16bit, b_16bit, out_dtype=torch.float32) (CUDA; recent torch).
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 _skip_threshold = 0.0
 
@@ -468,18 +468,6 @@ def forward(
     return split_target.sum(0) - lse, lse
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` into a float32 ``acc``, summing in float32 with no 16-bit rounding of the
-    partial product (rounding each tile's product to 16 bits before adding it would add one
-    rounding error per tile to the sum)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif _ADDMM_OUT_DTYPE and acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
 def backward(
     grad_logp: torch.Tensor,
     rows: torch.Tensor,
@@ -494,70 +482,42 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. ``rows``, ``weight`` and ``bias``.
 
-    Outer loop over vocab tiles (each weight-gradient tile is finished and cast once), inner loop
-    over token tiles; per tile, :func:`_dlogits_kernel` fills the ``dlogits`` buffer and two GEMMs
-    add it into the float32 accumulators. Returns gradients in the dtypes of ``rows``, ``weight``
-    and ``bias`` (None where not needed).
+    :func:`_dlogits_kernel` fills one reused ``dlogits`` buffer (input dtype) per tile; the shared
+    tile loop of :mod:`.gradients` adds it into float32 accumulators with two GEMMs. Returns
+    gradients in the dtypes of ``rows``, ``weight`` and ``bias`` (None where not needed).
     """
     _check_dtype(rows)
-    need_rows, need_weight, need_bias = needs_grad
-    need_bias = need_bias and bias is not None
-    n_rows, hidden = rows.shape
-    vocab = weight.shape[0]
-    device = rows.device
-    grad_rows = (
-        torch.zeros((n_rows, hidden), dtype=torch.float32, device=device) if need_rows else None
+    n_rows = rows.shape[0]
+    token_tile, vocab_tile = (
+        max(1, min(tiles.token_tile, n_rows)),
+        min(tiles.vocab_tile, weight.shape[0]),
     )
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
-
-    if n_rows > 0 and (need_rows or need_weight or need_bias):
-        token_tile, vocab_tile = min(tiles.token_tile, n_rows), min(tiles.vocab_tile, vocab)
-        buffer = torch.empty(token_tile * vocab_tile, dtype=rows.dtype, device=device)
-        # 16-bit weights: each weight-gradient tile is summed over token tiles in float32 first.
-        weight_acc = (
-            torch.empty((vocab_tile, hidden), dtype=torch.float32, device=device)
-            if need_weight and weight.dtype != torch.float32
-            else None
+    buffer = torch.empty(token_tile * vocab_tile, dtype=rows.dtype, device=rows.device)
+    block_max = None
+    if tiles.skip_threshold > 0:
+        block_max = torch.empty(
+            triton.cdiv(token_tile, _MIN_BLOCK) * triton.cdiv(vocab_tile, _MIN_BLOCK),
+            dtype=torch.float32,
+            device=rows.device,
         )
-        block_max = None
-        if tiles.skip_threshold > 0:
-            block_max = torch.empty(
-                triton.cdiv(token_tile, _MIN_BLOCK) * triton.cdiv(vocab_tile, _MIN_BLOCK),
-                dtype=torch.float32,
-                device=device,
-            )
-        grad_logp, targets, lse = grad_logp.contiguous(), targets.contiguous(), lse.contiguous()
-        for v0 in range(0, vocab, vocab_tile):
-            v1 = min(v0 + vocab_tile, vocab)
-            weight_tile = weight[v0:v1]
-            if need_weight:
-                weight_tile_grad = (
-                    weight_acc[: v1 - v0] if weight_acc is not None else grad_weight[v0:v1]
-                )
-                weight_tile_grad.zero_()
-            for t0 in range(0, n_rows, token_tile):
-                t1 = min(t0 + token_tile, n_rows)
-                dlogits = buffer[: (t1 - t0) * (v1 - v0)].view(t1 - t0, v1 - v0)
-                kept = _fill_dlogits(
-                    dlogits, grad_logp, rows, weight, bias, targets, lse, t0, v0,
-                    temperature=temperature, block_max=block_max, threshold=tiles.skip_threshold,
-                )  # fmt: skip
-                if not kept:
-                    continue
-                if need_rows:
-                    _addmm_fp32(grad_rows[t0:t1], dlogits, weight_tile)
-                if need_weight:
-                    _addmm_fp32(weight_tile_grad, dlogits.t(), rows[t0:t1])
-                if need_bias:
-                    grad_bias[v0:v1] += dlogits.sum(0, dtype=torch.float32)
-            if weight_acc is not None:
-                grad_weight[v0:v1].copy_(weight_tile_grad)
+    grad_logp, targets, lse = grad_logp.contiguous(), targets.contiguous(), lse.contiguous()
 
-    return (
-        grad_rows.to(rows.dtype) if grad_rows is not None else None,
-        grad_weight,
-        grad_bias.to(bias.dtype) if grad_bias is not None else None,
+    def fill(t0: int, t1: int, v0: int, v1: int) -> torch.Tensor | None:
+        dlogits = buffer[: (t1 - t0) * (v1 - v0)].view(t1 - t0, v1 - v0)
+        kept = _fill_dlogits(
+            dlogits, grad_logp, rows, weight, bias, targets, lse, t0, v0,
+            temperature=temperature, block_max=block_max, threshold=tiles.skip_threshold,
+        )  # fmt: skip
+        return dlogits if kept else None
+
+    return accumulate_gradients(
+        rows,
+        weight,
+        bias,
+        fill,
+        tiles=(token_tile, vocab_tile),
+        needs_grad=needs_grad,
+        acc_dtype=torch.float32,
     )
 
 
