@@ -25,3 +25,17 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The versions this run tested against (CI runs the integrations under two TRL versions)."""
+    from importlib import metadata
+
+    versions = []
+    for name in ("torch", "triton", "transformers", "trl", "datasets", "accelerate"):
+        try:
+            module = __import__(name)
+            versions.append(f"{name} {getattr(module, '__version__', metadata.version(name))}")
+        except ImportError:
+            versions.append(f"{name} (not installed)")
+    return ["versions: " + ", ".join(versions)]
