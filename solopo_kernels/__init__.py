@@ -23,7 +23,15 @@ _PUBLIC = {
     "value_checks_disabled": ".checks",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [
+    "FusedSoLoPOLoss",
+    "SoLoPOOutput",
+    "__version__",
+    "fused_linear_logprobs",
+    "fused_solopo_loss",
+    "solopo_loss",
+    "value_checks_disabled",
+]
 
 if TYPE_CHECKING:
     from .checks import value_checks_disabled

@@ -33,6 +33,8 @@ from .ops.logprobs import (
     check_hidden_and_labels,
     resolve_backend,
     response_logprobs,
+    response_positions,
+    scatter_to_positions,
 )
 
 LOSS_TYPES = ("dpo", "ipo", "simpo", "orpo", "cpo")
@@ -401,12 +403,6 @@ def solopo_loss(
     )
 
 
-def _sequence_sums(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums of gathered token log-probs, in a deterministic order (no atomics)."""
-    full = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
-    return full.masked_scatter(mask, token_logps).sum(-1)
-
-
 def fused_solopo_loss(
     weight: torch.Tensor,
     short_hidden: torch.Tensor,
@@ -478,10 +474,11 @@ def fused_solopo_loss(
     resolve_backend(backend, short_hidden.device, short_hidden.dtype)
     check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
 
-    masks = [labels != ignore_index for _, labels in labels_to_check]
-    hiddens = [short_hidden, long_hidden][: len(masks)]
-    gathered = [h[m] for h, m in zip(hiddens, masks)]
-    targets = torch.cat([labels[m] for (_, labels), m in zip(labels_to_check, masks)])
+    labels = [tensor for _, tensor in labels_to_check]
+    positions = [response_positions(tensor, ignore_index) for tensor in labels]
+    hiddens = [short_hidden, long_hidden][: len(labels)]
+    gathered = [h[p] for h, p in zip(hiddens, positions)]
+    targets = torch.cat([tensor[p] for tensor, p in zip(labels, positions)])
     token_logps = response_logprobs(
         torch.cat(gathered) if len(gathered) > 1 else gathered[0],
         weight,
@@ -492,8 +489,12 @@ def fused_solopo_loss(
         backend=backend,
     )
     per_input = token_logps.split([g.shape[0] for g in gathered])
-    sums = [_sequence_sums(t, m) for t, m in zip(per_input, masks)]
-    lengths = [m.sum(-1) for m in masks]
+    # Per-sequence sums in a fixed order (no atomics): scatter back to (rows, T), sum over T.
+    sums = [
+        scatter_to_positions(t, p, tensor.shape).sum(-1)
+        for t, p, tensor in zip(per_input, positions, labels)
+    ]
+    lengths = [(tensor != ignore_index).sum(-1) for tensor in labels]
     return _objective(
         options,
         sums[0],

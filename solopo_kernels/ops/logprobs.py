@@ -140,6 +140,22 @@ def check_hidden_and_labels(
     check_same_device("weight", weight, **{hidden_name: hidden, labels_name: labels})
 
 
+def response_positions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
+    """Indices (one tensor per dimension of ``labels``) of the positions whose label is not
+    ``ignore_index``. Computing them is the gather's one host sync (the count of response tokens
+    sizes the rows); indexing with them afterwards is sync-free and copies only those rows, even
+    from a non-contiguous ``hidden``."""
+    return torch.nonzero(labels != ignore_index, as_tuple=True)
+
+
+def scatter_to_positions(
+    values: torch.Tensor, positions: tuple[torch.Tensor, ...], shape: torch.Size
+) -> torch.Tensor:
+    """``values`` placed at ``positions`` in zeros of ``shape`` (differentiable in ``values``)."""
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return out.index_put(positions, values)
+
+
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
     the bias, the targets and one log-sum-exp per row; the backward recomputes the logits."""
@@ -253,16 +269,19 @@ def fused_linear_logprobs(
     check_labels_and_lengths([("labels", labels)], vocab, ignore_index, require_response=False)
     resolve_backend(backend, hidden.device, hidden.dtype)
 
-    mask = labels != ignore_index
+    if labels.dim() == 0:  # one position: hidden (H,), a scalar label
+        return fused_linear_logprobs(
+            hidden.unsqueeze(0), weight, labels.unsqueeze(0), bias, ignore_index=ignore_index,
+            temperature=temperature, chunk_size=chunk_size, backend=backend,
+        ).squeeze(0)  # fmt: skip
+    positions = response_positions(labels, ignore_index)
     logp = response_logprobs(
-        hidden[mask],
+        hidden[positions],
         weight,
-        labels[mask],
+        labels[positions],
         bias,
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
     )
-    return torch.zeros(labels.shape, dtype=logp.dtype, device=logp.device).masked_scatter(
-        mask, logp
-    )
+    return scatter_to_positions(logp, positions, labels.shape)

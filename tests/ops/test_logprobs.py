@@ -108,6 +108,7 @@ def test_any_leading_shape_and_extreme_targets():
     # A single token and a 1-D input.
     one = random_hidden(1, 8)
     check_against_reference(one, head, torch.tensor([63]))
+    check_against_reference(random_hidden(8), head, torch.tensor(17))  # hidden (H,), scalar label
 
 
 def test_non_contiguous_hidden_and_tied_weight():
