@@ -16,15 +16,17 @@ case raises here instead of training on it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
 
-from ..ops import fused_linear_logprobs
+from ..ops.logprobs import response_logprobs, response_positions, scatter_to_positions
 
 IGNORE_INDEX = -100
 _PATCHED_FLAG = "_solopo_forward_patched"
@@ -49,6 +51,34 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def zero3_gather(*params: torch.Tensor | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of contexts that all-gather ``params`` while DeepSpeed ZeRO-3 has them
+    partitioned (a null context otherwise). The kernel reads ``lm_head`` without calling it, so
+    ZeRO-3's own gather hook never fires; the log-prob op enters the context for its forward and
+    again for its backward, which recomputes the logits from the weight. Parameters that are
+    already available (e.g. tied to the embedding inside its forward) are left alone."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return contextlib.nullcontext
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    unique = list({id(p): p for p in params if p is not None}.values())
+
+    def gather() -> contextlib.AbstractContextManager:
+        partitioned = [p for p in unique if p.ds_status != ZeroParamStatus.AVAILABLE]
+        return (
+            deepspeed.zero.GatheredParameters(partitioned)
+            if partitioned
+            else contextlib.nullcontext()
+        )
+
+    return gather
 
 
 def _check_plain_head(config: Any) -> None:
@@ -114,9 +144,8 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = solopo_labels[:, 1:]
-        head = (
-            self.get_output_embeddings()
-        )  # looked up per call: FSDP and PEFT swap modules after patching
+        # Looked up per call: FSDP and PEFT swap modules after patching.
+        head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if _is_dtensor(weight):
             raise RuntimeError(
@@ -124,18 +153,21 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
                 "by this forward. Shard lm_head together with the root module (or with the final norm, "
                 "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
             )
-        # The kernel wants one dtype for hidden and weight (it accumulates in float32 either way).
-        # Under autocast the lm_head would have run in the autocast dtype: do the same, so a
-        # float32 master weight does not turn the projection into a float32 GEMM.
-        device_type = weight.device.type
-        if torch.is_autocast_enabled(device_type):
-            weight = weight.to(torch.get_autocast_dtype(device_type))
-        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-        labels = labels.to(weight.device)
-        token_logps = fused_linear_logprobs(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX)
-        return SoLoPOLogProbsOutput(
-            logps=token_logps.sum(-1), lengths=(labels != IGNORE_INDEX).sum(-1)
-        )
+        access = zero3_gather(weight, bias)
+        positions = response_positions(labels, IGNORE_INDEX)
+        with access():
+            # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
+            # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
+            # so a float32 master weight does not turn the projection into a float32 GEMM.
+            device_type = weight.device.type
+            if torch.is_autocast_enabled(device_type):
+                weight = weight.to(torch.get_autocast_dtype(device_type))
+            rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
+            token_logps = response_logprobs(
+                rows, weight, labels[positions].to(weight.device), bias, weight_access=access
+            )
+        logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
+        return SoLoPOLogProbsOutput(logps=logps, lengths=(labels != IGNORE_INDEX).sum(-1))
 
     target.forward = types.MethodType(forward, target)
     setattr(target, _PATCHED_FLAG, True)

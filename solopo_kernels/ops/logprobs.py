@@ -14,8 +14,10 @@ operating on gathered rows ``(N, H)``; no backend ever holds an ``N x V`` tensor
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +36,10 @@ from ..checks import (
 
 BACKENDS = ("auto", "torch", "triton")
 ChunkSize = int | tuple[int, int] | None
+# A factory of contexts inside which the weight (and bias) hold their full values, e.g. a
+# DeepSpeed ZeRO-3 all-gather of a partitioned lm_head; entered for the forward and again for
+# the backward, which re-reads the weight to recompute the logits.
+WeightAccess = Callable[[], contextlib.AbstractContextManager]
 
 
 def triton_available() -> bool:
@@ -158,7 +164,8 @@ def scatter_to_positions(
 
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
-    the bias, the targets and one log-sum-exp per row; the backward recomputes the logits."""
+    the bias, the targets and one log-sum-exp per row; the backward recomputes the logits (inside
+    ``weight_access()``, like the forward, when one is given)."""
 
     @staticmethod
     def forward(
@@ -170,29 +177,32 @@ class LinearLogProbs(torch.autograd.Function):
         temperature: float,
         tiles: Any,
         backend: ModuleType,
+        weight_access: WeightAccess,
     ) -> torch.Tensor:
         logp, lse = backend.forward(
             rows, weight, bias, targets, temperature=temperature, tiles=tiles
         )
         ctx.save_for_backward(rows, weight, bias, targets, lse)
         ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
+        ctx.weight_access = weight_access
         return logp
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor) -> tuple[Any, ...]:
         rows, weight, bias, targets, lse = ctx.saved_tensors
-        grad_rows, grad_weight, grad_bias = ctx.backend.backward(
-            grad_logp.contiguous(),
-            rows,
-            weight,
-            bias,
-            targets,
-            lse,
-            temperature=ctx.temperature,
-            tiles=ctx.tiles,
-            needs_grad=tuple(ctx.needs_input_grad[:3]),
-        )
-        return grad_rows, grad_weight, grad_bias, None, None, None, None
+        with ctx.weight_access():
+            grad_rows, grad_weight, grad_bias = ctx.backend.backward(
+                grad_logp.contiguous(),
+                rows,
+                weight,
+                bias,
+                targets,
+                lse,
+                temperature=ctx.temperature,
+                tiles=ctx.tiles,
+                needs_grad=tuple(ctx.needs_input_grad[:3]),
+            )
+        return grad_rows, grad_weight, grad_bias, None, None, None, None, None
 
 
 def response_logprobs(
@@ -204,6 +214,7 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    weight_access: WeightAccess | None = None,
 ) -> torch.Tensor:
     """Log-probs of ``targets`` for already gathered rows; no input checks (callers check).
 
@@ -211,23 +222,29 @@ def response_logprobs(
         rows: ``(N, H)`` response hidden states, same dtype as ``weight``.
         weight: ``(V, H)``; bias: ``(V,)`` or None.
         targets: ``(N,)`` integer ids in ``[0, V)``.
+        weight_access: a factory of contexts inside which ``weight`` and ``bias`` hold their
+            values (see :data:`WeightAccess`); entered around the forward and the backward.
     Returns:
         ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
         forward runs alone and nothing is saved.
     """
-    module = resolve_backend(backend, rows.device, rows.dtype)
-    rows = rows.contiguous()
-    tiles = module.default_tiles(
-        rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size
-    )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (rows, weight, bias)
-    )
-    if not needs_grad:
-        logp, _ = module.forward(rows, weight, bias, targets, temperature=temperature, tiles=tiles)
-        return logp
-    return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module)
+    access = weight_access or contextlib.nullcontext
+    with access():  # the weight's shape and values are only read inside it
+        module = resolve_backend(backend, rows.device, rows.dtype)
+        rows = rows.contiguous()
+        tiles = module.default_tiles(
+            rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size
+        )
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (rows, weight, bias)
+        )
+        if not needs_grad:
+            logp, _ = module.forward(
+                rows, weight, bias, targets, temperature=temperature, tiles=tiles
+            )
+            return logp
+        return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module, access)
 
 
 def fused_linear_logprobs(

@@ -1,4 +1,5 @@
-"""The per-instance forward patch under autocast: the projection runs in the autocast dtype."""
+"""The per-instance forward patch: the projection runs in the autocast dtype under autocast, and a
+ZeRO-3-style partitioned lm_head is gathered for the kernel's forward and backward."""
 
 from __future__ import annotations
 
@@ -11,23 +12,30 @@ pytest.importorskip("transformers")
 
 from solopo_kernels.integrations import model_patch  # noqa: E402
 from solopo_kernels.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from tests.instruments import Partitioned  # noqa: E402
 
 
-def test_autocast_runs_the_kernel_in_the_autocast_dtype():
+@pytest.fixture
+def model_and_batch():
     tokenizer = tiny_tokenizer("a b c d e f g h".split())
     model = model_patch.patch_solopo_forward(tiny_llama(tokenizer))
     ids = torch.randint(0, len(tokenizer), (2, 10))
     labels = ids.masked_fill(torch.arange(10) < 4, model_patch.IGNORE_INDEX)
+    return model, ids, labels
+
+
+def test_autocast_runs_the_kernel_in_the_autocast_dtype(model_and_batch):
+    model, ids, labels = model_and_batch
     reference = model(input_ids=ids, solopo_labels=labels).logps.detach()
 
     seen = []
-    kernel = model_patch.fused_linear_logprobs
+    kernel = model_patch.response_logprobs
 
-    def spy(hidden, weight, *args, **kwargs):
-        seen.append((hidden.dtype, weight.dtype))
-        return kernel(hidden, weight, *args, **kwargs)
+    def spy(rows, weight, *args, **kwargs):
+        seen.append((rows.dtype, weight.dtype))
+        return kernel(rows, weight, *args, **kwargs)
 
-    with mock.patch.object(model_patch, "fused_linear_logprobs", spy):
+    with mock.patch.object(model_patch, "response_logprobs", spy):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=ids, solopo_labels=labels)
     assert seen == [(torch.bfloat16, torch.bfloat16)]
@@ -36,3 +44,25 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype():
     out.logps.sum().backward()
     grad = model.lm_head.weight.grad
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_partitioned_lm_head_is_gathered_for_forward_and_backward(model_and_batch):
+    model, ids, labels = model_and_batch
+    params = [model.lm_head.weight, model.model.layers[0].self_attn.q_proj.weight]
+    expected = model(input_ids=ids, solopo_labels=labels).logps
+    expected_grads = torch.autograd.grad(expected.sum(), params)
+
+    partitioned = Partitioned(model.lm_head.weight)
+    with mock.patch.object(model_patch, "zero3_gather", lambda *p: partitioned.gather):
+        out = model(input_ids=ids, solopo_labels=labels).logps
+        grads = torch.autograd.grad(out.sum(), params)
+    assert partitioned.gathers == 2 and model.lm_head.weight.numel() == 0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_without_deepspeed_there_is_nothing_to_gather():
+    gather = model_patch.zero3_gather(torch.zeros(3))
+    with gather():
+        pass
