@@ -120,27 +120,46 @@ def test_fused_solopo_loss_matches_reference(case, backend):
         reference.assert_close_rel(g, r, 1e-5, f"grad {name}")
 
 
-def test_bf16_loss_and_grads():
-    """bfloat16 inputs: loss within 1e-5 of the float64 reference on the same rounded inputs,
-    gradients within 1e-2 (returned in bfloat16)."""
-    head = Head.random(V, H, bias=False, dtype=torch.bfloat16)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["dpo", "simpo"])
+def test_bf16_loss_and_grads(loss_type, backend):
+    """bfloat16 inputs (bias, temperature): loss within 1e-5 of the float64 reference on the same
+    rounded inputs, gradients within 1e-2 (returned in bfloat16). Short and long rows go through
+    the kernel in one call (on Triton: one forward launch)."""
+    skip_unless_backend_runs(backend)
+    options = {"loss_type": loss_type, "beta": BETA[loss_type], "alpha": 0.7}
+    head = Head.random(V, H, bias=True, dtype=torch.bfloat16)
     sh, sl, lh, ll, ref_s, ref_l = _batch("chosen", 1.0)
     sh, lh = (x.detach().bfloat16().requires_grad_() for x in (sh, lh))
-    out = fused_solopo_loss(
-        head.weight, sh, sl, lh, ll, ref_short_logps=ref_s, ref_long_logps=ref_l, alpha=1.0
-    )
+    params = [sh, head.weight, head.bias, lh]
+    forward_launches = _triton_forward_launches()
+    with expect_backend(backend):
+        out = fused_solopo_loss(
+            head.weight, sh, sl, lh, ll, head.bias, ref_short_logps=ref_s, ref_long_logps=ref_l,
+            temperature=0.8, backend=backend, **options,
+        )  # fmt: skip
+        grads = torch.autograd.grad(out.loss, params)
+    if backend == "triton":
+        assert _triton_forward_launches() - forward_launches == 1
     ref_head, ref_sh, ref_lh = head.float64(), float64_leaf(sh), float64_leaf(lh)
-    s = reference.sequence_logps(ref_sh, ref_head.weight, sl)
-    lo = reference.sequence_logps(ref_lh, ref_head.weight, ll)
+    s = reference.sequence_logps(ref_sh, ref_head.weight, sl, ref_head.bias, temperature=0.8)
+    lo = reference.sequence_logps(ref_lh, ref_head.weight, ll, ref_head.bias, temperature=0.8)
     loss, _, _ = reference.solopo_objective(
-        *s, *lo, ref_short_logps=ref_s, ref_long_logps=ref_l, alpha=1.0
+        *s, *lo, ref_short_logps=ref_s, ref_long_logps=ref_l, **options
     )
     reference.assert_close_rel(out.loss, loss, 1e-5, "loss")
-    grads = torch.autograd.grad(out.loss, [sh, head.weight, lh])
-    ref_grads = torch.autograd.grad(loss, [ref_sh, ref_head.weight, ref_lh])
+    ref_grads = torch.autograd.grad(loss, [ref_sh, ref_head.weight, ref_head.bias, ref_lh])
     for g, r in zip(grads, ref_grads):
         assert g.dtype == torch.bfloat16
         reference.assert_close_rel(g, r, 1e-2, "bf16 grad")
+
+
+def _triton_forward_launches() -> int:
+    try:
+        from solopo_kernels.ops import triton_tiles
+    except ImportError:
+        return 0
+    return triton_tiles.launch_counts["forward"]
 
 
 def test_metrics_names_and_values():

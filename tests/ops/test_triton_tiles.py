@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="the triton backend needs the triton packag
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from solopo_kernels import fused_linear_logprobs, fused_solopo_loss  # noqa: E402
+from solopo_kernels import fused_linear_logprobs  # noqa: E402
 from solopo_kernels.checks import value_checks_disabled  # noqa: E402
 from solopo_kernels.ops import logprobs as dispatch  # noqa: E402
 from solopo_kernels.ops import torch_tiles, triton_tiles  # noqa: E402
@@ -299,54 +299,6 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
     with pytest.raises(ValueError, match="threshold"):
         with triton_tiles.skip_negligible_tiles(-1.0):
             pass
-
-
-@pytest.mark.parametrize("loss_type", ["dpo", "simpo"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_fused_solopo_loss_matches_reference(loss_type, dtype, launches):
-    """The whole loss runs through the Triton kernels once (short and long rows together)."""
-    b, ts, tl_, vocab, hidden = 2, 9, 15, 80, 24
-    head = Head.random(vocab, hidden, bias=True, dtype=dtype)
-    sh, lh = (
-        random_hidden(2 * b, ts, hidden, dtype=dtype),
-        random_hidden(b, tl_, hidden, dtype=dtype),
-    )
-    sl, ll = response_labels(2 * b, ts, vocab), response_labels(b, tl_, vocab)
-    ref_s, ref_l = -torch.rand(2 * b) * 20 - 1, -torch.rand(b) * 20 - 1
-    options = dict(
-        loss_type=loss_type, beta=0.1 if loss_type == "dpo" else 2.0, alpha=0.7, temperature=0.8
-    )
-    out = fused_solopo_loss(
-        head.weight,
-        sh,
-        sl,
-        lh,
-        ll,
-        head.bias,
-        ref_short_logps=ref_s,
-        ref_long_logps=ref_l,
-        backend="triton",
-        **options,
-    )
-    params = [sh, lh, head.weight, head.bias]
-    grads = torch.autograd.grad(out.loss, params)
-
-    ref_head, ref_sh, ref_lh = head.float64(), float64_leaf(sh), float64_leaf(lh)
-    temperature = options.pop("temperature")
-    s_logps, s_len = reference.sequence_logps(
-        ref_sh, ref_head.weight, sl, ref_head.bias, temperature=temperature
-    )
-    l_logps, l_len = reference.sequence_logps(
-        ref_lh, ref_head.weight, ll, ref_head.bias, temperature=temperature
-    )
-    loss, _, _ = reference.solopo_objective(
-        s_logps, s_len, l_logps, l_len, ref_short_logps=ref_s, ref_long_logps=ref_l, **options
-    )
-    ref_grads = torch.autograd.grad(loss, [ref_sh, ref_lh, ref_head.weight, ref_head.bias])
-    reference.assert_close_rel(out.loss, loss, 1e-5, "loss")
-    for name, g, r in zip(("short_hidden", "long_hidden", "weight", "bias"), grads, ref_grads):
-        reference.assert_close_rel(g, r, GRAD_TOL[dtype], f"grad {name}")
-    assert launches["forward"] == 1
 
 
 def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
