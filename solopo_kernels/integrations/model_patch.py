@@ -2,8 +2,9 @@
 
 ``patch_solopo_forward(model)`` replaces ``model.forward`` (on the instance, not the class) with a
 version that, when called with ``solopo_labels=...``, runs the backbone (``model.base_model``),
-reads ``lm_head`` *at call time* and scores the labelled positions with
-:func:`solopo_kernels.fused_linear_logprobs`. Without ``solopo_labels`` it is the original
+reads ``lm_head`` *at call time* and scores the labelled positions with the package's log-prob
+op (:func:`solopo_kernels.ops.logprobs.response_logprobs`, under a ZeRO-3 gather when one is
+needed). Without ``solopo_labels`` it is the original
 forward, so generation and every other caller are unchanged.
 
 Why inside the forward: a trainer always calls the wrapped model (DDP, FSDP2, ...). The kernel
