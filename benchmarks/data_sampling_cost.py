@@ -44,7 +44,7 @@ from solopo_kernels.data import (  # noqa: E402
     summarize_lengths,
 )
 from solopo_kernels.data.cli import SAMPLE_PATH, tiny_tokenizer_for  # noqa: E402
-from solopo_kernels.testing import tiny_llama  # noqa: E402
+from solopo_kernels.tiny_models import tiny_llama  # noqa: E402
 
 
 def measure(

@@ -5,7 +5,7 @@ efficiency claim, measured).
     python benchmarks/run_training_step.py --max-mem-gb 1.5 --long 2048,4096,8192,16384,32768
 
 A step is policy forward + loss + backward of a small Llama made in code
-(``solopo_kernels.testing.tiny_llama``, SDPA attention, no gradient checkpointing):
+(``solopo_kernels.tiny_models.tiny_llama``, SDPA attention, no gradient checkpointing):
 
 * ``solopo``: forward of the short pair ``x_short + y_w``, ``x_short + y_l`` (2 rows of ``Ts + R``
   tokens: context, then response) and of the long chosen row ``x_long + y_w`` (1 row of
@@ -56,7 +56,7 @@ def model(
     vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, max_len: int, device: str
 ) -> Any:
     """The policy (built once per child process): a random Llama with SDPA attention."""
-    from solopo_kernels.testing import tiny_llama, tiny_tokenizer
+    from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer
 
     # tiny_tokenizer adds special tokens and punctuation to the words: fill up to `vocab`.
     extra = len(tiny_tokenizer([]))

@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer  # noqa: E402
-from solopo_kernels.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_solopo import GLUE, ITEMS, NAMES, PLACES, make_pairs  # noqa: E402

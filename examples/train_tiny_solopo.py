@@ -45,7 +45,7 @@ from datasets import Dataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer  # noqa: E402
-from solopo_kernels.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer  # noqa: E402
 
 NAMES = "alice bob carol dave erin frank grace heidi ivan judy".split()
 ITEMS = "key cup book lamp coin ring map hat".split()

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_tiny_solopo import GLUE, ITEMS, NAMES, PLACES, make_pairs  # noqa: E402
 
-from solopo_kernels.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:

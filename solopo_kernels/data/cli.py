@@ -48,7 +48,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def tiny_tokenizer_for(texts: Iterable[str]) -> Any:
-    """A :func:`solopo_kernels.testing.tiny_tokenizer` whose vocabulary covers ``texts``.
+    """A :func:`solopo_kernels.tiny_models.tiny_tokenizer` whose vocabulary covers ``texts``.
 
     Word-level, so a text's token count does not depend on the vocabulary: a context file built
     with ``--tokenizer tiny`` keeps its lengths when ``sample-pairs --tokenizer tiny`` rebuilds
@@ -56,7 +56,7 @@ def tiny_tokenizer_for(texts: Iterable[str]) -> Any:
     """
     from tokenizers import pre_tokenizers
 
-    from ..testing import tiny_tokenizer
+    from ..tiny_models import tiny_tokenizer
 
     splitter = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
@@ -138,7 +138,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
     if args.model == TINY:
         if args.backend == "vllm":
             raise ValueError("--model tiny is built in memory and runs on the transformers backend")
-        from ..testing import tiny_llama
+        from ..tiny_models import tiny_llama
 
         longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
         model = tiny_llama(

@@ -277,7 +277,7 @@ def fused_linear_logprobs(
         float32 tensor of the shape of ``labels`` (float64 for float64 inputs), 0.0 at ignored
         positions; differentiable in ``hidden``, ``weight`` and ``bias``.
     Raises:
-        TypeError / ValueError naming the argument on bad input (see SPEC §3).
+        TypeError / ValueError naming the argument on bad input (the cases are listed in docs/api.md).
     """
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("hidden", hidden, "labels", labels, weight)

@@ -22,7 +22,7 @@ Backward (a Triton tile kernel + cuBLAS GEMMs; exact by default)
     tensor-core GEMMs that accumulate in float32 (``grad_bias`` is a float32 column sum). Why this
     and not a fully fused backward: a fused kernel must reduce ``grad_rows`` over ``V`` and
     ``grad_weight`` over ``N``; without atomics that takes two kernels that each recompute the
-    logits (10 NHV FLOPs instead of the 8 NHV budget of SPEC §4), and with atomics it is
+    logits (10 NHV FLOPs instead of the 8 NHV budget, see docs/kernels.md), and with atomics it is
     non-deterministic. Here the recompute is fused (the logits never reach memory, only the
     ``dlogits`` tile does: one 2-byte write and two reads per element, versus ~14 B for a
     GEMM-into-tile design), the two gradient GEMMs run at cuBLAS speed, and the result is

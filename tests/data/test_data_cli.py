@@ -113,7 +113,7 @@ def test_demo_output_trains_with_the_solopo_trainer(tmp_path, sample_path):
 
     from solopo_kernels.data.cli import tiny_tokenizer_for
     from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer
-    from solopo_kernels.testing import tiny_llama
+    from solopo_kernels.tiny_models import tiny_llama
 
     contexts, pairs = tmp_path / "contexts.jsonl", tmp_path / "pairs.jsonl"
     common = ["--tokenizer", "tiny", "--limit", "4", "--quiet"]

@@ -13,7 +13,7 @@ from solopo_kernels.data.sampler import (
     read_context_rows,
     sample_pairs,
 )
-from solopo_kernels.testing import tiny_llama
+from solopo_kernels.tiny_models import tiny_llama
 
 from .conftest import read_jsonl, write_jsonl
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from solopo_kernels.testing import tiny_llama, tiny_tokenizer
+from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer
 from tests import reference
 
 WORDS = (

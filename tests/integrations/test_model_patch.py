@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from solopo_kernels.integrations import model_patch  # noqa: E402
-from solopo_kernels.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer  # noqa: E402
 from tests.instruments import Partitioned  # noqa: E402
 
 

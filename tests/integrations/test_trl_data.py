@@ -10,7 +10,7 @@ pytest.importorskip("trl", reason="the trl extra is not installed")
 
 from solopo_kernels.integrations.model_patch import patch_solopo_forward  # noqa: E402
 from solopo_kernels.integrations.trl import DataCollatorForSoLoPO, SoLoPOConfig  # noqa: E402
-from solopo_kernels.testing import tiny_llama  # noqa: E402
+from solopo_kernels.tiny_models import tiny_llama  # noqa: E402
 from tests.integrations import common  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Tiny models and tokenizers built in code, for tests, examples and benchmarks.
+"""Tiny models and tokenizers built in code: the ``tiny`` demo of ``solopo-data``, and the model
+and tokenizer of the tests, examples and benchmarks.
 
 Nothing here touches a model hub: the tokenizer is a ``tokenizers`` WordLevel model over a word
 list you pass, and the model is a randomly initialised ``transformers`` Llama. Requires the
