@@ -56,8 +56,8 @@ class SFTConfig:
 @dataclass(frozen=True)
 class Preset:
     """One experiment size. ``sweep`` maps a loss type to the hyperparameter settings tried on
-    the dev set (each a dict of ``beta`` and, for SimPO, ``gamma``); every arm gets the setting
-    with its best mean dev accuracy."""
+    the dev set (each a dict of ``beta``, for SimPO ``gamma``, and optionally ``lr``, which
+    replaces ``learning_rate``); every arm gets the setting with its best mean dev accuracy."""
 
     name: str
     train_questions: int
@@ -115,10 +115,26 @@ FULL = Preset(
     sft=SFTConfig(),
     train_lengths=(256, 512),
     eval_lengths=(256, 512, 1024),
+    # Two reward scales at the default learning rate, then the same at a lower one ("lr").
     sweep={
-        "dpo": ({"beta": 0.1}, {"beta": 0.5}),
-        "simpo": ({"beta": 2.0, "gamma": 0.5}, {"beta": 5.0, "gamma": 1.0}),
-        "orpo": ({"beta": 0.1}, {"beta": 0.5}),
+        "dpo": (
+            {"beta": 0.1},
+            {"beta": 0.5},
+            {"beta": 0.1, "lr": 1.5e-4},
+            {"beta": 0.5, "lr": 1.5e-4},
+        ),
+        "simpo": (
+            {"beta": 2.0, "gamma": 0.5},
+            {"beta": 5.0, "gamma": 1.0},
+            {"beta": 2.0, "gamma": 0.5, "lr": 1.5e-4},
+            {"beta": 5.0, "gamma": 1.0, "lr": 1.5e-4},
+        ),
+        "orpo": (
+            {"beta": 0.1},
+            {"beta": 0.5},
+            {"beta": 0.1, "lr": 1.5e-4},
+            {"beta": 0.5, "lr": 1.5e-4},
+        ),
     },
 )
 

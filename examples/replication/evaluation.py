@@ -82,7 +82,8 @@ def evaluate_contexts(
     ``contexts`` maps a long length (as a string) to the ``build-contexts`` rows of one split at
     that length; every file holds the same questions with the same short prompt. Returns
     ``accuracy`` (``"short"`` and each length -> fraction correct), ``correct`` (the same keys ->
-    one 0/1 per question, in file order, for paired comparisons) and ``questions``.
+    a string of one ``0``/``1`` per question, in file order, for paired comparisons) and
+    ``questions``.
     """
     judge = make_sub_em_judge()
     first = next(iter(contexts.values()))
@@ -105,6 +106,6 @@ def evaluate_contexts(
         ]
     return {
         "accuracy": {key: sum(values) / len(values) for key, values in correct.items()},
-        "correct": correct,
+        "correct": {key: "".join(map(str, values)) for key, values in correct.items()},
         "questions": len(first),
     }

@@ -70,7 +70,8 @@ def select(preset: Preset, work: Workspace) -> dict[str, Any]:
         result = load_result(work, unit)
         if result is None:
             raise RuntimeError(f"dev result of {unit.model_key} is missing; run phase 1 first")
-        score = statistics.fmean(result["accuracy"].values())
+        # Rounded so that float noise does not break ties (ties go to the first setting).
+        score = round(statistics.fmean(result["accuracy"].values()), 9)
         tried = choices.setdefault(unit.arm, {"tried": []})["tried"]
         tried.append({"hparams": unit.hparams, "dev_mean_accuracy": score})
     for choice in choices.values():

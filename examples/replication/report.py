@@ -74,6 +74,34 @@ def _questions(work: Workspace) -> int | None:
     return results[0]["questions"] if results else None
 
 
+def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """SoLo-X against X and against X expand-long: per-seed paired differences (percentage
+    points) of the short accuracy and of the long average, mean and std over the seeds."""
+    rows = []
+    columns = summary["columns"]
+    for loss_type in LOSS_TYPES:
+        solo, short, expand = (
+            Unit(loss_type, v, 0, "test").arm for v in ("solo", "short", "expand-long")
+        )
+        arms = summary["arms"]
+        if not all(name in arms for name in (solo, short, expand)):
+            continue
+        for other in (short, expand):
+            seeds = sorted(set(arms[solo]["per_seed"]) & set(arms[other]["per_seed"]))
+            row: dict[str, Any] = {"arm": solo, "against": other, "seeds": len(seeds)}
+            for label, pick in (
+                ("short", lambda acc: acc["short"]),
+                ("long_avg", lambda acc: statistics.fmean(acc[c] for c in columns[1:])),
+            ):
+                deltas = [
+                    100 * (pick(arms[solo]["per_seed"][s]) - pick(arms[other]["per_seed"][s]))
+                    for s in seeds
+                ]
+                row[label] = {**_mean_std(deltas), "positive": sum(d > 0 for d in deltas)}
+            rows.append(row)
+    return rows
+
+
 def dev_sweep(work: Workspace) -> list[dict[str, Any]]:
     """Every dev result: arm, setting, accuracy per column and the mean used for the choice."""
     rows = []
@@ -123,7 +151,25 @@ def markdown(report: dict[str, Any]) -> str:
         peak = f"{arm['peak_rss_mib']['mean']:.0f}" if arm["peak_rss_mib"] else "-"
         label = f"**{name}**" if name.startswith("SoLo") else name
         lines.append(f"| {label} | " + " | ".join([*cells, step, peak, _settings(arm)]) + " |")
-    lines += ["", "Dev set (the choice of beta/gamma; first seed; mean = the selection score):", ""]
+    lines += [
+        "",
+        "SoLo-X against its baselines: paired differences per seed (percentage points), mean ± "
+        "std; in brackets, the seeds where SoLo-X is ahead.",
+        "",
+        "| | against | short | long avg |",
+        "|---|---|---|---|",
+    ]
+    for row in report["comparisons"]:
+        cells = [
+            f"{row[k]['mean']:+.1f} ± {row[k]['std']:.1f} ({row[k]['positive']}/{row['seeds']})"
+            for k in ("short", "long_avg")
+        ]
+        lines.append(f"| {row['arm']} | {row['against']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Dev set (the choice of the settings; first seed; mean = the selection score):",
+        "",
+    ]
     dev_columns = columns
     lines.append("| arm | settings | " + " | ".join(dev_columns) + " | mean |")
     lines.append("|" + "---|" * (len(dev_columns) + 3))
@@ -237,7 +283,8 @@ def write_report(
         **prepared,
         "selection": json.loads(selection_path.read_text()),
         "dev_sweep": dev_sweep(work),
-        "summary": aggregate(preset, work),
+        "summary": (summary := aggregate(preset, work)),
+        "comparisons": comparisons(summary),
         "run": run,
         "environment": environment(),
     }

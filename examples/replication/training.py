@@ -141,7 +141,7 @@ def train(unit: Unit, preset: Preset, work: Workspace, model: Any, tokenizer: An
             gamma=unit.hparams.get("gamma", 0.5),
             max_steps=preset.steps,
             per_device_train_batch_size=preset.batch_size,
-            learning_rate=preset.learning_rate,
+            learning_rate=unit.hparams.get("lr", preset.learning_rate),
             lr_scheduler_type="constant",
             max_length=None,
             use_cpu=True,
@@ -211,7 +211,7 @@ def run_unit(unit: Unit, preset: Preset, work: Workspace) -> dict[str, Any]:
         "training": {
             "steps": preset.steps,
             "batch_size": preset.batch_size,
-            "learning_rate": preset.learning_rate,
+            "learning_rate": unit.hparams.get("lr", preset.learning_rate),
         },
         "cost": cost,
         "eval_seconds": time.perf_counter() - began,
