@@ -35,7 +35,7 @@ from .training import Unit, init_worker, run_unit_in_worker
 MMAP_THRESHOLD = str(128 * 1024)
 
 
-def dev_units(preset: Preset) -> list[Unit]:
+def sweep_units(preset: Preset) -> list[Unit]:
     """The starting model, then every arm with the first setting, then with the second, ..."""
     units = [Unit("base", "base", 0, "dev")]
     for index in range(max(len(settings) for settings in preset.sweep.values())):
@@ -48,7 +48,7 @@ def dev_units(preset: Preset) -> list[Unit]:
     return units
 
 
-def test_units(preset: Preset, selection: dict[str, dict[str, float]]) -> list[Unit]:
+def grid_units(preset: Preset, selection: dict[str, dict[str, float]]) -> list[Unit]:
     units = [Unit("base", "base", 0, "test")]
     for seed in preset.seeds:
         for loss_type in LOSS_TYPES:
@@ -66,7 +66,7 @@ def load_result(work: Workspace, unit: Unit) -> dict[str, Any] | None:
 def select(preset: Preset, work: Workspace) -> dict[str, Any]:
     """Each arm's setting with the best mean dev accuracy; written to ``selection.json``."""
     choices: dict[str, dict[str, Any]] = {}
-    for unit in dev_units(preset)[1:]:
+    for unit in sweep_units(preset)[1:]:
         result = load_result(work, unit)
         if result is None:
             raise RuntimeError(f"dev result of {unit.model_key} is missing; run phase 1 first")
@@ -128,11 +128,11 @@ def run_grid(
         initargs=(threads,),
     ) as pool:
         options = {"jobs": jobs, "deadline": deadline}
-        if not run_units(dev_units(preset), preset, work, pool, desc="dev sweep", **options):
+        if not run_units(sweep_units(preset), preset, work, pool, desc="dev sweep", **options):
             return False
         selection = select(preset, work)
         chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
-        units = test_units(preset, chosen)
+        units = grid_units(preset, chosen)
         return run_units(units, preset, work, pool, desc="test grid", **options)
 
 

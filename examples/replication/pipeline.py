@@ -17,6 +17,7 @@ continues where the last one stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -167,7 +168,7 @@ def short_chat_prompt(question: dict[str, Any], distractors: int = 0, seed: int 
 
 def _sft_stream(lexicon: Lexicon, seed: int) -> Iterator[dict[str, Any]]:
     """Fresh fine-tuning questions forever: chunks of 1000, each with unique names."""
-    for chunk in range(10**9):
+    for chunk in itertools.count():
         yield from make_split(lexicon, f"sft{chunk}", 1000, seed)
 
 
@@ -205,8 +206,7 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
         seed=config.seed,
     )
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    checks_on = {"dev": read_jsonl(work.contexts("dev", preset.eval_lengths[0]))}
-    checks_on["dev"] = checks_on["dev"][: config.check_questions]
+    check_rows = read_jsonl(work.contexts("dev", preset.eval_lengths[0]))[: config.check_questions]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     stream = _sft_stream(lexicon, config.seed)
     rng = random.Random(config.seed)
@@ -226,7 +226,7 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
             accuracy = evaluate_contexts(
                 model,
                 tokenizer,
-                {"check": checks_on["dev"]},
+                {"check": check_rows},
                 max_new_tokens=preset.max_new_tokens,
                 batch_size=preset.eval_batch_size,
             )["accuracy"]["short"]

@@ -7,14 +7,18 @@ each seed's mean over the long lengths, then mean and std over seeds.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from .config import LOSS_TYPES, VARIANTS, Preset
 from .grid import results_of
-from .pipeline import Workspace, write_json
+from .pipeline import Workspace, eval_contexts, write_json
 from .training import Unit
 
 
@@ -53,6 +57,7 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
         arms[arm] = {
             "seeds": [r["unit"]["seed"] for r in results],
             "hparams": results[0]["unit"]["hparams"],
+            "learning_rate": results[0]["training"]["learning_rate"],
             "alpha": results[0]["unit"]["alpha"],
             "accuracy": accuracy,
             "long_avg": _mean_std(long_avg),
@@ -119,14 +124,17 @@ def dev_sweep(work: Workspace) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (order.get(row["arm"], 99), str(row["hparams"])))
 
 
-def _cell(stats: dict[str, float]) -> str:
-    return f"{stats['mean']:.1f} ± {stats['std']:.1f}" if stats["n"] > 1 else f"{stats['mean']:.1f}"
+def _cell(stats: dict[str, float], digits: int = 1) -> str:
+    mean, std = f"{stats['mean']:.{digits}f}", f"{stats['std']:.{digits}f}"
+    return f"{mean} ± {std}" if stats["n"] > 1 else mean
 
 
 def _settings(arm: dict[str, Any]) -> str:
+    """beta (gamma), learning rate and alpha of an arm; empty for the starting model."""
     if not arm["hparams"]:
         return ""
-    parts = [f"{k}={v:g}" for k, v in sorted(arm["hparams"].items())]
+    parts = [f"{k}={v:g}" for k, v in sorted(arm["hparams"].items()) if k != "lr"]
+    parts.append(f"lr={arm['learning_rate']:g}")
     return ", ".join(parts + ([f"alpha={arm['alpha']:g}"] if arm["alpha"] else []))
 
 
@@ -147,8 +155,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, arm in summary["arms"].items():
         cells = [_cell(arm["accuracy"][c]) for c in columns] + [_cell(arm["long_avg"])]
-        step = f"{arm['step_seconds']['mean']:.2f}" if arm["step_seconds"] else "-"
-        peak = f"{arm['peak_rss_mib']['mean']:.0f}" if arm["peak_rss_mib"] else "-"
+        step = _cell(arm["step_seconds"], 2) if arm["step_seconds"] else "-"
+        peak = _cell(arm["peak_rss_mib"], 0) if arm["peak_rss_mib"] else "-"
         label = f"**{name}**" if name.startswith("SoLo") else name
         lines.append(f"| {label} | " + " | ".join([*cells, step, peak, _settings(arm)]) + " |")
     lines += [
@@ -187,7 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict[str, Any], path: Any) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
     """Accuracy against context length, one line per arm, one panel per preference loss."""
     import matplotlib
 
@@ -198,10 +206,9 @@ def plot(report: dict[str, Any], path: Any) -> None:
     columns = summary["columns"]
     lengths = [report["short_tokens"], *map(int, columns[1:])]
     figure, axes = plt.subplots(1, len(LOSS_TYPES), figsize=(13, 4.2), sharey=True)
-    styles = {"base": ("black", ":"), "": ("tab:blue", "-")}
     colors = {"short": "tab:gray", "expand-long": "tab:orange", "solo": "tab:green"}
     for axis, loss_type in zip(axes, LOSS_TYPES, strict=True):
-        arms = [("base", *styles["base"])]
+        arms = [("base", "black", ":")]
         arms += [
             (Unit(loss_type, variant, 0, "test").arm, colors[variant], "-") for variant in VARIANTS
         ]
@@ -240,8 +247,7 @@ def plot(report: dict[str, Any], path: Any) -> None:
 
 
 def environment() -> dict[str, Any]:
-    import os
-
+    """Machine and library versions, recorded with the results."""
     import torch
     import transformers
     import trl
@@ -268,11 +274,6 @@ def write_report(
     preset: Preset, work: Workspace, prepared: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, Any]:
     """Write ``replication.json``, ``replication.md`` and ``replication.png`` in the results."""
-    import dataclasses
-    import json
-
-    from .pipeline import eval_contexts
-
     rows = next(iter(eval_contexts(preset, work, "test").values()))
     short_tokens = round(statistics.fmean(r["metadata"]["short_length"] for r in rows))
     selection_path = work.results / "selection.json"

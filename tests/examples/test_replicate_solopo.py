@@ -21,7 +21,7 @@ SCRIPT = EXAMPLES / "replicate_solopo.py"
 sys.path.insert(0, str(EXAMPLES))
 
 from replication.config import QUICK  # noqa: E402
-from replication.grid import dev_units, test_units  # noqa: E402
+from replication.grid import grid_units, sweep_units  # noqa: E402
 from replication.pipeline import Workspace, read_jsonl, short_chat_prompt  # noqa: E402
 from replication.qa_world import Lexicon, make_split  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
 
     selection = json.loads((results / "selection.json").read_text())
     chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
-    units = {"dev": dev_units(QUICK), "test": test_units(QUICK, chosen)}
+    units = {"dev": sweep_units(QUICK), "test": grid_units(QUICK, chosen)}
     for split, expected in units.items():
         files = sorted((results / "units" / split).glob("*.json"))
         assert len(files) == len(expected), split
