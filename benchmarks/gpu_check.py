@@ -14,7 +14,7 @@ On a CUDA machine (defaults: H=4096, V=128256, N in {2048, 8192} response tokens
    ``linear_cross_entropy(reduction="none")`` (its default gradient filter, and exact), Liger's
    fused linear cross-entropy with ``reduction="none"``, and plain materialised logits. A peer
    that does not import is reported as "unavailable", one that fails as "error: ...".
-3. Throughput: achieved TFLOP/s counting ``8 N H V`` FLOPs per forward+backward (SPEC §4), next
+3. Throughput: achieved TFLOP/s counting ``8 N H V`` FLOPs per forward+backward (docs/kernels.md), next
    to the bf16 matmul rate measured in the same run (``torch.mm`` of ``(N, H) x (H, 32768)``);
    ``ratio = time / (8 N H V / matmul rate)``, target <= 1.3 for ours on H100/H200.
 

@@ -1,4 +1,4 @@
-"""The SoLoPO objective (SPEC §2): rewards, preference losses and short-to-long reward alignment.
+"""The SoLoPO objective (docs/objective.md): rewards, preference losses and short-to-long reward alignment.
 
 Data flow: per-token log-probs (``solopo_kernels.ops``) -> per-sequence sums and response lengths
 -> rewards -> preference loss on the short pair + ``alpha`` x SoLo-RA distance between the short
@@ -45,11 +45,11 @@ RA_DISTANCES = ("abs", "squared")
 
 @dataclass(frozen=True)
 class SoLoPOOptions:
-    """The loss options of SPEC §2, checked on construction.
+    """The loss options of the SoLoPO objective (docs/objective.md), checked on construction.
 
     Attributes:
         loss_type: ``"dpo"``, ``"ipo"``, ``"simpo"``, ``"orpo"`` or ``"cpo"`` (reward and
-            preference loss of SPEC §2).
+            preference loss; see docs/objective.md).
         beta: reward scale (> 0); for ``orpo`` the weight of the odds-ratio term.
         alpha: weight of the SoLo-RA term (>= 0); 0 disables all long-input work.
         gamma: SimPO target margin.
@@ -173,7 +173,7 @@ def rewards(
     lengths: torch.Tensor,
     ref_logps: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``r(x, y)`` of SPEC §2 per sequence, in float32 or wider.
+    """The reward ``r(x, y)`` of ``options.loss_type`` per sequence, in float32 or wider.
 
     ``logps``/``ref_logps`` are per-sequence sums and ``lengths`` response-token counts;
     ``ref_logps=None`` drops the reference term (reference-free types ignore it).
@@ -197,7 +197,7 @@ def preference_losses(
     rejected_reward: torch.Tensor,
     chosen_mean_logp: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-pair preference loss of SPEC §2 with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
+    """Per-pair preference loss of ``options.loss_type`` with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
     margin = chosen_reward - rejected_reward
     beta = options.beta
     if options.loss_type == "dpo":
@@ -225,7 +225,7 @@ def _objective(
     ref_short_logps: torch.Tensor | None,
     ref_long_logps: torch.Tensor | None,
 ) -> SoLoPOOutput:
-    """SPEC §2 on checked per-sequence tensors (float32 or wider)."""
+    """The objective (docs/objective.md) on checked per-sequence tensors (float32 or wider)."""
     short_logps = short_logps.float() if short_logps.dtype != torch.float64 else short_logps
     acc = short_logps.dtype
     short_lengths = short_lengths.to(acc)

@@ -1,7 +1,7 @@
 """The float64 reference every kernel and loss is checked against.
 
 It materialises the full ``[..., V]`` logits in float64, applies ``log_softmax`` and gathers the
-labels, then writes SPEC §2 out formula by formula, independently of ``solopo_kernels.losses``.
+labels, then writes the objective of docs/objective.md out formula by formula, independently of ``solopo_kernels.losses``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def solopo_objective(
     ra_distance="abs",
     ra_use_reference=True,
 ):
-    """SPEC §2 in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
+    """The objective of docs/objective.md in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
     n = short_logps.shape[0] // 2
     s = short_logps.double()
     sl = short_lengths.double()

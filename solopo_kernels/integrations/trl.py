@@ -59,7 +59,7 @@ LONG_PROMPT_IDS = "long_prompt_ids"
 
 @dataclass
 class SoLoPOConfig(SoLoPOArguments, DPOConfig):
-    """``DPOConfig`` plus the SoLoPO options of :class:`~.args.SoLoPOArguments` (SPEC §2).
+    """``DPOConfig`` plus the SoLoPO options of :class:`~.args.SoLoPOArguments` (see docs/objective.md).
 
     ``beta`` and ``label_smoothing`` (dpo only) are DPOConfig's. DPO-only loss options that SoLoPO
     does not implement (``loss_type``, ``loss_weights``, ``ld_alpha``, ``f_divergence_type``,
@@ -529,7 +529,7 @@ class SoLoPOTrainer(DPOTrainer):
         return out.loss
 
     def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        """Batch means of the SPEC metrics, averaged over processes (one gather for all)."""
+        """Batch means of the loss metrics (docs/objective.md), averaged over processes (one gather for all)."""
         names = list(metrics)
         values = torch.stack([metrics[k].float() for k in names]).unsqueeze(0)
         means = self.accelerator.gather(values).mean(0).tolist()
