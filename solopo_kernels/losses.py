@@ -10,7 +10,8 @@ runs the fused log-prob kernel once over the short and long response rows togeth
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,10 @@ class SoLoPOOptions:
             raise TypeError(
                 f"ra_use_reference: expected a bool, got {type(self.ra_use_reference).__name__}"
             )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of :func:`solopo_loss` / :func:`fused_solopo_loss`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def uses_long(self) -> bool:

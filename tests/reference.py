@@ -20,11 +20,13 @@ def token_logps(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """float64 per-token log-probs, 0 at ignored positions; differentiable in its inputs."""
-    logits = hidden.double() @ weight.double().T
+    """Per-token log-probs from materialised logits, 0 at ignored positions; differentiable in its
+    inputs. Computed in float64 (``dtype`` picks another precision, e.g. a float32 baseline)."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        logits = logits + bias.double()
+        logits = logits + bias.to(dtype)
     logp = torch.log_softmax(logits / temperature, dim=-1)
     mask = labels != ignore_index
     picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)

@@ -52,6 +52,7 @@ YAML_TO_TRAINING_ARGS = {
     "solopo_long_prompt_field": "long_prompt_column",
     "solopo_max_long_length": "max_long_length",
     "solopo_gamma": "gamma",
+    "solopo_max_packed_length": "max_packed_length",
 }
 
 
@@ -67,6 +68,7 @@ class SoLoPOArgs(BaseModel):
     solopo_long_prompt_field: str | None = None
     solopo_max_long_length: int | None = None
     solopo_gamma: float | None = None
+    solopo_max_packed_length: int | None = None
 
     @model_validator(mode="before")
     @classmethod

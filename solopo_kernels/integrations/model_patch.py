@@ -100,6 +100,30 @@ def _check_plain_head(config: Any) -> None:
             )
 
 
+def sums_per_sequence(
+    token_logps: torch.Tensor,
+    positions: tuple[torch.Tensor, ...],
+    sequence_ids: torch.Tensor,
+    n_sequences: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums ``(n_sequences,)`` of the log-probs ``token_logps (N,)`` found at
+    ``positions`` of a packed ``(rows, T)`` layout whose ``sequence_ids (rows, T)`` say which
+    sequence each position belongs to, and the response-token counts ``(n_sequences,)`` int64.
+
+    The values are scattered into a ``(n_sequences, T)`` table and summed along ``T``: a fixed
+    order (deterministic, no atomic adds), the same order as the padded layout's row sums. A
+    sequence lies in one row, so ``(sequence, column)`` is unique per token.
+    """
+    sequence = sequence_ids[positions]
+    columns = positions[-1]
+    width = sequence_ids.shape[-1]
+    table = torch.zeros((n_sequences, width), dtype=token_logps.dtype, device=token_logps.device)
+    logps = table.index_put((sequence, columns), token_logps).sum(-1)
+    counts = torch.zeros((n_sequences, width), dtype=torch.long, device=sequence.device)
+    lengths = counts.index_put((sequence, columns), torch.ones_like(sequence)).sum(-1)
+    return logps, lengths
+
+
 def patch_target(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose ``forward`` gets patched: the base model under PEFT (whose wrappers call
     ``base_model.model.forward`` with all keyword arguments), the model itself otherwise."""
@@ -119,6 +143,15 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
 
     ``labels`` has the shape of ``input_ids`` and is *not* shifted (``labels[:, t]`` is the token
     at position ``t``; -100 marks prompt and padding positions), like the model's own ``labels``.
+
+    Packed rows (several sequences end to end, see :mod:`.packing`)::
+
+        out = model(input_ids=ids, position_ids=pos, solopo_labels=labels, solopo_sequence_ids=seq)
+        out.logps    # (S,) float32 sums per sequence id, S = seq.max() + 1
+        out.lengths  # (S,) int64 response-token counts per sequence id
+
+    where ``seq (B, T)`` holds each position's sequence index (-1: padding). The prediction from
+    one sequence's last token to the next sequence's first token is never scored.
     """
     target = patch_target(model)
     if getattr(target, _PATCHED_FLAG, False):
@@ -134,9 +167,15 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
     # Keep the original signature visible: generate() and Trainer inspect it.
     @functools.wraps(type(target).forward)
     def forward(
-        self: torch.nn.Module, *args: Any, solopo_labels: torch.Tensor | None = None, **kwargs: Any
+        self: torch.nn.Module,
+        *args: Any,
+        solopo_labels: torch.Tensor | None = None,
+        solopo_sequence_ids: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Any:
         if solopo_labels is None:
+            if solopo_sequence_ids is not None:
+                raise ValueError("solopo_sequence_ids: only meaningful together with solopo_labels")
             return original_forward(*args, **kwargs)
         if kwargs.pop("labels", None) is not None:
             raise ValueError(
@@ -145,6 +184,20 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = solopo_labels[:, 1:]
+        if solopo_sequence_ids is not None:
+            if solopo_sequence_ids.shape != solopo_labels.shape:
+                raise ValueError(
+                    f"solopo_sequence_ids: expected the shape of solopo_labels "
+                    f"{tuple(solopo_labels.shape)}, got {tuple(solopo_sequence_ids.shape)}"
+                )
+            # In a packed row the last token of a sequence does not predict the first token of the
+            # next one (the padded layout never scores that position either), and padding (-1)
+            # belongs to no sequence.
+            targets_sequence = solopo_sequence_ids[:, 1:]
+            labels = labels.masked_fill(
+                (targets_sequence != solopo_sequence_ids[:, :-1]) | (targets_sequence < 0),
+                IGNORE_INDEX,
+            )
         # Looked up per call: FSDP and PEFT swap modules after patching.
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
@@ -167,8 +220,14 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
             token_logps = response_logprobs(
                 rows, weight, labels[positions].to(weight.device), bias, weight_access=access
             )
-        logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
-        return SoLoPOLogProbsOutput(logps=logps, lengths=(labels != IGNORE_INDEX).sum(-1))
+        if solopo_sequence_ids is None:
+            logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
+            lengths = (labels != IGNORE_INDEX).sum(-1)
+        else:
+            logps, lengths = sums_per_sequence(
+                token_logps, positions, targets_sequence, int(solopo_sequence_ids.max()) + 1
+            )
+        return SoLoPOLogProbsOutput(logps=logps, lengths=lengths)
 
     target.forward = types.MethodType(forward, target)
     setattr(target, _PATCHED_FLAG, True)

@@ -208,3 +208,44 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     start = torch.cat([p.detach().flatten() for p in policy.parameters()])
     assert (params[0] - start).abs().max() > 1e-3  # the step moved the weights
     reference.assert_close_rel(params[1] - start, params[0] - start, 1e-5, "accumulated update")
+
+
+def test_in_memory_model_without_ref_model_gets_a_frozen_copy(tmp_path, caplog):
+    # A model built in memory has no path TRL could reload a reference from (it used to die with
+    # an opaque hub error): its frozen copy is the reference, and the log says so.
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    assert policy.config._name_or_path == ""
+    with caplog.at_level("WARNING", logger="solopo_kernels.integrations.trl"):
+        trainer = SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path, max_steps=3, learning_rate=2e-2),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
+    assert "using a frozen copy of the policy" in caplog.text
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model
+    assert not any(p.requires_grad for p in ref.parameters())
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    # Policy == reference at step 0: every reward is 0 and the DPO loss is log 2.
+    loss = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1]))
+    assert abs(loss.item() - math.log(2.0)) < 1e-6
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert trainer.state.log_history[-2]["rewards/margins"] != 0.0
+
+
+def test_in_memory_model_under_zero3_without_ref_model_names_ref_model(tmp_path, monkeypatch):
+    import transformers.integrations.deepspeed as ds
+
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    with pytest.raises(ValueError, match="ref_model: required"):
+        SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
