@@ -139,6 +139,7 @@ def _pair(
             **extra,
         )
         if peft:
+            torch.manual_seed(0)  # the same random LoRA initialisation in both trainers
             trainers.append(_peft_trainer(tmp_path / name, kwargs))
         else:
             trainers.append(common.trainer(tmp_path / name, **kwargs))
@@ -345,3 +346,33 @@ def test_the_boundary_between_packed_sequences_is_never_scored():
     for i, (ids, labels_row) in enumerate(((a, [-100, -100, 7, 8]), (b, [9, 10, 11]))):
         alone = model(input_ids=ids[None], solopo_labels=torch.tensor([labels_row]))
         reference.assert_close_rel(out.logps[i], alone.logps[0], REL, f"sequence {i}")
+
+
+# ------------------------------------------------------------------------------ CUDA only
+def _flash_attention_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _flash_attention_available(), reason="needs CUDA and the flash-attn package"
+)
+def test_packed_equals_padded_with_flash_attention_2(tmp_path):
+    # flash-attn's varlen kernels on the packed row (the boundaries come from position_ids)
+    # against its padded path (unpadded by the attention mask); bf16 weights, so 1e-2.
+    padded, packed = _pair(tmp_path, loss_type="simpo", ra_target="both", bf16=True, use_cpu=False)
+    for trainer in (padded, packed):
+        trainer.model.to(device="cuda", dtype=torch.bfloat16)
+        trainer.model.set_attn_implementation("flash_attention_2")
+    check = packing.attention_implementation(packed.model)
+    assert check == "flash_attention_2"
+    loss_a, grads_a = _loss_and_grads(padded, [0, 1, 2, 3])
+    loss_b, grads_b = _loss_and_grads(packed, [0, 1, 2, 3])
+    reference.assert_close_rel(loss_b, loss_a, 1e-2, "packed loss (flash-attn)")
+    for name in grads_a:
+        reference.assert_close_rel(grads_b[name], grads_a[name], 1e-2, f"grad of {name}")
