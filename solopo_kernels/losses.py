@@ -27,6 +27,7 @@ from .checks import (
     check_tensor,
     value_checks_enabled,
 )
+from .context_parallel import group_size, sum_over_group
 from .ops.logprobs import (
     ChunkSize,
     check_chunk_size,
@@ -347,6 +348,7 @@ def solopo_loss(
     ra_target: str = "chosen",
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
+    context_parallel_group: Any = None,
 ) -> SoLoPOOutput:
     """The SoLoPO objective from per-sequence sums of response-token log-probs.
 
@@ -358,6 +360,11 @@ def solopo_loss(
         long_lengths: counts for ``long_logps``.
         ref_short_logps / ref_long_logps: reference sums of the same shapes; required for
             dpo/ipo (the long one only when alpha > 0 and ``ra_use_reference``).
+        context_parallel_group: a ``torch.distributed`` process group when the sequences are
+            split along their length over its ranks (see :mod:`solopo_kernels.context_parallel`):
+            then ``short_logps``, ``short_lengths``, ``long_logps`` and ``long_lengths`` are this
+            rank's *partial* sums and counts (its slice's response tokens; 0 where it holds none),
+            all-reduced here; every rank gets the same loss. The ``ref_*`` sums are the full ones.
         Other options: see :class:`SoLoPOOptions`.
     Returns:
         :class:`SoLoPOOutput`.
@@ -390,21 +397,68 @@ def solopo_loss(
         _check_sequence_vector("long_lengths", long_lengths, n_long, meaning, short_logps)
         lengths_to_check.append(("long_lengths", long_lengths))
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_logps)
-    if value_checks_enabled():  # one host sync for all count vectors
-        empty = torch.stack([(t <= 0).any() for _, t in lengths_to_check]).tolist()
-        for (name, _), has_empty in zip(lengths_to_check, empty):
-            if has_empty:
-                raise ValueError(
-                    f"{name}: every sequence needs at least one response token (counts must be > 0)"
-                )
-    return _objective(
+    return _reduce_and_score(
         options,
-        short_logps,
-        short_lengths,
-        long_logps if options.uses_long else None,
-        long_lengths if options.uses_long else None,
+        [short_logps, long_logps if options.uses_long else None],
+        [short_lengths, long_lengths if options.uses_long else None],
         ref_short_logps,
         ref_long_logps,
+        context_parallel_group,
+    )
+
+
+def _reduce_and_score(
+    options: SoLoPOOptions,
+    sums: list[torch.Tensor | None],
+    lengths: list[torch.Tensor | None],
+    ref_short_logps: torch.Tensor | None,
+    ref_long_logps: torch.Tensor | None,
+    group: Any,
+    bad_labels: torch.Tensor | None = None,
+) -> SoLoPOOutput:
+    """All-reduce partial sums and counts over ``group`` (when given), check every sequence has a
+    response token, and compute the objective. ``sums``/``lengths`` are ``[short, long]`` (long
+    None with alpha = 0). ``bad_labels`` (a count of out-of-range labels on this rank) joins the
+    all-reduce, so that every rank raises the same error instead of leaving the others waiting in
+    a collective."""
+    names = ["short_lengths", "long_lengths"]
+    present = [i for i, t in enumerate(sums) if t is not None]
+    if group is not None:
+        group_size(group)  # a clear error for a group that is not one
+        counts = torch.cat([lengths[i].to(torch.long) for i in present])
+        if bad_labels is not None:
+            counts = torch.cat([counts, bad_labels.to(torch.long).reshape(1)])
+        # Partial sums are float32 (the kernel's output); counts are exact integers.
+        total_sums = sum_over_group(torch.cat([sums[i] for i in present]), group)
+        total_counts = counts.clone()
+        torch.distributed.all_reduce(total_counts, group=group)
+        if bad_labels is not None:
+            bad_labels, total_counts = total_counts[-1], total_counts[:-1]
+        split = [sums[i].shape[0] for i in present]
+        for i, s, n in zip(
+            present, total_sums.split(split), total_counts.split(split), strict=True
+        ):
+            sums[i], lengths[i] = s, n
+    if value_checks_enabled():  # one host sync for all count vectors
+        flags = [(lengths[i] <= 0).any() for i in present]
+        if bad_labels is not None:
+            flags.append(bad_labels > 0)
+        values = torch.stack(flags).tolist()
+        if bad_labels is not None and values[-1]:
+            raise ValueError(
+                f"labels: {int(bad_labels)} label(s) outside [0, V) that are not ignore_index, on "
+                "the ranks of context_parallel_group; labels must be token ids of the lm_head vocabulary"
+            )
+        for i, has_empty in zip(present, values, strict=False):
+            if has_empty:
+                where = " on any rank of context_parallel_group" if group is not None else ""
+                rows = (lengths[i] <= 0).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"{names[i]}: every sequence needs at least one response token (counts must be "
+                    f"> 0); sequence(s) {rows} have none{where}"
+                )
+    return _objective(
+        options, sums[0], lengths[0], sums[1], lengths[1], ref_short_logps, ref_long_logps
     )
 
 
@@ -430,6 +484,7 @@ def fused_solopo_loss(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    context_parallel_group: Any = None,
 ) -> SoLoPOOutput:
     """The SoLoPO loss from last hidden states and the lm_head weight, without ``[T x V]`` logits.
 
@@ -443,6 +498,15 @@ def fused_solopo_loss(
         long_labels: ``(B, Tl)`` or ``(2B, Tl)``.
         ref_short_logps / ref_long_logps: reference per-sequence sums (see :func:`solopo_loss`).
         ignore_index, temperature, chunk_size, backend: as in ``fused_linear_logprobs``.
+        context_parallel_group: a ``torch.distributed`` process group over whose ranks every row
+            is split along its length (see :mod:`solopo_kernels.context_parallel`): the hidden
+            states and the *already shifted* labels are this rank's slice of each row (any order:
+            contiguous or head+tail; padding labelled ``ignore_index``). The per-sequence sums and
+            counts are all-reduced over the group and every rank returns the same loss; each
+            rank's hidden-state gradients are its slices of the unsplit ones, and the ``weight``/
+            ``bias`` gradients summed over the group are the unsplit ones. A row may have no
+            response token on some rank, but needs one somewhere in the group. The ``ref_*`` sums
+            are the full ones.
         Other options: see :class:`SoLoPOOptions`.
     Returns:
         :class:`SoLoPOOutput`; ``loss`` is differentiable in the hidden states, weight and bias.
@@ -477,7 +541,17 @@ def fused_solopo_loss(
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     resolve_backend(backend, short_hidden.device, short_hidden.dtype)
-    check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
+    group = context_parallel_group
+    bad_labels = None
+    if group is None:
+        check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
+    elif value_checks_enabled():
+        # Checked after the all-reduce, on every rank alike (a rank may hold no response token of
+        # a row; a local error would leave the other ranks waiting in the collective). Labels out
+        # of range are never read out of bounds by the kernels meanwhile (they match no column).
+        bad_labels = sum(
+            ((t != ignore_index) & ((t < 0) | (t >= vocab))).sum() for _, t in labels_to_check
+        )
 
     labels = [tensor for _, tensor in labels_to_check]
     positions = [response_positions(tensor, ignore_index) for tensor in labels]
@@ -500,14 +574,11 @@ def fused_solopo_loss(
         for t, p, tensor in zip(per_input, positions, labels)
     ]
     lengths = [(tensor != ignore_index).sum(-1) for tensor in labels]
-    return _objective(
-        options,
-        sums[0],
-        lengths[0],
-        sums[1] if options.uses_long else None,
-        lengths[1] if options.uses_long else None,
-        ref_short_logps,
-        ref_long_logps,
+    if not options.uses_long:
+        sums.append(None)
+        lengths.append(None)
+    return _reduce_and_score(
+        options, sums, lengths, ref_short_logps, ref_long_logps, group, bad_labels
     )
 
 
@@ -536,6 +607,7 @@ class FusedSoLoPOLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
         backend: str = "auto",
+        context_parallel_group: Any = None,
     ) -> None:
         super().__init__()
         self.options = SoLoPOOptions(
@@ -548,6 +620,7 @@ class FusedSoLoPOLoss(nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
+        self.context_parallel_group = context_parallel_group
 
     def forward(
         self,
@@ -582,6 +655,7 @@ class FusedSoLoPOLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            context_parallel_group=self.context_parallel_group,
         )
 
     def extra_repr(self) -> str:

@@ -152,6 +152,15 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
 
     where ``seq (B, T)`` holds each position's sequence index (-1: padding). The prediction from
     one sequence's last token to the next sequence's first token is never scored.
+
+    Already shifted labels (context parallelism: the labels are shifted on the whole row, then
+    the row is split over the ranks, so a slice's last position keeps its target)::
+
+        out = model(input_ids=ids, position_ids=pos, shift_labels=shifted, solopo_logps=True)
+
+    scores ``shifted[:, t]`` (-100: not a response token) at every position ``t``, including the
+    last. The name ``shift_labels`` is the one context-parallel engines pad with -100 when they
+    split the row (Axolotl's ringmaster).
     """
     target = patch_target(model)
     if getattr(target, _PATCHED_FLAG, False):
@@ -171,9 +180,10 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
         *args: Any,
         solopo_labels: torch.Tensor | None = None,
         solopo_sequence_ids: torch.Tensor | None = None,
+        solopo_logps: bool = False,
         **kwargs: Any,
     ) -> Any:
-        if solopo_labels is None:
+        if solopo_labels is None and not solopo_logps:
             if solopo_sequence_ids is not None:
                 raise ValueError("solopo_sequence_ids: only meaningful together with solopo_labels")
             return original_forward(*args, **kwargs)
@@ -181,9 +191,22 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
             raise ValueError(
                 "labels: pass either labels (the model's own loss) or solopo_labels, not both"
             )
+        shifted = kwargs.pop("shift_labels", None)
+        if solopo_logps and (shifted is None or solopo_labels is not None):
+            raise ValueError(
+                "shift_labels: solopo_logps=True scores shift_labels (already shifted, the shape of "
+                "input_ids) and takes no solopo_labels"
+            )
+        if shifted is not None and solopo_sequence_ids is not None:
+            raise ValueError(
+                "solopo_sequence_ids: packed rows take solopo_labels, not shift_labels"
+            )
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = solopo_labels[:, 1:]
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shifted is not None:  # position t already carries the label of token t + 1
+            labels = shifted
+        else:
+            hidden, labels = hidden[:, :-1], solopo_labels[:, 1:]
         if solopo_sequence_ids is not None:
             if solopo_sequence_ids.shape != solopo_labels.shape:
                 raise ValueError(

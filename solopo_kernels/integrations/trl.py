@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -40,8 +41,10 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from ..context_parallel import scale_gradient, sum_over_group
 from ..losses import SoLoPOOptions, solopo_loss
 from .args import SoLoPOArguments, check_solopo_args, solopo_options
+from .context_parallel import ContextParallelPlan, accelerate_plan, model_inputs, torch_context
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
 from .packing import check_packing_attention, count_sequences, is_packed, iter_packs
 from .trl_data import (
@@ -110,6 +113,10 @@ class SoLoPOTrainer(DPOTrainer):
       per step (``max_packed_length`` caps the tokens per row, at the price of more forwards). The
       model's attention must keep packed sequences apart (``flash_attention_2`` on CUDA,
       ``sdpa``/``eager``); any other ``attn_implementation`` raises.
+    * Context parallelism (accelerate's ``ParallelismConfig(cp_size=N)`` with FSDP2, or Axolotl's
+      ``context_parallel_size``): every row is split along its length over the group, the
+      per-sequence sums are all-reduced and the gradient scaled for the engine's averaging (see
+      :mod:`.context_parallel`). Not combined with ``padding_free``.
     """
 
     _tag_names = ["trl", "dpo", "solopo"]
@@ -204,6 +211,14 @@ class SoLoPOTrainer(DPOTrainer):
                     "padding_free: the data_collator does not pack; pass a DataCollatorForSoLoPO with "
                     "padding_free=True, or leave data_collator None"
                 )
+        config = getattr(self.accelerator, "parallelism_config", None)
+        if user_padding_free and config is not None and getattr(config, "cp_enabled", False):
+            raise ValueError(
+                f"padding_free: not supported with context parallelism (parallelism_config.cp_size="
+                f"{config.cp_size}): the ring attention of the context-parallel engines is causal over "
+                "the whole row and would let packed sequences see each other; set padding_free=False"
+            )
+        self._cp_plan_cache: list[ContextParallelPlan | None] = []
 
     @staticmethod
     def _reference_copy(model: Any, args: Any, peft_config: Any) -> torch.nn.Module | None:
@@ -314,9 +329,52 @@ class SoLoPOTrainer(DPOTrainer):
         patch_solopo_forward(self.accelerator.unwrap_model(model))
         if is_packed(inputs):
             return self._packed_logps(model, inputs, with_long=with_long)
-        short = self._padded_logps(model, inputs, SHORT_KEYS)
-        long = self._padded_logps(model, inputs, LONG_KEYS) if with_long else (None, None)
+        plan = self._cp_plan
+        run = self._padded_logps if plan is None else functools.partial(self._sliced_logps, plan)
+        short = run(model, inputs, SHORT_KEYS)
+        long = run(model, inputs, LONG_KEYS) if with_long else (None, None)
         return SequenceLogps(*short, *long)
+
+    # -------------------------------------------------------- context parallelism
+    @property
+    def _cp_plan(self) -> ContextParallelPlan | None:
+        """The context-parallel plan, resolved on first use (engines register their group late)
+        and kept; None without context parallelism."""
+        cache = getattr(self, "_cp_plan_cache", None)
+        if cache is None:  # DPOTrainer.__init__ (e.g. its reference precompute) runs before ours
+            return None
+        if not cache:
+            cache.append(self._context_parallel_plan())
+        return cache[0]
+
+    def _context_parallel_plan(self) -> ContextParallelPlan | None:
+        """Where the plan comes from: accelerate's ``parallelism_config`` here; the Axolotl
+        trainer overrides it with Axolotl's context-parallel group."""
+        return accelerate_plan(self.accelerator)
+
+    def _prepare_context_parallel_inputs(self, model: Any, inputs: dict[str, Any]) -> tuple:
+        """Trainer's hook around a training/eval step: accelerate's context-parallel context
+        (ring attention for the step's forwards and backward), with the slices cut by this trainer
+        (see :func:`.context_parallel.torch_context`)."""
+        plan = self._cp_plan
+        if plan is None or not plan.shard_inputs or accelerate_plan(self.accelerator) is None:
+            return contextlib.nullcontext, inputs
+        return torch_context(self.accelerator, plan), inputs
+
+    def _sliced_logps(
+        self,
+        plan: ContextParallelPlan,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        keys: tuple[str, str, str],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's *partial* ``(rows,)`` sums and counts of one padded batch, split along the
+        rows' length over ``plan.group`` (all-reduced later, in the loss)."""
+        input_ids, _, completion_mask = (inputs[key] for key in keys)
+        pad_token_id = getattr(self.data_collator, "pad_token_id", 0) or 0
+        kwargs = model_inputs(plan, input_ids, completion_mask, pad_token_id=pad_token_id)
+        out = model(**kwargs, solopo_logps=True, use_cache=False)
+        return out.logps, out.lengths
 
     @staticmethod
     def _padded_logps(
@@ -385,6 +443,11 @@ class SoLoPOTrainer(DPOTrainer):
         over the packed rows when packed, the short and long batches otherwise)."""
         with self._reference_mode():
             step = self._step_logps(model, inputs, with_long=self._solopo.needs_long_reference)
+            plan = self._cp_plan
+            if plan is not None:  # partial sums of this rank's slices: the full ones are their sum
+                step.short_logps = sum_over_group(step.short_logps, plan.group)
+                if step.long_logps is not None:
+                    step.long_logps = sum_over_group(step.long_logps, plan.group)
         chosen, rejected = step.short_logps.chunk(2)
         refs = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
         if step.long_logps is not None:
@@ -441,6 +504,7 @@ class SoLoPOTrainer(DPOTrainer):
             )
         mode = "train" if self.model.training else "eval"
         options = self._solopo
+        plan = self._cp_plan
         step = self._step_logps(model, inputs, with_long=options.uses_long)
         refs: dict[str, torch.Tensor] = {}
         if options.needs_reference:
@@ -470,9 +534,12 @@ class SoLoPOTrainer(DPOTrainer):
             step.long_lengths,
             ref_short_logps=ref_short,
             ref_long_logps=ref_long,
+            context_parallel_group=plan.group if plan is not None else None,
             **options.as_kwargs(),
         )
         self._log_metrics(mode, out.metrics)
+        if plan is not None:  # the engine averages the ranks' partial gradients: make it a sum
+            return scale_gradient(out.loss, plan.gradient_scale)
         return out.loss
 
     def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
