@@ -44,7 +44,13 @@ from trl.trainer.utils import use_adapter
 from ..context_parallel import scale_gradient, sum_over_group
 from ..losses import SoLoPOOptions, solopo_loss
 from .args import SoLoPOArguments, check_solopo_args, solopo_options
-from .context_parallel import ContextParallelPlan, accelerate_plan, model_inputs, torch_context
+from .context_parallel import (
+    ContextParallelPlan,
+    accelerate_plan,
+    check_combination,
+    model_inputs,
+    torch_context,
+)
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
 from .packing import check_packing_attention, count_sequences, is_packed, iter_packs
 from .trl_data import (
@@ -211,13 +217,7 @@ class SoLoPOTrainer(DPOTrainer):
                     "padding_free: the data_collator does not pack; pass a DataCollatorForSoLoPO with "
                     "padding_free=True, or leave data_collator None"
                 )
-        config = getattr(self.accelerator, "parallelism_config", None)
-        if user_padding_free and config is not None and getattr(config, "cp_enabled", False):
-            raise ValueError(
-                f"padding_free: not supported with context parallelism (parallelism_config.cp_size="
-                f"{config.cp_size}): the ring attention of the context-parallel engines is causal over "
-                "the whole row and would let packed sequences see each other; set padding_free=False"
-            )
+        check_combination(self.accelerator, padding_free=user_padding_free)
         self._cp_plan_cache: list[ContextParallelPlan | None] = []
 
     @staticmethod
