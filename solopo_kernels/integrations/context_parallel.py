@@ -118,6 +118,24 @@ def accelerate_plan(accelerator: Any) -> ContextParallelPlan | None:
     )
 
 
+def engine_plan(accelerator: Any, group: Any) -> ContextParallelPlan | None:
+    """The plan when the engine cuts the slices in a forward pre-hook of the model (Axolotl's
+    ringmaster, whose group is ``group``), or None when accelerate's parallelism config has no
+    context parallelism. Rows are padded to a multiple of twice the group size, which suits both
+    orders the engine may pick (contiguous, or head+tail for ring attention)."""
+    config = getattr(accelerator, "parallelism_config", None)
+    if config is None or not getattr(config, "cp_enabled", False):
+        return None
+    if group is None:
+        raise ValueError(
+            "context_parallel_size: context parallelism is on but the engine registered no "
+            "context-parallel process group (Axolotl's ContextParallelPlugin sets it up)"
+        )
+    return ContextParallelPlan(
+        group=group, order="head_tail", shard_inputs=False, gradient_scale=float(config.cp_size)
+    )
+
+
 def check_combination(accelerator: Any, *, padding_free: bool) -> None:
     """Raise ``ValueError`` naming the options for what does not combine with context
     parallelism: packing (the engines' ring attention is causal over the whole row)."""

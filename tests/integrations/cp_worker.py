@@ -18,6 +18,7 @@ Usage: ``torchrun --nproc_per_node 2 -m tests.integrations.cp_worker OUT_PATH``;
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import tempfile
 import traceback
@@ -90,7 +91,20 @@ def allgather_attention(
 def engine_hook(order: str) -> Any:
     """A forward pre-hook that shards like a context-parallel engine (ringmaster): every tensor
     argument with the sequence length at dim 1, padded (``shift_labels`` with -100, positions
-    continuing, the rest with 0) and cut in ``order``."""
+    continuing, the rest with 0) and cut in ``order``. With ``SOLOPO_CP_ENGINE=ringmaster`` (and
+    the ``axolotl-ringmaster`` package installed) it calls ringmaster's own batch preparation and
+    sharding instead of this re-statement of it."""
+    if os.environ.get("SOLOPO_CP_ENGINE") == "ringmaster":
+        from ringmaster.shard import prepare_global_batch, shard_batch
+
+        def ringmaster_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+            kwargs = prepare_global_batch(dict(kwargs))
+            kwargs, _ = shard_batch(
+                kwargs, cp_rank=dist.get_rank(), cp_size=dist.get_world_size(), load_balance=order
+            )
+            return args, kwargs
+
+        return ringmaster_hook
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -60,3 +60,25 @@ def test_packing_with_context_parallelism_is_refused(tmp_path):
         integration.check_combination(_accelerator(2), padding_free=True)
     integration.check_combination(_accelerator(2), padding_free=False)
     integration.check_combination(_accelerator(1), padding_free=True)
+
+
+def test_an_engine_that_cuts_the_slices_gives_an_unsharded_plan():
+    accelerator = _accelerator(2)
+    plan = integration.engine_plan(accelerator, accelerator.group)
+    assert (plan.shard_inputs, plan.gradient_scale, plan.group) == (False, 2.0, accelerator.group)
+    assert integration.engine_plan(_accelerator(1), None) is None
+    with pytest.raises(
+        ValueError, match="context_parallel_size: .* no context-parallel process group"
+    ):
+        integration.engine_plan(accelerator, None)
+
+
+def test_axolotl_packing_with_context_parallelism_is_refused():
+    from solopo_kernels.integrations.axolotl import check_axolotl_config
+
+    cfg = {"rl": "dpo", "solopo": True, "context_parallel_size": 2, "dpo_padding_free": True}
+    with pytest.raises(
+        ValueError, match="dpo_padding_free: not supported with context_parallel_size"
+    ):
+        check_axolotl_config(cfg)
+    check_axolotl_config({**cfg, "dpo_padding_free": False})
