@@ -197,6 +197,7 @@ def _axolotl_trainer_class() -> type:
         """
 
         tag_names = ["axolotl", "dpo", "solopo"]
+        _context_parallel_engine = "engine"
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)

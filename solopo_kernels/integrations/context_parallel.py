@@ -148,6 +148,30 @@ def check_combination(accelerator: Any, *, padding_free: bool) -> None:
         )
 
 
+def prepare_torch_models(*models: torch.nn.Module | None) -> None:
+    """Check and prepare the models for PyTorch's context parallelism through accelerate: SDPA
+    attention (the only kind its ring attention replaces), and accelerate's hooks that drop the
+    attention mask for ``is_causal`` on every attention module (accelerate adds them to the
+    models it prepares itself; TRL prepares the reference model apart)."""
+    from accelerate.big_modeling import _attach_context_parallel_hooks
+
+    from .packing import attention_implementation
+
+    for model in models:
+        if model is None:
+            continue
+        implementation = attention_implementation(model)
+        if implementation != "sdpa":
+            raise ValueError(
+                f"attn_implementation: context parallelism with accelerate (cp_backend='torch') runs "
+                f"PyTorch's ring attention, which replaces SDPA only; got {implementation!r}: load "
+                "the model with attn_implementation='sdpa'"
+            )
+        if not getattr(model, "_solopo_cp_hooks", False):
+            _attach_context_parallel_hooks(model)
+            model._solopo_cp_hooks = True
+
+
 def torch_context(accelerator: Any, plan: ContextParallelPlan) -> Callable[[], Any]:
     """A factory of accelerate's context-parallel context for a SoLoPO step.
 

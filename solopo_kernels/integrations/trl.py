@@ -49,6 +49,7 @@ from .context_parallel import (
     accelerate_plan,
     check_combination,
     model_inputs,
+    prepare_torch_models,
     torch_context,
 )
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
@@ -127,6 +128,9 @@ class SoLoPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "solopo"]
     _name = "SoLoPO"
+    # Who cuts the context-parallel slices: accelerate's PyTorch context parallelism through this
+    # trainer ("accelerate"), or an engine hook on the model (the Axolotl subclass: "engine").
+    _context_parallel_engine = "accelerate"
 
     def __init__(
         self,
@@ -218,6 +222,8 @@ class SoLoPOTrainer(DPOTrainer):
                     "padding_free=True, or leave data_collator None"
                 )
         check_combination(self.accelerator, padding_free=user_padding_free)
+        if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
+            prepare_torch_models(self.model, self.ref_model)
         self._cp_plan_cache: list[ContextParallelPlan | None] = []
 
     @staticmethod

@@ -82,3 +82,20 @@ def test_axolotl_packing_with_context_parallelism_is_refused():
     ):
         check_axolotl_config(cfg)
     check_axolotl_config({**cfg, "dpo_padding_free": False})
+
+
+def test_accelerate_context_parallelism_needs_sdpa_and_hooks_the_reference_model():
+    from tests.integrations import common
+
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    policy.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="attn_implementation: context parallelism .* got 'eager'"):
+        integration.prepare_torch_models(policy)
+    ref.set_attn_implementation("sdpa")
+    integration.prepare_torch_models(ref)
+    # accelerate's hook on every attention module drops the mask for is_causal.
+    hooked = [m for m in ref.modules() if m._forward_pre_hooks]
+    assert len(hooked) == ref.config.num_hidden_layers
+    integration.prepare_torch_models(ref)  # once only
+    assert all(len(m._forward_pre_hooks) == 1 for m in hooked)
