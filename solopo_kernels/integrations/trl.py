@@ -41,6 +41,7 @@ from trl.trainer.utils import pad, use_adapter
 
 from ..losses import SoLoPOOptions, solopo_loss
 from .args import SoLoPOArguments, check_solopo_args, solopo_options
+from .liger import check_liger
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ class SoLoPOTrainer(DPOTrainer):
                 "not under DeepSpeed itself; compare a few steps against ZeRO-2 before a long run."
             )
         self._solopo = check_solopo_args(args)
+        check_liger(args, model, ref_model)
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
