@@ -202,7 +202,7 @@ def _cannot_run(kernel: str, device: torch.device) -> str | None:
         with torch.random.fork_rng(devices=[]):  # the probe must not move the run's RNG
             _probe(kernel, device)
     except Exception as error:  # any failure of a foreign kernel means: cannot run here
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        first_line = (str(error).strip().splitlines() or [""])[0][:200].rstrip(".")
         return f"it failed on a small {device.type} tensor: {type(error).__name__}: {first_line}"
     return None
 
