@@ -52,6 +52,7 @@ from .context_parallel import (
     prepare_torch_models,
     torch_context,
 )
+from .liger import check_liger
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
 from .packing import check_packing_attention, count_sequences, is_packed, iter_packs
 from .trl_data import (
@@ -152,6 +153,7 @@ class SoLoPOTrainer(DPOTrainer):
                 "not under DeepSpeed itself; compare a few steps against ZeRO-2 before a long run."
             )
         self._solopo = check_solopo_args(args)
+        check_liger(args, model, ref_model)
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
