@@ -214,6 +214,17 @@ class SoLoPOTrainer(DPOTrainer):
             raise ValueError(
                 "peft_config: prompt-learning PEFT methods are not supported (they shift the positions)"
             )
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if is_peft_model(self.model) and any(
+            hasattr(head, name) for name in ("base_layer", "original_module", "modules_to_save")
+        ):
+            # The fused kernel reads lm_head.weight: an adapter or trainable copy around the head
+            # would be silently skipped (wrong log-probs, no gradient for it).
+            raise ValueError(
+                f"peft_config: an adapter on lm_head ({type(head).__name__}) is not supported: the "
+                "fused log-prob kernel reads lm_head.weight; leave lm_head out of target_modules and "
+                "modules_to_save"
+            )
         if user_padding_free:
             check_packing_attention(self.model)
             if self.ref_model is not None:

@@ -249,3 +249,24 @@ def test_in_memory_model_under_zero3_without_ref_model_names_ref_model(tmp_path,
             train_dataset=common.dataset(),
             processing_class=tok,
         )
+
+
+@pytest.mark.parametrize("where", ["target_modules", "modules_to_save"])
+def test_an_adapter_on_lm_head_is_refused(tmp_path, where):
+    peft = pytest.importorskip("peft")
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    modules = {"target_modules": ["q_proj", "lm_head"]} if where == "target_modules" else {
+        "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]
+    }  # fmt: skip
+    # TRL 1.16 refuses a LoRA target lm_head itself; TRL 1.14.1 and modules_to_save reach ours.
+    with pytest.raises(
+        ValueError, match="(peft_config: an adapter on lm_head|PEFT adapter to .lm_head.)"
+    ):
+        SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path, solopo_loss_type="simpo"),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+            peft_config=peft.LoraConfig(r=4, **modules),
+        )
