@@ -179,6 +179,14 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
                 "by this forward. Shard lm_head together with the root module (or with the final norm, "
                 "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
             )
+        if weight.dim() != 2 or weight.numel() == 0:
+            # What a DeepSpeed ZeRO-3 partition looks like when nothing gathered it: DeepSpeed only
+            # gathers parameters read inside the forward of the module it wraps.
+            raise RuntimeError(
+                f"lm_head.weight has shape {tuple(weight.shape)} inside the forward, expected "
+                "(vocab, hidden): a DeepSpeed ZeRO-3 partition that was not gathered. Call the model "
+                "that deepspeed.initialize wrapped (the trainer's model), not a module inside it."
+            )
         positions = response_positions(labels, IGNORE_INDEX)
         # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
         # way). Under autocast the lm_head would have run in the autocast dtype: do the same,

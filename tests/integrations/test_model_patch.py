@@ -1,5 +1,6 @@
-"""The per-instance forward patch: the projection runs in the autocast dtype under autocast.
-(Under DeepSpeed ZeRO-3 and the other engines: test_zero3.py, test_distributed.py.)"""
+"""The per-instance forward patch: the projection runs in the autocast dtype under autocast, and an
+lm_head weight left partitioned raises. (Under DeepSpeed ZeRO-3 and the other engines:
+test_zero3.py, test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -43,3 +44,11 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype(model_and_batch):
     out.logps.sum().backward()
     grad = model.lm_head.weight.grad
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_an_ungathered_partition_raises(model_and_batch):
+    model, ids, labels = model_and_batch
+    # DeepSpeed ZeRO-3 leaves a partitioned parameter's data an empty 1-D tensor.
+    model.lm_head.weight.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match=r"lm_head.weight has shape \(0,\).*ZeRO-3"):
+        model(input_ids=ids, solopo_labels=labels)
