@@ -103,3 +103,13 @@ def test_zero3_two_processes_match_one(tmp_path, model_dir, loss_type):
         assert torch.equal(got["start"][name], want["start"][name]), f"{name}: loaded differently"
         assert not torch.equal(value, want["start"][name]), f"{name}: not trained"
         reference.assert_close_rel(got["params"][name], value, REL, f"parameter {name}")
+    worst = max(
+        reference.max_relative_error(got["params"][name], value)
+        for name, value in want["params"].items()
+    )
+    print(  # shown with pytest -s
+        f"\n{loss_type}: max relative differences over {steps} steps: losses "
+        f"{reference.max_relative_error(got['losses'], want['losses']):.1e}, gradient norms "
+        f"{reference.max_relative_error(got['grad_norms'], want['grad_norms']):.1e}, "
+        f"parameters {worst:.1e}"
+    )
