@@ -127,8 +127,8 @@ def _cpu_deepspeed_setup() -> None:
     """What a script needs to run DeepSpeed on a host without CUDA (DeepSpeed's CPU accelerator)."""
     import deepspeed.ops
 
-    # The CPU accelerator's comm backend JIT-compiles a shared-memory all-reduce (C++/OpenMP, 1-3
-    # minutes on 2 cores, and a compiler on the test machine) when it starts. Only DeepSpeed's
+    # The CPU accelerator's comm backend JIT-compiles a shared-memory all-reduce (C++/OpenMP: about
+    # 3 minutes on a busy 2-core machine, and a compiler on the test machine) when it starts. Only DeepSpeed's
     # inference all-reduce uses it; ZeRO-3 training all-gathers and reduce-scatters through
     # torch.distributed (gloo). Marked unavailable, it is neither built nor used.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
