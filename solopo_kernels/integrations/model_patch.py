@@ -3,24 +3,24 @@
 ``patch_solopo_forward(model)`` replaces ``model.forward`` (on the instance, not the class) with a
 version that, when called with ``solopo_labels=...``, runs the backbone (``model.base_model``),
 reads ``lm_head`` *at call time* and scores the labelled positions with the package's log-prob
-op (:func:`solopo_kernels.ops.logprobs.response_logprobs`, under a ZeRO-3 gather when one is
-needed). Without ``solopo_labels`` it is the original
-forward, so generation and every other caller are unchanged.
+op (:func:`solopo_kernels.ops.logprobs.response_logprobs`). Without ``solopo_labels`` it is the
+original forward, so generation and every other caller are unchanged.
 
-Why inside the forward: a trainer always calls the wrapped model (DDP, FSDP2, ...). The kernel
-then runs inside the wrapper's forward, where FSDP2 has unsharded the root unit's parameters
-(``lm_head`` included) and DDP has armed its gradient reducer, so the ``lm_head`` gradient is
-reduced like any other. Reading ``lm_head.weight`` after the forward, outside the wrapper, gives a
-sharded ``DTensor`` under FSDP2 (and a wrong gradient if one calls ``full_tensor()`` on it); that
-case raises here instead of training on it.
+Why inside the forward: a trainer always calls the wrapped model (DDP, FSDP2, DeepSpeed, ...).
+The kernel then runs inside the wrapper's forward, where FSDP2 has unsharded the root unit's
+parameters (``lm_head`` included) and DDP has armed its gradient reducer, so the ``lm_head``
+gradient is reduced like any other. Reading ``lm_head.weight`` after the forward, outside the
+wrapper, gives a sharded ``DTensor`` under FSDP2 (and a wrong gradient if one calls
+``full_tensor()`` on it); that case raises here instead of training on it. Under DeepSpeed ZeRO-3
+the read itself, inside the model's forward, makes DeepSpeed all-gather the partitioned weight and
+register it as an external parameter of the model, which its pre-backward hook gathers again for
+the kernel's backward (tested against one process in tests/integrations/test_zero3.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,34 +52,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def zero3_gather(*params: torch.Tensor | None) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of contexts that all-gather ``params`` while DeepSpeed ZeRO-3 has them
-    partitioned (a null context otherwise). The kernel reads ``lm_head`` without calling it, so
-    ZeRO-3's own gather hook never fires; the log-prob op enters the context for its forward and
-    again for its backward, which recomputes the logits from the weight. Parameters that are
-    already available (e.g. tied to the embedding inside its forward) are left alone."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return contextlib.nullcontext
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    unique = list({id(p): p for p in params if p is not None}.values())
-
-    def gather() -> contextlib.AbstractContextManager:
-        partitioned = [p for p in unique if p.ds_status != ZeroParamStatus.AVAILABLE]
-        return (
-            deepspeed.zero.GatheredParameters(partitioned)
-            if partitioned
-            else contextlib.nullcontext()
-        )
-
-    return gather
 
 
 def _check_plain_head(config: Any) -> None:
@@ -230,19 +202,23 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
                 "by this forward. Shard lm_head together with the root module (or with the final norm, "
                 "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
             )
-        access = zero3_gather(weight, bias)
-        positions = response_positions(labels, IGNORE_INDEX)
-        with access():
-            # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
-            # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
-            # so a float32 master weight does not turn the projection into a float32 GEMM.
-            device_type = weight.device.type
-            if torch.is_autocast_enabled(device_type):
-                weight = weight.to(torch.get_autocast_dtype(device_type))
-            rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
-            token_logps = response_logprobs(
-                rows, weight, labels[positions].to(weight.device), bias, weight_access=access
+        if weight.dim() != 2 or weight.numel() == 0:
+            # What a DeepSpeed ZeRO-3 partition looks like when nothing gathered it: DeepSpeed only
+            # gathers parameters read inside the forward of the module it wraps.
+            raise RuntimeError(
+                f"lm_head.weight has shape {tuple(weight.shape)} inside the forward, expected "
+                "(vocab, hidden): a DeepSpeed ZeRO-3 partition that was not gathered. Call the model "
+                "that deepspeed.initialize wrapped (the trainer's model), not a module inside it."
             )
+        positions = response_positions(labels, IGNORE_INDEX)
+        # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
+        # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
+        # so a float32 master weight does not turn the projection into a float32 GEMM.
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            weight = weight.to(torch.get_autocast_dtype(device_type))
+        rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
+        token_logps = response_logprobs(rows, weight, labels[positions].to(weight.device), bias)
         if solopo_sequence_ids is None:
             logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
             lengths = (labels != IGNORE_INDEX).sum(-1)

@@ -146,12 +146,6 @@ class SoLoPOTrainer(DPOTrainer):
     ) -> None:
         if kwargs.get("compute_metrics") is not None:
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            logger.warning(
-                "DeepSpeed ZeRO-3: the lm_head is all-gathered for the log-prob kernel's forward and again for "
-                "its backward (see model_patch.zero3_gather). This path is tested with a simulated partitioning, "
-                "not under DeepSpeed itself; compare a few steps against ZeRO-2 before a long run."
-            )
         self._solopo = check_solopo_args(args)
         check_liger(args, model, ref_model)
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
