@@ -148,6 +148,7 @@ class SoLoPOTrainer(DPOTrainer):
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
         self._solopo = check_solopo_args(args)
         check_liger(args, model, ref_model)
+        self._check_peft_zero3_checkpointing(model, args, kwargs.get("peft_config"))
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
@@ -232,6 +233,28 @@ class SoLoPOTrainer(DPOTrainer):
         if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
             prepare_torch_models(self.model, self.ref_model)
         self._cp_plan_cache: list[ContextParallelPlan | None] = []
+
+    def _check_peft_zero3_checkpointing(self, model: Any, args: Any, peft_config: Any) -> None:
+        """DPOTrainer forces reentrant gradient checkpointing for PEFT under DeepSpeed ZeRO-3, and
+        reentrant checkpointing breaks several policy forwards per step (DeepSpeed asserts while
+        it reduces the gradients). One forward per step (packing, no cap; or alpha = 0) is fine."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        one_forward = not self._solopo.uses_long or (
+            args.padding_free and getattr(args, "max_packed_length", None) is None
+        )
+        if (
+            peft
+            and args.gradient_checkpointing
+            and is_deepspeed_zero3_enabled()
+            and not one_forward
+        ):
+            raise ValueError(
+                "gradient_checkpointing: with PEFT under DeepSpeed ZeRO-3, TRL switches to reentrant "
+                "checkpointing, which breaks SoLoPO's two policy forwards per step; set "
+                "padding_free=True (one forward per step) or gradient_checkpointing=False"
+            )
 
     @staticmethod
     def _reference_copy(model: Any, args: Any, peft_config: Any) -> torch.nn.Module | None:

@@ -270,3 +270,23 @@ def test_an_adapter_on_lm_head_is_refused(tmp_path, where):
             processing_class=tok,
             peft_config=peft.LoraConfig(r=4, **modules),
         )
+
+
+def test_peft_under_zero3_with_checkpointing_needs_one_forward_per_step(tmp_path, monkeypatch):
+    # TRL forces reentrant checkpointing for PEFT under ZeRO-3, which breaks two policy forwards.
+    peft = pytest.importorskip("peft")
+    import transformers.integrations.deepspeed as ds
+
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    with pytest.raises(
+        ValueError, match="gradient_checkpointing: with PEFT under DeepSpeed ZeRO-3"
+    ):
+        SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path, solopo_loss_type="simpo", gradient_checkpointing=True),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+            peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]),
+        )
