@@ -94,6 +94,21 @@ def tokens_through_model(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel() + batch["long_input_ids"].numel()
 
 
+def attention_work(batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Query x key pairs the attention scores per layer and head (deterministic, from the batch):
+    a padded batch scores ``rows x T^2`` each; a packed row ``L^2`` with a dense mask (SDPA/eager:
+    transformers' block-diagonal mask) and ``sum of n_i^2`` with varlen kernels (flash-attn)."""
+    if "packed_input_ids" in batch:
+        ids = batch["packed_sequence_ids"]
+        lengths = torch.bincount(ids[ids >= 0])
+        rows = (ids >= 0).sum(-1)
+        return {"dense": int((rows**2).sum()), "varlen": int((lengths**2).sum())}
+    padded = sum(
+        batch[key].shape[0] * batch[key].shape[1] ** 2 for key in ("input_ids", "long_input_ids")
+    )
+    return {"dense": padded, "varlen": padded}
+
+
 def trainer(cell: dict[str, Any], padding_free: bool, output_dir: str) -> Any:
     """A SoLoPOTrainer around a fresh tiny Llama (seed 0), CPU, float32."""
     import copy
@@ -250,6 +265,16 @@ def report(
         )
         lines.append(f"| {name} | {forwards[name]} | {tokens[name]:,} | {figures} |")
     a, b = results[0, "padded"], results[0, "packed"]
+    work = {name: attention_work(collate(cell, name == "packed", seed=0)) for name in METHODS}
+    lines += [
+        "",
+        "Attention scores per layer and head (query x key pairs, from the batch): padded "
+        f"{work['padded']['dense']:,}; packed with a dense block-diagonal mask (SDPA/eager, what "
+        f"the CPU runs) {work['packed']['dense']:,} "
+        f"({work['packed']['dense'] / work['padded']['dense']:.2f}x); packed with varlen kernels "
+        f"(flash-attn on a GPU) {work['packed']['varlen']:,} "
+        f"({work['packed']['varlen'] / work['padded']['dense']:.2f}x).",
+    ]
     lines.append("")
     lines.append(f"Packed / padded: tokens {tokens['packed'] / tokens['padded']:.2f}")
     if a.status == b.status == "ok":
