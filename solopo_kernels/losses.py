@@ -36,6 +36,7 @@ from .ops.logprobs import (
     response_positions,
     scatter_to_positions,
 )
+from .ops.tiles import KernelOptions, check_kernel_options
 
 LOSS_TYPES = ("dpo", "ipo", "simpo", "orpo", "cpo")
 REFERENCE_LOSS_TYPES = ("dpo", "ipo")
@@ -425,6 +426,7 @@ def fused_solopo_loss(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    kernel_options: KernelOptions | None = None,
 ) -> SoLoPOOutput:
     """The SoLoPO loss from last hidden states and the lm_head weight, without ``[T x V]`` logits.
 
@@ -437,7 +439,8 @@ def fused_solopo_loss(
             (chosen rows first) for ``"both"``; None allowed (and never read) when alpha == 0.
         long_labels: ``(B, Tl)`` or ``(2B, Tl)``.
         ref_short_logps / ref_long_logps: reference per-sequence sums (see :func:`solopo_loss`).
-        ignore_index, temperature, chunk_size, backend: as in ``fused_linear_logprobs``.
+        ignore_index, temperature, chunk_size, backend, kernel_options: as in
+            ``fused_linear_logprobs``.
         Other options: see :class:`SoLoPOOptions`.
     Returns:
         :class:`SoLoPOOutput`; ``loss`` is differentiable in the hidden states, weight and bias.
@@ -471,6 +474,7 @@ def fused_solopo_loss(
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_labels)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
+    kernel_options = check_kernel_options(kernel_options)
     resolve_backend(backend, short_hidden.device, short_hidden.dtype)
     check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
 
@@ -487,6 +491,7 @@ def fused_solopo_loss(
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
+        kernel_options=kernel_options,
     )
     per_input = token_logps.split([g.shape[0] for g in gathered])
     # Per-sequence sums in a fixed order (no atomics): scatter back to (rows, T), sum over T.
@@ -531,6 +536,7 @@ class FusedSoLoPOLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
         backend: str = "auto",
+        kernel_options: KernelOptions | None = None,
     ) -> None:
         super().__init__()
         self.options = SoLoPOOptions(
@@ -543,6 +549,7 @@ class FusedSoLoPOLoss(nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
+        self.kernel_options = check_kernel_options(kernel_options)
 
     def forward(
         self,
@@ -577,6 +584,7 @@ class FusedSoLoPOLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            kernel_options=self.kernel_options,
         )
 
     def extra_repr(self) -> str:

@@ -5,11 +5,15 @@ rows (labels != ignore_index) so that work and memory scale with the number of r
 ``N`` and not with all positions ``T``, picks a backend, and wraps the backend's forward/backward
 in one ``torch.autograd.Function``. A backend is a module with
 
-* ``forward(rows, weight, bias, targets, *, temperature, tiles) -> (logp, lse)`` and
-* ``backward(grad_logp, rows, weight, bias, targets, lse, *, temperature, tiles, needs_grad)
-  -> (grad_rows, grad_weight, grad_bias)``,
+* ``default_tiles(N, H, V, device, chunk_size, options, dtype) -> tiles`` (a
+  :class:`.tiles.Tiles`),
+* ``forward(rows, weight, bias, targets, *, temperature, tiles, save_logits) -> (logp, lse,
+  saved)`` and
+* ``backward(grad_logp, rows, weight, bias, targets, lse, *, temperature, tiles, needs_grad,
+  saved) -> (grad_rows, grad_weight, grad_bias)``,
 
-operating on gathered rows ``(N, H)``; no backend ever holds an ``N x V`` tensor.
+operating on gathered rows ``(N, H)``. No backend holds an ``N x V`` tensor unless the caller
+opts in to saved logits (:class:`.tiles.KernelOptions`), and then at most its byte budget.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..checks import (
     check_shape,
     check_tensor,
 )
+from .tiles import KernelOptions, check_kernel_options
 
 BACKENDS = ("auto", "torch", "triton")
 ChunkSize = int | tuple[int, int] | None
@@ -164,8 +169,9 @@ def scatter_to_positions(
 
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
-    the bias, the targets and one log-sum-exp per row; the backward recomputes the logits (inside
-    ``weight_access()``, like the forward, when one is given)."""
+    the bias, the targets, one log-sum-exp per row and the saved logits, if the tiles ask for any;
+    the backward recomputes the other logits (inside ``weight_access()``, like the forward, when
+    one is given)."""
 
     @staticmethod
     def forward(
@@ -179,17 +185,17 @@ class LinearLogProbs(torch.autograd.Function):
         backend: ModuleType,
         weight_access: WeightAccess,
     ) -> torch.Tensor:
-        logp, lse = backend.forward(
-            rows, weight, bias, targets, temperature=temperature, tiles=tiles
+        logp, lse, saved = backend.forward(
+            rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
         )
-        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        ctx.save_for_backward(rows, weight, bias, targets, lse, saved)
         ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
         ctx.weight_access = weight_access
         return logp
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor) -> tuple[Any, ...]:
-        rows, weight, bias, targets, lse = ctx.saved_tensors
+        rows, weight, bias, targets, lse, saved = ctx.saved_tensors
         with ctx.weight_access():
             grad_rows, grad_weight, grad_bias = ctx.backend.backward(
                 grad_logp.contiguous(),
@@ -201,6 +207,7 @@ class LinearLogProbs(torch.autograd.Function):
                 temperature=ctx.temperature,
                 tiles=ctx.tiles,
                 needs_grad=tuple(ctx.needs_input_grad[:3]),
+                saved=saved,
             )
         return grad_rows, grad_weight, grad_bias, None, None, None, None, None
 
@@ -215,6 +222,7 @@ def response_logprobs(
     chunk_size: ChunkSize = None,
     backend: str = "auto",
     weight_access: WeightAccess | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Log-probs of ``targets`` for already gathered rows; no input checks (callers check).
 
@@ -224,6 +232,7 @@ def response_logprobs(
         targets: ``(N,)`` integer ids in ``[0, V)``.
         weight_access: a factory of contexts inside which ``weight`` and ``bias`` hold their
             values (see :data:`WeightAccess`); entered around the forward and the backward.
+        kernel_options: opt-in kernel knobs (:class:`.tiles.KernelOptions`), or None.
     Returns:
         ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
@@ -233,14 +242,15 @@ def response_logprobs(
     with access():  # the weight's shape and values are only read inside it
         module = resolve_backend(backend, rows.device, rows.dtype)
         rows = rows.contiguous()
+        n_rows, hidden = rows.shape
         tiles = module.default_tiles(
-            rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size
+            n_rows, hidden, weight.shape[0], rows.device, chunk_size, kernel_options, rows.dtype
         )
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (rows, weight, bias)
         )
         if not needs_grad:
-            logp, _ = module.forward(
+            logp, _, _ = module.forward(
                 rows, weight, bias, targets, temperature=temperature, tiles=tiles
             )
             return logp
@@ -257,6 +267,7 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs ``log softmax((hidden @ weight.T + bias) / temperature)[labels]``,
     computed only at response positions and never materialising ``[tokens x vocab]`` logits.
@@ -273,6 +284,9 @@ def fused_linear_logprobs(
         chunk_size: tile override: an int (tokens per tile) or ``(tokens, vocab columns)``;
             default: derived from H, V and the device.
         backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"`` or ``"triton"``.
+        kernel_options: opt-in kernel knobs, e.g. ``KernelOptions(saved_logits_bytes=2**30)``
+            to keep up to 1 GiB of forward logits and skip their recompute in the backward
+            (:class:`solopo_kernels.ops.KernelOptions`; None: the exact minimal-memory default).
     Returns:
         float32 tensor of the shape of ``labels`` (float64 for float64 inputs), 0.0 at ignored
         positions; differentiable in ``hidden``, ``weight`` and ``bias``.
@@ -283,6 +297,7 @@ def fused_linear_logprobs(
     check_hidden_and_labels("hidden", hidden, "labels", labels, weight)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
+    kernel_options = check_kernel_options(kernel_options)
     check_labels_and_lengths([("labels", labels)], vocab, ignore_index, require_response=False)
     resolve_backend(backend, hidden.device, hidden.dtype)
 
@@ -290,6 +305,7 @@ def fused_linear_logprobs(
         return fused_linear_logprobs(
             hidden.unsqueeze(0), weight, labels.unsqueeze(0), bias, ignore_index=ignore_index,
             temperature=temperature, chunk_size=chunk_size, backend=backend,
+            kernel_options=kernel_options,
         ).squeeze(0)  # fmt: skip
     positions = response_positions(labels, ignore_index)
     logp = response_logprobs(
@@ -300,5 +316,6 @@ def fused_linear_logprobs(
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
+        kernel_options=kernel_options,
     )
     return scatter_to_positions(logp, positions, labels.shape)
