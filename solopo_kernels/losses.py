@@ -27,6 +27,7 @@ from .checks import (
     value_checks_enabled,
 )
 from .ops.logprobs import (
+    BACKENDS,
     ChunkSize,
     check_chunk_size,
     check_head,
@@ -544,7 +545,7 @@ class FusedSoLoPOLoss(nn.Module):
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
-        check_choice("backend", backend, ("auto", "torch", "triton"))
+        check_choice("backend", backend, BACKENDS)
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.chunk_size = chunk_size

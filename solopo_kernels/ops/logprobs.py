@@ -39,7 +39,8 @@ from ..checks import (
 )
 from .tiles import KernelOptions, check_kernel_options
 
-BACKENDS = ("auto", "torch", "triton")
+# "triton_tma": the persistent TMA variant of the Triton backend (opt-in; see triton_tma_tiles).
+BACKENDS = ("auto", "torch", "triton", "triton_tma")
 ChunkSize = int | tuple[int, int] | None
 # A factory of contexts inside which the weight (and bias) hold their full values, e.g. a
 # DeepSpeed ZeRO-3 all-gather of a partitioned lm_head; entered for the forward and again for
@@ -65,19 +66,20 @@ def resolve_backend(
     ``"auto"`` is ``"triton"`` on CUDA devices when Triton is installed and ``"torch"`` otherwise
     (and always for float64, which only the torch backend computes, e.g. for gradcheck); the
     interpreter (``TRITON_INTERPRET=1``) is never chosen automatically: ask for ``"triton"``.
+    ``"triton_tma"`` (opt-in) is the persistent TMA variant of the Triton backend.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
         backend = "triton" if use_triton else "torch"
-    if backend == "triton":
+    if backend.startswith("triton"):
         if not triton_available():
             raise ValueError(
-                'backend="triton" needs the triton package: pip install "solopo-kernels[triton]"'
+                f'backend="{backend}" needs the triton package: pip install "solopo-kernels[triton]"'
             )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                f'backend="triton" runs on CUDA tensors (got {device}); on the CPU set '
+                f'backend="{backend}" runs on CUDA tensors (got {device}); on the CPU set '
                 'TRITON_INTERPRET=1 (slow, for tests) or use backend="torch"'
             )
     return importlib.import_module(f"{__package__}.{backend}_tiles")
@@ -283,7 +285,8 @@ def fused_linear_logprobs(
         temperature: the logits are divided by it before the softmax (> 0).
         chunk_size: tile override: an int (tokens per tile) or ``(tokens, vocab columns)``;
             default: derived from H, V and the device.
-        backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"``, ``"triton"``
+            or ``"triton_tma"`` (the persistent TMA variant, Hopper and newer; opt-in).
         kernel_options: opt-in kernel knobs, e.g. ``KernelOptions(saved_logits_bytes=2**30)``
             to keep up to 1 GiB of forward logits and skip their recompute in the backward
             (:class:`solopo_kernels.ops.KernelOptions`; None: the exact minimal-memory default).

@@ -78,7 +78,7 @@ import inspect
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
@@ -668,13 +668,15 @@ def backward(
     tiles: Tiles,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     saved: torch.Tensor | None = None,
+    recompute: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. ``rows``, ``weight`` and ``bias``.
 
     :func:`_dlogits_kernel` (or, inside the columns of ``saved``, :func:`_saved_dlogits_kernel`)
     fills one reused ``dlogits`` buffer (input dtype) per tile; the shared tile loop of
     :mod:`.gradients` adds it into float32 accumulators with two GEMMs. Returns gradients in the
-    dtypes of ``rows``, ``weight`` and ``bias`` (None where not needed).
+    dtypes of ``rows``, ``weight`` and ``bias`` (None where not needed). ``recompute`` replaces
+    :func:`_fill_dlogits` (another Triton variant's tile kernel, same arguments).
     """
     check_dtype(rows)
     n_rows = rows.shape[0]
@@ -699,7 +701,7 @@ def backward(
         if v1 <= edge:
             _fill_saved_dlogits(dlogits, saved, grad_logp, targets, lse, t0, v0, **common)
         else:
-            _fill_dlogits(
+            (recompute or _fill_dlogits)(
                 dlogits, grad_logp, rows, weight, bias, targets, lse, t0, v0,
                 dot_precision=tiles.dot_precision, **common,
             )  # fmt: skip
