@@ -267,6 +267,22 @@ def default_tiles(
 # ---------------------------------------------------------------------------------------------
 # Kernels.
 
+# Integer arguments that change from call to call (row counts, tile and split positions): not
+# specialised on (Triton would otherwise compile a variant per divisibility-by-16 pattern of
+# them, e.g. for every ragged last tile); strides and H still are (aligned, vectorised loads).
+_VARYING = [
+    "N",
+    "V",
+    "ROWS",
+    "cols_per_split",
+    "saved_cols",
+    "n_splits",
+    "t0",
+    "t_end",
+    "v0",
+    "v_end",
+]
+
 
 @triton.jit
 def _logits_block(
@@ -328,7 +344,7 @@ def _logits_block(
     return acc * inv_temperature
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _forward_kernel(
     rows_ptr,
     weight_ptr,
@@ -441,7 +457,7 @@ def _dlogits_epilogue(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _dlogits_kernel(
     rows_ptr,
     weight_ptr,
@@ -490,7 +506,7 @@ def _dlogits_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _saved_dlogits_kernel(
     saved_ptr,
     targets_ptr,
@@ -525,10 +541,18 @@ def _saved_dlogits_kernel(
 
 def _configs_for_dtype(configs: list, named_args: dict, **kwargs: object) -> list:
     """Autotuning candidates for the operand dtype: float32 operands (3xTF32 or TF32 dots) need
-    smaller K-blocks than 16-bit ones to stay free of spills."""
-    fp32 = named_args["rows_ptr"].dtype == torch.float32
+    smaller K-blocks than 16-bit ones to stay free of spills, and with saved logits only the
+    64-wide float32 config does (the compile report's numbers)."""
+    fp32 = _operand_dtype(named_args) == torch.float32
     wanted = FP32_CONFIGS if fp32 else HALF_CONFIGS
+    if fp32 and kwargs.get("SAVE_LOGITS"):
+        wanted = [c for c in wanted if c.kwargs["BLOCK_V"] <= 64]
     return [c for c in configs if any(c is w for w in wanted)]
+
+
+def _operand_dtype(named_args: dict) -> torch.dtype:
+    rows = named_args.get("rows_ptr", named_args.get("rows_desc"))
+    return getattr(rows, "base", rows).dtype  # a TMA descriptor holds its tensor as .base
 
 
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})

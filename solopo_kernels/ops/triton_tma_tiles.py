@@ -132,7 +132,7 @@ def _tma_logits_block(
     return acc * inv_temperature
 
 
-@triton.jit
+@triton.jit(do_not_specialize=base._VARYING)
 def _tma_forward_kernel(
     rows_desc,
     weight_desc,
@@ -197,7 +197,7 @@ def _tma_forward_kernel(
         tl.store(out + 2 * splits_x_n, target_logit, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=base._VARYING)
 def _tma_dlogits_kernel(
     rows_desc,
     weight_desc,
@@ -255,9 +255,9 @@ def _tuned(kernel: triton.JITFunction) -> triton.JITFunction:
 
 
 def _configs_for_dtype(configs: list, named_args: dict, **kwargs: object) -> list:
-    fp32 = named_args["rows_desc"].base.dtype == torch.float32
-    wanted = FP32_CONFIGS if fp32 else HALF_CONFIGS
-    return [c for c in configs if any(c is w for w in wanted)]
+    """:func:`.triton_tiles._configs_for_dtype` over this module's (hooked) config objects."""
+    chosen = base._configs_for_dtype(base._CONFIGS, named_args, **kwargs)
+    return [c for c, b in zip(_CONFIGS, base._CONFIGS) if any(b is x for x in chosen)]
 
 
 _forward_launcher = _tuned(_tma_forward_kernel)

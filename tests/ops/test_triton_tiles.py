@@ -315,27 +315,73 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
             pass
 
 
-def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
-    """``benchmarks/gpu_check.py`` at a tiny shape: correctness passes, a JSON and a markdown
-    table are written, and an unknown peer is reported rather than crashing the run."""
+def _load_gpu_check():
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def _gpu_check_args(tmp_path, *peers):
     device = ["--device", "cuda"] if DEVICE.type == "cuda" else ["--device", "cpu", "--interpret"]
     shape = ["--hidden", "24", "--vocab", "70", "--tokens", "20", "--warmup", "0", "--iters", "1"]
-    peers = ["--peers", "solopo-triton", "plain-logits", "no-such-peer"]
-    assert gpu_check.main([*device, *shape, *peers, "--out", str(tmp_path)]) == 0
+    return [*device, *shape, "--peers", *peers, "--out", str(tmp_path)]
+
+
+def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
+    """``benchmarks/gpu_check.py`` at a tiny shape: correctness of our three Triton methods
+    passes, a JSON and a markdown table are written, and an unknown peer is reported rather than
+    crashing the run."""
+    import json
+
+    gpu_check = _load_gpu_check()
+    args = _gpu_check_args(tmp_path, "solopo-triton", "solopo-triton-saved", "no-such-peer")
+    assert gpu_check.main(args) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     (shape_report,) = report["shapes"]
-    assert shape_report["correctness"]["pass"] and shape_report["correctness"]["triton_ran"]
+    assert set(shape_report["correctness"]) == set(gpu_check.OURS_TRITON)
+    for name, check in shape_report["correctness"].items():
+        assert check["pass"] and check["triton_ran"], name
     assert shape_report["results"]["solopo-triton"]["status"] == "ok"
     assert shape_report["results"]["no-such-peer"]["status"].startswith("unavailable")
     assert "| solopo-triton | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_triton_gpu_check_survives_broken_peers_and_a_failing_method(tmp_path, launches):
+    """A peer whose import raises anything (not just ImportError) is "unavailable"; one of our
+    methods raising is a failed correctness entry; the JSON is written either way (exit 1)."""
+    import json
+    import sys
+    import types
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError("CUDA driver too old")
+
+    gpu_check = _load_gpu_check()
+    original = gpu_check.methods
+
+    def methods(torch, n, vocab, wanted):
+        table = original(torch, n, vocab, wanted)
+        table["solopo-triton-tma"] = lambda r, w, t: (_ for _ in ()).throw(ValueError("boom"))
+        return table
+
+    broken = Broken("cut_cross_entropy")
+    with mock.patch.dict(sys.modules, {"cut_cross_entropy": broken}):
+        with mock.patch.object(gpu_check, "methods", methods):
+            code = gpu_check.main(_gpu_check_args(tmp_path, "solopo-triton", "cce"))
+    assert code == 1
+    (shape_report,) = json.loads((tmp_path / "gpu_check.json").read_text())["shapes"]
+    assert shape_report["correctness"]["solopo-triton-tma"] == {
+        "pass": False,
+        "error": "ValueError: boom",
+    }
+    assert shape_report["correctness"]["solopo-triton"]["pass"]
+    assert shape_report["results"]["cce"]["status"].startswith("unavailable: RuntimeError")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +437,14 @@ def test_gpu_configs_are_split_by_operand_dtype(launches):
     half = prune(configs, {"rows_ptr": torch.empty(1, dtype=torch.bfloat16)})
     assert fp32 == triton_tiles.FP32_CONFIGS and half == triton_tiles.HALF_CONFIGS
     assert any(c.kwargs["BLOCK_N"] == 64 for c in half)  # small N
+    saving = prune(configs, {"rows_ptr": torch.empty(1)}, SAVE_LOGITS=True)
+    assert saving and all(c.kwargs["BLOCK_V"] <= 64 for c in saving)  # 128-wide spills there
+    from solopo_kernels.ops import triton_tma_tiles as tma
+
+    descriptor = mock.Mock(base=torch.empty(1, dtype=torch.bfloat16))
+    tma_half = tma._configs_for_dtype(tma._CONFIGS, {"rows_desc": descriptor})
+    assert [c.kwargs for c in tma_half] == [c.kwargs for c in half]
+    assert all(c.pre_hook is tma._set_block_shapes for c in tma_half)
 
 
 def test_float32_dot_precision_is_fixed_at_forward_time(launches):
