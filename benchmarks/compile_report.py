@@ -156,7 +156,10 @@ def compile_one(launch: dict[str, Any], options: dict[str, Any], arch: int) -> d
     kwargs = {**launch["kwargs"], **options}
     if "EVEN_K" in fn.arg_names and "EVEN_K" not in kwargs:  # the heuristic of the launcher
         kwargs["EVEN_K"] = H % kwargs["BLOCK_K"] == 0
-    for name, desc_block in (("rows_desc", ("BLOCK_N", "BLOCK_K")), ("weight_desc", ("BLOCK_V", "BLOCK_K"))):
+    for name, desc_block in (
+        ("rows_desc", ("BLOCK_N", "BLOCK_K")),
+        ("weight_desc", ("BLOCK_V", "BLOCK_K")),
+    ):
         if name in fn.arg_names and "BLOCK_K" in kwargs:  # the autotuning pre-hook's job
             index = fn.arg_names.index(name)
             launch["args"][index].block_shape = [kwargs[k] for k in desc_block]
@@ -164,7 +167,9 @@ def compile_one(launch: dict[str, Any], options: dict[str, Any], arch: int) -> d
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, opts = binder(*launch["args"], **kwargs)
-    options_, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
+    options_, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound, specialization, opts
+    )
     started = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
@@ -181,7 +186,9 @@ def compile_one(launch: dict[str, Any], options: dict[str, Any], arch: int) -> d
     ).stderr  # fmt: skip
     os.unlink(f.name)
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
-    stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    stores, loads = map(
+        int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    )
     ttgir = compiled.asm["ttgir"]
     warps = options.get("num_warps", kwargs.get("num_warps", 4))
     shared = compiled.metadata.shared
@@ -207,9 +214,7 @@ def ctas_per_sm(registers: int, warps: int, shared: int, arch: int) -> int:
     return max(0, min(by_registers, by_shared, by_threads, 32))
 
 
-def run(
-    archs: list[int], out: Path, quick: bool = False, dtypes: list[str] | None = None
-) -> Path:
+def run(archs: list[int], out: Path, quick: bool = False, dtypes: list[str] | None = None) -> Path:
     rows = []
     for dtype_name, dtype in DTYPES.items():
         if dtypes and dtype_name not in dtypes:
@@ -265,15 +270,19 @@ def markdown(out: Path) -> str:
         "",
     ]
     for r in reports:
-        lines.append(f"- Triton {r['triton']}: torch {r['torch']}, Python {r['python']}, {r['ptxas']}, {r['date']}")
-    key = lambda row: (row["kernel"], row["dtype"], row["status"], row["block"], row["num_warps"], row["num_stages"], row["arch"])  # noqa: E731
+        lines.append(
+            f"- Triton {r['triton']}: torch {r['torch']}, Python {r['python']}, {r['ptxas']}, {r['date']}"
+        )
+    fields = ("kernel", "dtype", "status", "block", "num_warps", "num_stages", "arch")
     merged: dict[tuple, dict[str, dict]] = {}
     for r in reports:
         for row in r["rows"]:
-            merged.setdefault(key(row), {})[r["triton"]] = row
-    header = "| kernel | dtype | status | block NxVxK | warps | stages | arch | " + " | ".join(
-        f"regs / spill / smem / CTAs/SM / pipe / mma ({v})" for v in versions
-    ) + " |"
+            merged.setdefault(tuple(row[f] for f in fields), {})[r["triton"]] = row
+    header = (
+        "| kernel | dtype | status | block NxVxK | warps | stages | arch | "
+        + " | ".join(f"regs / spill / smem / CTAs/SM / pipe / mma ({v})" for v in versions)
+        + " |"
+    )
     lines += ["", header, "|" + "---|" * (7 + len(versions))]
     for k, by_version in merged.items():
         cells = []
@@ -298,7 +307,9 @@ def markdown(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities")
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help="one config per kernel (a smoke run)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: all")
