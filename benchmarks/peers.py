@@ -38,7 +38,7 @@ from harness import Cell, Unavailable
 IGNORE_INDEX = -100
 KINDS = ("solopo", "dpo-long", "logprobs")
 LOSS_TYPES = ("dpo", "simpo", "orpo", "cpo")
-# The paper's alpha: 3 for SoLo-DPO, 1 for SoLo-SimPO/ORPO (SPEC §1); beta/gamma: TRL's defaults.
+# The paper's alpha: 3 for SoLo-DPO, 1 for SoLo-SimPO/ORPO (the paper, with Qwen2.5-7B); beta/gamma: TRL's defaults.
 LOSS_OPTIONS: dict[str, dict[str, float]] = {
     "dpo": {"beta": 0.1, "alpha": 3.0},
     "simpo": {"beta": 2.0, "gamma": 0.5, "alpha": 1.0},

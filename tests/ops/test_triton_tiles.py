@@ -495,3 +495,32 @@ def test_dlogits_rows_past_2_to_31_elements_land_in_place():
     )
     reference.assert_close_rel(tile, expected, 1e-2, "dlogits")
     assert triton_tiles.launch_counts["dlogits"] == before + 1
+
+
+def test_a_huge_first_call_tunes_on_a_prefix():
+    """More rows than the largest tuning bucket: the first call launches once on the first
+    TUNE_ROWS_CAP rows (where the autotuner benchmarks the configs), then on all rows with the same
+    tuning key; later calls of that shape launch once. Checked on the launch arguments, with the
+    launcher replaced by a recorder (the GPU path, without a GPU)."""
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(args)
+
+    cap, n = 16, 40
+    rows, weight = torch.randn(n, H), torch.randn(V, H)
+    targets = torch.randint(0, V, (n,))
+    tiles = triton_tiles.default_tiles(n, H, V, rows.device, None, dtype=rows.dtype)
+    with (
+        mock.patch.object(triton_tiles, "_INTERPRET", False),
+        mock.patch.object(triton_tiles, "_LAUNCH_CONFIG", {}),
+        mock.patch.object(triton_tiles, "TUNE_ROWS_CAP", cap),
+        mock.patch.object(triton_tiles, "_forward_launcher", Recorder()),
+        mock.patch.object(triton_tiles, "_tuned_on_prefix", set()),
+    ):
+        for _ in range(2):
+            triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
+    n_arg, rows_arg = 6, 9  # positions of N and ROWS in _forward_kernel's arguments
+    assert [c[n_arg] for c in calls] == [cap, n, n]
+    assert {c[rows_arg] for c in calls} == {cap}  # one tuning key for all three launches
