@@ -344,7 +344,7 @@ def _logits_block(
     return acc * inv_temperature
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit
 def _forward_kernel(
     rows_ptr,
     weight_ptr,
@@ -457,7 +457,7 @@ def _dlogits_epilogue(
         )
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit
 def _dlogits_kernel(
     rows_ptr,
     weight_ptr,
@@ -506,7 +506,7 @@ def _dlogits_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit
 def _saved_dlogits_kernel(
     saved_ptr,
     targets_ptr,

@@ -132,7 +132,7 @@ def _tma_logits_block(
     return acc * inv_temperature
 
 
-@triton.jit(do_not_specialize=base._VARYING)
+@triton.jit
 def _tma_forward_kernel(
     rows_desc,
     weight_desc,
@@ -197,7 +197,7 @@ def _tma_forward_kernel(
         tl.store(out + 2 * splits_x_n, target_logit, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=base._VARYING)
+@triton.jit
 def _tma_dlogits_kernel(
     rows_desc,
     weight_desc,
