@@ -123,8 +123,8 @@ def test_saved_logits_cost_no_more_than_the_budget(backend):
     single allocation exceeds the budget plus one tile (gradients and input copies aside)."""
     skip_unless_backend_runs(backend)
     head = Head.random(V, H, bias=True)
-    hidden = random_hidden(3, 40, H)
-    labels = response_labels(3, 40, V, min_response=20)
+    hidden = random_hidden(2, 24, H)
+    labels = response_labels(2, 24, V, min_response=12)
     n_rows = int((labels != IGNORE).sum())
     upstream = torch.randn(labels.shape)
     tile_elements = TILE[0] * TILE[1]
