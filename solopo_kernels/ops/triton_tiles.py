@@ -58,12 +58,14 @@ as ``max |err| / max |ref|``): float32: values and gradients <= 1e-5; bfloat16/f
 <= 1e-5, gradients <= 1e-2 (the gradients are returned in the input dtype).
 
 Block sizes: on CUDA ``triton.autotune`` over a short list of configs per operand dtype
-(:data:`HALF_CONFIGS`, :data:`FP32_CONFIGS`; each compiles without register spills for sm_90 and
-sm_80 with Triton 3.6 and 3.9, see ``benchmarks/compile_report.py``), keyed on ``(H, V)``, the
-dtypes and a bucket of the row count (:func:`rows_bucket`); the results persist in Triton's cache.
-A call with more rows than the largest bucket tunes on its first ``TUNE_ROWS_CAP`` rows, so a huge
-first call does not pay the tuning at its full size. Under ``TRITON_INTERPRET=1``, one fixed small
-config. ``TRITON_INTERPRET`` must be set before this module (and Triton) is imported.
+(:data:`HALF_CONFIGS`, :data:`FP32_CONFIGS`), less those the compile report found spilling for
+the case at hand (:func:`spills`: the operand dtype, saved logits, sm_90 or sm_80;
+``benchmarks/compile_report.py``, Triton 3.6 and 3.9; a test checks the exclusions against the
+committed report), keyed on ``(H, V)``, the dtypes and a bucket of the row count
+(:func:`rows_bucket`); the results persist in Triton's cache. A call with more rows than the
+largest bucket tunes on its first ``TUNE_ROWS_CAP`` rows, so a huge first call does not pay the
+tuning at its full size. Under ``TRITON_INTERPRET=1``, one fixed small config.
+``TRITON_INTERPRET`` must be set before this module (and Triton) is imported.
 :data:`launch_counts` counts kernel launches, so tests can tell that the Triton path really ran.
 
 FLOPs: forward ``2 N H V``; backward ``6 N H V`` (recomputed logits, ``grad_rows``, ``grad_weight``),
@@ -98,9 +100,9 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 launch_counts: Counter[str] = Counter()
 
 # On a GPU: matmul-shaped configs (the kernels are GEMMs with a reduction epilogue), autotuned per
-# (H, V, dtypes, rows bucket). Each one compiles without register spills for sm_90 and sm_80 with
-# Triton 3.6 and 3.9 (benchmarks/results/compile/); the compile report lists what was dropped and
-# why (128x128x32 with 4 warps and 128x256x64 spill; float32 operands spill in all but one shape).
+# (H, V, dtypes, rows bucket). The compile report (benchmarks/results/compile/) lists what was
+# dropped and why: 128x256x64, and 128-row blocks with 4 warps, spill (on sm_80 with both Triton
+# versions, on sm_90 with 3.9); float32 operands spill or need 1 CTA/SM in 64-deep K-blocks.
 # BLOCK_N=64 configs serve small N; 4-warp configs fit two or three CTAs per SM, 8-warp ones one.
 HALF_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -529,19 +531,29 @@ def _saved_dlogits_kernel(
 
 
 def _configs_for_dtype(configs: list, named_args: dict, **kwargs: object) -> list:
-    """Autotuning candidates for the operand dtype: float32 operands (3xTF32 or TF32 dots) need
-    smaller K-blocks than 16-bit ones to stay free of spills, and with saved logits only the
-    64-wide float32 config does (the compile report's numbers)."""
-    fp32 = _operand_dtype(named_args) == torch.float32
-    wanted = FP32_CONFIGS if fp32 else HALF_CONFIGS
-    if fp32 and kwargs.get("SAVE_LOGITS"):
-        wanted = [c for c in wanted if c.kwargs["BLOCK_V"] <= 64]
+    """Autotuning candidates for the call: the operand dtype's list (float32 operands, 3xTF32 or
+    TF32 dots, need smaller K-blocks than 16-bit ones), less the configs the compile report
+    found spilling for this case (:func:`spills`)."""
+    rows = named_args.get("rows_ptr", named_args.get("rows_desc"))
+    tensor = getattr(rows, "base", rows)  # a TMA descriptor holds its tensor as .base
+    fp32 = tensor.dtype == torch.float32
+    major = torch.cuda.get_device_capability(tensor.device)[0] if tensor.is_cuda else 9
+    save = bool(kwargs.get("SAVE_LOGITS"))
+    wanted = [
+        c for c in (FP32_CONFIGS if fp32 else HALF_CONFIGS) if not spills(c, fp32, save, major)
+    ]
     return [c for c in configs if any(c is w for w in wanted)]
 
 
-def _operand_dtype(named_args: dict) -> torch.dtype:
-    rows = named_args.get("rows_ptr", named_args.get("rows_desc"))
-    return getattr(rows, "base", rows).dtype  # a TMA descriptor holds its tensor as .base
+def spills(config: triton.Config, fp32: bool, save: bool, major: int) -> bool:
+    """Whether ``config`` spills registers for these operands on this architecture, per the
+    compile report (benchmarks/results/compile/, Triton 3.6 and 3.9): float32 operands in
+    128-wide blocks on sm_80, and with saved logits anywhere; 16-bit operands with saved logits
+    in the 4-warp 64x128 block on sm_80."""
+    wide = config.kwargs["BLOCK_V"] >= 128
+    if fp32:
+        return wide and (save or major < 9)
+    return save and major < 9 and wide and config.num_warps == 4
 
 
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})
