@@ -124,13 +124,15 @@ def accumulate_gradients(
     token_tile = max(1, min(tiles.token_tile, n_rows))
     vocab_tile = max(1, min(tiles.vocab_tile, vocab))
     token_bounds = tile_bounds(0, n_rows, token_tile)
+    saved_token_bounds = tile_bounds(0, n_rows, max(1, tiles.saved_token_tile or token_tile))
 
     # The weight gradient is written straight into grad_weight when it has the accumulation
     # dtype, or when a single token tile (one GEMM per vocabulary tile) produces each of its
     # tiles from same-dtype operands; otherwise through a float32 buffer, kept under
     # WEIGHT_BUFFER_BYTES by narrowing the vocabulary tile.
     direct_weight = weight.dtype == acc_dtype or (
-        len(token_bounds) <= 1 and dlogits_dtype == rows.dtype == weight.dtype
+        max(len(token_bounds), len(saved_token_bounds)) <= 1
+        and dlogits_dtype == rows.dtype == weight.dtype
     )
     if need_weight and not direct_weight:
         itemsize = torch.finfo(acc_dtype).bits // 8
@@ -161,7 +163,7 @@ def accumulate_gradients(
                 grad_weight[v0:v1] if weight_buffer is None else weight_buffer[: v1 - v0]
             )
         written = False  # the first GEMM into weight_grad_tile overwrites it
-        for t0, t1 in token_bounds:
+        for t0, t1 in saved_token_bounds if v1 <= tiles.saved_columns else token_bounds:
             dlogits = fill(t0, t1, v0, v1)
             if dlogits is None:
                 continue

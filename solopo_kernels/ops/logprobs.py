@@ -10,7 +10,7 @@ in one ``torch.autograd.Function``. A backend is a module with
 * ``forward(rows, weight, bias, targets, *, temperature, tiles, save_logits) -> (logp, lse,
   saved)`` and
 * ``backward(grad_logp, rows, weight, bias, targets, lse, *, temperature, tiles, needs_grad,
-  saved) -> (grad_rows, grad_weight, grad_bias)``,
+  saved) -> (grad_rows, grad_weight, grad_bias)``, which may overwrite ``saved``,
 
 operating on gathered rows ``(N, H)``. No backend holds an ``N x V`` tensor unless the caller
 opts in to saved logits (:class:`.tiles.KernelOptions`), and then at most its byte budget.
@@ -190,14 +190,18 @@ class LinearLogProbs(torch.autograd.Function):
         logp, lse, saved = backend.forward(
             rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
         )
-        ctx.save_for_backward(rows, weight, bias, targets, lse, saved)
+        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        # Not through save_for_backward: a backward may consume (overwrite) the saved logits, and
+        # drops them, so that a second backward (retain_graph=True) recomputes every tile.
+        ctx.saved_logits = saved
         ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
         ctx.weight_access = weight_access
         return logp
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor) -> tuple[Any, ...]:
-        rows, weight, bias, targets, lse, saved = ctx.saved_tensors
+        rows, weight, bias, targets, lse = ctx.saved_tensors
+        saved, ctx.saved_logits = ctx.saved_logits, None
         with ctx.weight_access():
             grad_rows, grad_weight, grad_bias = ctx.backend.backward(
                 grad_logp.contiguous(),

@@ -73,6 +73,8 @@ class Tiles:
         token_tile, vocab_tile: shape of a backward tile (rows, vocabulary columns).
         saved_columns: the forward keeps the float32 logits of columns ``[0, saved_columns)`` of
             every row (see :class:`KernelOptions`); 0 = nothing saved.
+        saved_token_tile: token rows of a backward tile inside the saved columns, when a backend
+            can take taller tiles there at no memory cost (0: ``token_tile``).
         splits: vocabulary splits of the Triton forward grid (1 for the torch backend).
         skip_threshold: opt-in gradient filter of the Triton backend; 0 = exact.
         dot_precision: ``tl.dot`` input precision of the Triton kernels, chosen at forward time
@@ -82,6 +84,7 @@ class Tiles:
     token_tile: int
     vocab_tile: int
     saved_columns: int = 0
+    saved_token_tile: int = 0
     splits: int = 1
     skip_threshold: float = 0.0
     dot_precision: str = "ieee"

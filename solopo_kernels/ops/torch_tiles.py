@@ -57,15 +57,17 @@ def default_tiles(
     ``options.saved_logits_bytes`` sets how many leading columns the forward saves.
     """
     budget = options.saved_logits_bytes if options is not None else 0
-    saved = saved_columns(budget, n_rows, vocab)
+    # Inside the saved columns a tile is a view of the saved logits: all rows at once cost no
+    # memory, and give the GEMMs their full height.
+    saved = {"saved_columns": saved_columns(budget, n_rows, vocab), "saved_token_tile": n_rows}
     if isinstance(chunk_size, tuple):
-        return Tiles(*chunk_size, saved_columns=saved)
+        return Tiles(*chunk_size, **saved)
     vocab_tile = min(vocab, max(256, 1 << int(math.log2(max(1, _WEIGHT_TILE_ELEMENTS // hidden)))))
     if chunk_size is not None:
-        return Tiles(chunk_size, vocab_tile, saved_columns=saved)
+        return Tiles(chunk_size, vocab_tile, **saved)
     elements = _TILE_ELEMENTS.get(device.type, _TILE_ELEMENTS_ACCELERATOR)
     token_tile = max(16, elements // vocab_tile)
-    return Tiles(min(token_tile, max(1, n_rows)), vocab_tile, saved_columns=saved)
+    return Tiles(min(token_tile, max(1, n_rows)), vocab_tile, **saved)
 
 
 def _logits_tile(
@@ -94,6 +96,19 @@ def _target_columns(
     local = targets - start
     in_tile = (local >= 0) & (local < width)
     return local.clamp(0, width - 1).unsqueeze(1), in_tile
+
+
+class _Scratch:
+    """One reused tile buffer, grown to the largest tile asked for."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.buffer = torch.empty(0, dtype=dtype, device=device)
+
+    def tile(self, n: int, width: int) -> torch.Tensor:
+        if self.buffer.numel() < n * width:
+            self.buffer = torch.empty(n * width, dtype=self.dtype, device=self.device)
+        return self.buffer[: n * width].view(n, width)
 
 
 def forward(
@@ -127,19 +142,30 @@ def forward(
     running_max = torch.full((n_rows,), -math.inf, dtype=acc, device=rows.device)
     running_sum = torch.zeros(n_rows, dtype=acc, device=rows.device)
     target_logit = torch.zeros(n_rows, dtype=acc, device=rows.device)
-    for v0, v1 in vocab_bounds(replace(tiles, saved_columns=edge), vocab, tiles.vocab_tile):
+    bounds = vocab_bounds(replace(tiles, saved_columns=edge), vocab, tiles.vocab_tile)
+    scratch = _Scratch(
+        acc, rows.device
+    )  # one tile, reused: no allocation (nor page faults) per tile
+    for v0, v1 in bounds:
         w = weight[v0:v1].to(acc)
         b = bias[v0:v1].to(acc) if bias is not None else None
+        if v1 <= edge:  # one GEMM of all rows, straight into the saved logits
+            _logits_tile(rows.to(acc), w, b, temperature, out=saved[:, v0:v1])
         for t0, t1 in token_bounds:
             kept = saved[t0:t1, v0:v1] if v1 <= edge else None
-            logits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature, out=kept)
+            if kept is None:
+                out = scratch.tile(t1 - t0, v1 - v0)
+                logits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature, out=out)
+            else:
+                logits = kept
             local, in_tile = _target_columns(targets[t0:t1], v0, v1 - v0)
             picked = logits.gather(1, local).squeeze(1)
             target_logit[t0:t1] = torch.where(in_tile, picked, target_logit[t0:t1])
             new_max = torch.maximum(running_max[t0:t1], logits.amax(1))
-            shifted = (
-                logits.sub_(new_max.unsqueeze(1)) if kept is None else logits - new_max[:, None]
-            )
+            if kept is None:
+                shifted = logits.sub_(new_max.unsqueeze(1))
+            else:  # the saved logits stay as they are
+                shifted = torch.sub(logits, new_max[:, None], out=scratch.tile(t1 - t0, v1 - v0))
             tile_sum = shifted.exp_().sum(1)
             running_sum[t0:t1] = (
                 running_sum[t0:t1] * torch.exp(running_max[t0:t1] - new_max) + tile_sum
@@ -164,18 +190,20 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. ``rows``, ``weight`` and ``bias``.
 
-    Each logits tile is recomputed (or, for the columns of ``saved``, read from the forward's
-    logits) and turned into ``dlogits = grad_logp * (onehot(target) - softmax) / temperature``;
-    the shared tile loop of :mod:`.gradients` accumulates the gradients from it.
+    Each logits tile is recomputed into one reused buffer (or, for the columns of ``saved``,
+    taken from the forward's logits, which it overwrites: ``saved`` is consumed) and turned into
+    ``dlogits = grad_logp * (onehot(target) - softmax) / temperature``; the shared tile loop of
+    :mod:`.gradients` accumulates the gradients from it.
     """
     acc = accumulation_dtype(rows.dtype)
     scale = grad_logp.to(acc) / temperature
     edge = saved.shape[1] if saved is not None else 0
     cached: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+    scratch = _Scratch(acc, rows.device)
 
     def fill(t0: int, t1: int, v0: int, v1: int) -> torch.Tensor:
-        if v1 <= edge:  # a saved tile: no GEMM, and the saved logits stay untouched
-            dlogits = saved[t0:t1, v0:v1] - lse[t0:t1].unsqueeze(1)
+        if v1 <= edge:  # a saved tile: no GEMM, and no new tile either
+            dlogits = saved[t0:t1, v0:v1].sub_(lse[t0:t1].unsqueeze(1))
         else:
             if (v0, v1) not in cached:  # up-cast each weight tile once, not once per token tile
                 cached.clear()
@@ -184,7 +212,8 @@ def backward(
                     bias[v0:v1].to(acc) if bias is not None else None,
                 )
             w, b = cached[v0, v1]
-            dlogits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature)
+            out = scratch.tile(t1 - t0, v1 - v0)
+            dlogits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature, out=out)
             dlogits.sub_(lse[t0:t1].unsqueeze(1))
         dlogits.exp_()  # softmax probabilities
         dlogits.mul_(-scale[t0:t1].unsqueeze(1))

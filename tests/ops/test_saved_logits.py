@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from solopo_kernels import fused_linear_logprobs, fused_solopo_loss
-from solopo_kernels.ops import KernelOptions
+from solopo_kernels.ops import KernelOptions, response_logprobs
 from tests import reference
 from tests.inputs import (
     BACKENDS,
@@ -176,3 +176,23 @@ def test_fused_solopo_loss_takes_the_budget():
     (plain, loss), (fast, fast_loss) = flops(None), flops(KernelOptions(4 * n_rows * 64))
     assert plain == 8 * n_rows * 8 * 64 and fast == 6 * n_rows * 8 * 64
     torch.testing.assert_close(fast_loss, loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_backward_recomputes_what_the_first_consumed(backend):
+    """The backward may overwrite the saved logits; with retain_graph=True a second backward
+    recomputes those tiles and gets the same gradients."""
+    skip_unless_backend_runs(backend)
+    head = Head.random(V, H, bias=True)
+    rows = random_hidden(30, H)
+    targets = torch.randint(0, V, (30,))
+    options = KernelOptions(saved_logits_bytes=4 * 30 * V)
+    logp = response_logprobs(
+        rows, head.weight, targets, head.bias, chunk_size=TILE, backend=backend,
+        kernel_options=options,
+    )  # fmt: skip
+    loss = (logp * torch.randn(30)).sum()
+    first = torch.autograd.grad(loss, [rows, head.weight, head.bias], retain_graph=True)
+    second = torch.autograd.grad(loss, [rows, head.weight, head.bias])
+    for a, b in zip(first, second):
+        reference.assert_close_rel(a, b, 1e-6, "second backward")
