@@ -8,9 +8,10 @@ the target logit is picked from the tile that holds its id. Everything is accumu
 (float64 for float64 inputs), whatever the input dtype.
 
 With a saved-logits budget (:class:`.tiles.KernelOptions`), the forward writes the logits of the
-first ``tiles.saved_columns`` columns straight into one ``(N, saved_columns)`` float32 (float64)
-tensor instead of a fresh tile, and the backward turns those tiles into ``dlogits`` without the
-GEMM that would recompute them.
+first ``tiles.saved_columns`` columns of all rows, one GEMM per vocabulary tile, straight into one
+``(N, saved_columns)`` float32 (float64) tensor, and the backward turns those tiles into
+``dlogits`` in place (it consumes them) and runs their gradient GEMMs over all rows at once:
+tiles there are views of the saved tensor, so their height costs no memory.
 
 FLOPs: forward ``2 N H V``; backward ``6 N H V`` (recomputed logits, ``grad_rows``, ``grad_weight``),
 minus ``2 N H`` per saved column. The backward's tile loop is :mod:`.gradients`, shared with the
