@@ -29,6 +29,7 @@ from .checks import (
 )
 from .context_parallel import group_size, sum_over_group
 from .ops.logprobs import (
+    BACKENDS,
     ChunkSize,
     check_chunk_size,
     check_head,
@@ -38,6 +39,7 @@ from .ops.logprobs import (
     response_positions,
     scatter_to_positions,
 )
+from .ops.tiles import KernelOptions, check_kernel_options
 
 LOSS_TYPES = ("dpo", "ipo", "simpo", "orpo", "cpo")
 REFERENCE_LOSS_TYPES = ("dpo", "ipo")
@@ -484,6 +486,7 @@ def fused_solopo_loss(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    kernel_options: KernelOptions | None = None,
     context_parallel_group: Any = None,
 ) -> SoLoPOOutput:
     """The SoLoPO loss from last hidden states and the lm_head weight, without ``[T x V]`` logits.
@@ -497,7 +500,8 @@ def fused_solopo_loss(
             (chosen rows first) for ``"both"``; None allowed (and never read) when alpha == 0.
         long_labels: ``(B, Tl)`` or ``(2B, Tl)``.
         ref_short_logps / ref_long_logps: reference per-sequence sums (see :func:`solopo_loss`).
-        ignore_index, temperature, chunk_size, backend: as in ``fused_linear_logprobs``.
+        ignore_index, temperature, chunk_size, backend, kernel_options: as in
+            ``fused_linear_logprobs``.
         context_parallel_group: a ``torch.distributed`` process group over whose ranks every row
             is split along its length (see :mod:`solopo_kernels.context_parallel`): the hidden
             states and the *already shifted* labels are this rank's slice of each row (any order:
@@ -540,6 +544,7 @@ def fused_solopo_loss(
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_labels)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
+    kernel_options = check_kernel_options(kernel_options)
     resolve_backend(backend, short_hidden.device, short_hidden.dtype)
     group = context_parallel_group
     bad_labels = None
@@ -566,6 +571,7 @@ def fused_solopo_loss(
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
+        kernel_options=kernel_options,
     )
     per_input = token_logps.split([g.shape[0] for g in gathered])
     # Per-sequence sums in a fixed order (no atomics): scatter back to (rows, T), sum over T.
@@ -607,6 +613,7 @@ class FusedSoLoPOLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
         backend: str = "auto",
+        kernel_options: KernelOptions | None = None,
         context_parallel_group: Any = None,
     ) -> None:
         super().__init__()
@@ -615,11 +622,12 @@ class FusedSoLoPOLoss(nn.Module):
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
-        check_choice("backend", backend, ("auto", "torch", "triton"))
+        check_choice("backend", backend, BACKENDS)
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
+        self.kernel_options = check_kernel_options(kernel_options)
         self.context_parallel_group = context_parallel_group
 
     def forward(
@@ -655,6 +663,7 @@ class FusedSoLoPOLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            kernel_options=self.kernel_options,
             context_parallel_group=self.context_parallel_group,
         )
 
