@@ -67,34 +67,3 @@ def expect_backend(backend: str, *, backward: bool = True) -> Iterator[None]:
     ran = {k: triton_tiles.launch_counts[k] - before.get(k, 0) for k in ("forward", "dlogits")}
     assert ran["forward"] > 0, "the Triton forward kernel never ran"
     assert ran["dlogits"] > 0 or not backward, "the Triton backward kernel never ran"
-
-
-class Partitioned:
-    """Simulates DeepSpeed ZeRO-3 on some tensors: outside :meth:`gather` their data is an empty
-    tensor, inside it the full values; a gather nested in another is a no-op (the parameters are
-    already available, as DeepSpeed's status check finds). Counts the real gathers."""
-
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.tensors = [t for t in tensors if t is not None]
-        self.full = [t.data for t in self.tensors]
-        self.gathers = 0
-        self._depth = 0
-        self._partition()
-
-    def _partition(self) -> None:
-        for t in self.tensors:
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-
-    @contextlib.contextmanager
-    def gather(self) -> Iterator[None]:
-        if self._depth == 0:
-            for t, full in zip(self.tensors, self.full):
-                t.data = full
-            self.gathers += 1
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._partition()

@@ -18,10 +18,8 @@ opts in to saved logits (:class:`.tiles.KernelOptions`), and then at most its by
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -42,10 +40,6 @@ from .tiles import KernelOptions, check_kernel_options
 # "triton_tma": the persistent TMA variant of the Triton backend (opt-in; see triton_tma_tiles).
 BACKENDS = ("auto", "torch", "triton", "triton_tma")
 ChunkSize = int | tuple[int, int] | None
-# A factory of contexts inside which the weight (and bias) hold their full values, e.g. a
-# DeepSpeed ZeRO-3 all-gather of a partitioned lm_head; entered for the forward and again for
-# the backward, which re-reads the weight to recompute the logits.
-WeightAccess = Callable[[], contextlib.AbstractContextManager]
 
 
 def triton_available() -> bool:
@@ -172,8 +166,9 @@ def scatter_to_positions(
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
     the bias, the targets, one log-sum-exp per row and the saved logits, if the tiles ask for any;
-    the backward recomputes the other logits (inside ``weight_access()``, like the forward, when
-    one is given)."""
+    the backward recomputes the other logits from the weight. (Under DeepSpeed ZeRO-3 the weight
+    is whole in both: read inside the wrapped model's forward, DeepSpeed gathers it then and again
+    before the backward; see solopo_kernels/integrations/model_patch.py.)"""
 
     @staticmethod
     def forward(
@@ -185,7 +180,6 @@ class LinearLogProbs(torch.autograd.Function):
         temperature: float,
         tiles: Any,
         backend: ModuleType,
-        weight_access: WeightAccess,
     ) -> torch.Tensor:
         logp, lse, saved = backend.forward(
             rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
@@ -195,27 +189,25 @@ class LinearLogProbs(torch.autograd.Function):
         # drops them, so that a second backward (retain_graph=True) recomputes every tile.
         ctx.saved_logits = saved
         ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
-        ctx.weight_access = weight_access
         return logp
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor) -> tuple[Any, ...]:
         rows, weight, bias, targets, lse = ctx.saved_tensors
         saved, ctx.saved_logits = ctx.saved_logits, None
-        with ctx.weight_access():
-            grad_rows, grad_weight, grad_bias = ctx.backend.backward(
-                grad_logp.contiguous(),
-                rows,
-                weight,
-                bias,
-                targets,
-                lse,
-                temperature=ctx.temperature,
-                tiles=ctx.tiles,
-                needs_grad=tuple(ctx.needs_input_grad[:3]),
-                saved=saved,
-            )
-        return grad_rows, grad_weight, grad_bias, None, None, None, None, None
+        grad_rows, grad_weight, grad_bias = ctx.backend.backward(
+            grad_logp.contiguous(),
+            rows,
+            weight,
+            bias,
+            targets,
+            lse,
+            temperature=ctx.temperature,
+            tiles=ctx.tiles,
+            needs_grad=tuple(ctx.needs_input_grad[:3]),
+            saved=saved,
+        )
+        return grad_rows, grad_weight, grad_bias, None, None, None, None
 
 
 def response_logprobs(
@@ -227,7 +219,6 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
-    weight_access: WeightAccess | None = None,
     kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Log-probs of ``targets`` for already gathered rows; no input checks (callers check).
@@ -236,31 +227,27 @@ def response_logprobs(
         rows: ``(N, H)`` response hidden states, same dtype as ``weight``.
         weight: ``(V, H)``; bias: ``(V,)`` or None.
         targets: ``(N,)`` integer ids in ``[0, V)``.
-        weight_access: a factory of contexts inside which ``weight`` and ``bias`` hold their
-            values (see :data:`WeightAccess`); entered around the forward and the backward.
         kernel_options: opt-in kernel knobs (:class:`.tiles.KernelOptions`), or None.
     Returns:
         ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
         forward runs alone and nothing is saved.
     """
-    access = weight_access or contextlib.nullcontext
-    with access():  # the weight's shape and values are only read inside it
-        module = resolve_backend(backend, rows.device, rows.dtype)
-        rows = rows.contiguous()
-        n_rows, hidden = rows.shape
-        tiles = module.default_tiles(
-            n_rows, hidden, weight.shape[0], rows.device, chunk_size, kernel_options, rows.dtype
+    module = resolve_backend(backend, rows.device, rows.dtype)
+    rows = rows.contiguous()
+    n_rows, hidden = rows.shape
+    tiles = module.default_tiles(
+        n_rows, hidden, weight.shape[0], rows.device, chunk_size, kernel_options, rows.dtype
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, weight, bias)
+    )
+    if not needs_grad:
+        logp, _, _ = module.forward(
+            rows, weight, bias, targets, temperature=temperature, tiles=tiles
         )
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (rows, weight, bias)
-        )
-        if not needs_grad:
-            logp, _, _ = module.forward(
-                rows, weight, bias, targets, temperature=temperature, tiles=tiles
-            )
-            return logp
-        return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module, access)
+        return logp
+    return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module)
 
 
 def fused_linear_logprobs(
