@@ -38,7 +38,7 @@ from harness import Cell, Unavailable
 IGNORE_INDEX = -100
 KINDS = ("solopo", "dpo-long", "logprobs")
 LOSS_TYPES = ("dpo", "simpo", "orpo", "cpo")
-# The paper's alpha: 3 for SoLo-DPO, 1 for SoLo-SimPO/ORPO (SPEC §1); beta/gamma: TRL's defaults.
+# The paper's alpha: 3 for SoLo-DPO, 1 for SoLo-SimPO/ORPO (the paper, with Qwen2.5-7B); beta/gamma: TRL's defaults.
 LOSS_OPTIONS: dict[str, dict[str, float]] = {
     "dpo": {"beta": 0.1, "alpha": 3.0},
     "simpo": {"beta": 2.0, "gamma": 0.5, "alpha": 1.0},
@@ -380,18 +380,24 @@ def build_liger(workload: Workload, inputs: Inputs, device: torch.device) -> Ste
     return step
 
 
-def build_ours(workload: Workload, inputs: Inputs, device: torch.device) -> Step:
+def build_ours(
+    workload: Workload, inputs: Inputs, device: torch.device, saved_logits_bytes: int = 0
+) -> Step:
     """solopo-kernels: ``fused_solopo_loss`` (``fused_linear_logprobs`` for ``logprobs``),
     ``backend="auto"`` (Triton on CUDA, tiled torch on the CPU), value checks off (no host sync;
-    the peers do not validate labels either)."""
+    the peers do not validate labels either), with a saved-logits budget when asked for."""
     import solopo_kernels as sk
+    from solopo_kernels.ops import KernelOptions
 
     w = inputs["weight"]
     options = dict(LOSS_OPTIONS[workload.loss_type])
+    options["kernel_options"] = KernelOptions(saved_logits_bytes=saved_logits_bytes)
 
     def loss() -> torch.Tensor:
         if workload.kind == "logprobs":
-            return sk.fused_linear_logprobs(inputs["hidden"], w, inputs["labels"]).sum()
+            return sk.fused_linear_logprobs(
+                inputs["hidden"], w, inputs["labels"], kernel_options=options["kernel_options"]
+            ).sum()
         if workload.kind == "dpo-long":
             options["alpha"] = 0.0
             return sk.fused_solopo_loss(
@@ -423,6 +429,14 @@ def build_ours(workload: Workload, inputs: Inputs, device: torch.device) -> Step
         return value.detach()
 
     return step
+
+
+def build_ours_saved(workload: Workload, inputs: Inputs, device: torch.device) -> Step:
+    """solopo-kernels with ``KernelOptions(saved_logits_bytes=4 N V)``: the forward keeps all
+    ``N x V`` float32 logits of the response rows (CCE's and logits_to_keep's memory) and the
+    backward skips their recompute (6 N H V FLOPs instead of 8)."""
+    budget = 4 * workload.response_tokens * workload.vocab
+    return build_ours(workload, inputs, device, saved_logits_bytes=budget)
 
 
 @dataclass(frozen=True)
@@ -509,6 +523,14 @@ PEERS: dict[str, Peer] = {
             "solopo-kernels",
             "solopo_kernels",
             build_ours,
+            compaction=True,
+        ),
+        Peer(
+            "ours-saved",
+            "solopo-kernels, N x V saved",
+            "solopo-kernels",
+            "solopo_kernels",
+            build_ours_saved,
             compaction=True,
         ),
     )

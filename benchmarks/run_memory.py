@@ -381,7 +381,7 @@ def legend(cells: list[Workload], peers: list[str]) -> str:
 def summary(
     cells: list[Workload], peers: list[str], results: dict[tuple[int, str], CellResult]
 ) -> list[str]:
-    """Plain-language checks of the budgets (SPEC §4) at the largest cell of each kind."""
+    """Plain-language checks of the memory and time budgets (docs/kernels.md) at the largest cell of each kind."""
     lines = []
     if "ours" not in peers:
         return lines

@@ -1,7 +1,7 @@
 """solopo-kernels: fused, memory-bounded log-prob kernels and losses for long-context preference
 optimization (SoLoPO: short-to-long preference optimization, arXiv 2505.11166).
 
-Public API (SPEC §3): :func:`fused_linear_logprobs`, :func:`fused_solopo_loss`,
+Public API (documented in docs/api.md): :func:`fused_linear_logprobs`, :func:`fused_solopo_loss`,
 :class:`FusedSoLoPOLoss`, :func:`solopo_loss` and its output type :class:`SoLoPOOutput`.
 The names are imported on first use, so ``solopo_kernels.data`` (pure Python) does not pull in
 torch.

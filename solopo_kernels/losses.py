@@ -1,4 +1,4 @@
-"""The SoLoPO objective (SPEC §2): rewards, preference losses and short-to-long reward alignment.
+"""The SoLoPO objective (docs/objective.md): rewards, preference losses and short-to-long reward alignment.
 
 Data flow: per-token log-probs (``solopo_kernels.ops``) -> per-sequence sums and response lengths
 -> rewards -> preference loss on the short pair + ``alpha`` x SoLo-RA distance between the short
@@ -10,7 +10,8 @@ runs the fused log-prob kernel once over the short and long response rows togeth
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,9 @@ from .checks import (
     check_tensor,
     value_checks_enabled,
 )
+from .context_parallel import group_size, sum_over_group
 from .ops.logprobs import (
+    BACKENDS,
     ChunkSize,
     check_chunk_size,
     check_head,
@@ -36,6 +39,7 @@ from .ops.logprobs import (
     response_positions,
     scatter_to_positions,
 )
+from .ops.tiles import KernelOptions, check_kernel_options
 
 LOSS_TYPES = ("dpo", "ipo", "simpo", "orpo", "cpo")
 REFERENCE_LOSS_TYPES = ("dpo", "ipo")
@@ -45,11 +49,11 @@ RA_DISTANCES = ("abs", "squared")
 
 @dataclass(frozen=True)
 class SoLoPOOptions:
-    """The loss options of SPEC §2, checked on construction.
+    """The loss options of the SoLoPO objective (docs/objective.md), checked on construction.
 
     Attributes:
         loss_type: ``"dpo"``, ``"ipo"``, ``"simpo"``, ``"orpo"`` or ``"cpo"`` (reward and
-            preference loss of SPEC §2).
+            preference loss; see docs/objective.md).
         beta: reward scale (> 0); for ``orpo`` the weight of the odds-ratio term.
         alpha: weight of the SoLo-RA term (>= 0); 0 disables all long-input work.
         gamma: SimPO target margin.
@@ -96,6 +100,10 @@ class SoLoPOOptions:
             raise TypeError(
                 f"ra_use_reference: expected a bool, got {type(self.ra_use_reference).__name__}"
             )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of :func:`solopo_loss` / :func:`fused_solopo_loss`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def uses_long(self) -> bool:
@@ -173,7 +181,7 @@ def rewards(
     lengths: torch.Tensor,
     ref_logps: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``r(x, y)`` of SPEC §2 per sequence, in float32 or wider.
+    """The reward ``r(x, y)`` of ``options.loss_type`` per sequence, in float32 or wider.
 
     ``logps``/``ref_logps`` are per-sequence sums and ``lengths`` response-token counts;
     ``ref_logps=None`` drops the reference term (reference-free types ignore it).
@@ -197,7 +205,7 @@ def preference_losses(
     rejected_reward: torch.Tensor,
     chosen_mean_logp: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-pair preference loss of SPEC §2 with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
+    """Per-pair preference loss of ``options.loss_type`` with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
     margin = chosen_reward - rejected_reward
     beta = options.beta
     if options.loss_type == "dpo":
@@ -225,7 +233,7 @@ def _objective(
     ref_short_logps: torch.Tensor | None,
     ref_long_logps: torch.Tensor | None,
 ) -> SoLoPOOutput:
-    """SPEC §2 on checked per-sequence tensors (float32 or wider)."""
+    """The objective (docs/objective.md) on checked per-sequence tensors (float32 or wider)."""
     short_logps = short_logps.float() if short_logps.dtype != torch.float64 else short_logps
     acc = short_logps.dtype
     short_lengths = short_lengths.to(acc)
@@ -342,6 +350,7 @@ def solopo_loss(
     ra_target: str = "chosen",
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
+    context_parallel_group: Any = None,
 ) -> SoLoPOOutput:
     """The SoLoPO objective from per-sequence sums of response-token log-probs.
 
@@ -353,6 +362,11 @@ def solopo_loss(
         long_lengths: counts for ``long_logps``.
         ref_short_logps / ref_long_logps: reference sums of the same shapes; required for
             dpo/ipo (the long one only when alpha > 0 and ``ra_use_reference``).
+        context_parallel_group: a ``torch.distributed`` process group when the sequences are
+            split along their length over its ranks (see :mod:`solopo_kernels.context_parallel`):
+            then ``short_logps``, ``short_lengths``, ``long_logps`` and ``long_lengths`` are this
+            rank's *partial* sums and counts (its slice's response tokens; 0 where it holds none),
+            all-reduced here; every rank gets the same loss. The ``ref_*`` sums are the full ones.
         Other options: see :class:`SoLoPOOptions`.
     Returns:
         :class:`SoLoPOOutput`.
@@ -385,21 +399,68 @@ def solopo_loss(
         _check_sequence_vector("long_lengths", long_lengths, n_long, meaning, short_logps)
         lengths_to_check.append(("long_lengths", long_lengths))
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_logps)
-    if value_checks_enabled():  # one host sync for all count vectors
-        empty = torch.stack([(t <= 0).any() for _, t in lengths_to_check]).tolist()
-        for (name, _), has_empty in zip(lengths_to_check, empty):
-            if has_empty:
-                raise ValueError(
-                    f"{name}: every sequence needs at least one response token (counts must be > 0)"
-                )
-    return _objective(
+    return _reduce_and_score(
         options,
-        short_logps,
-        short_lengths,
-        long_logps if options.uses_long else None,
-        long_lengths if options.uses_long else None,
+        [short_logps, long_logps if options.uses_long else None],
+        [short_lengths, long_lengths if options.uses_long else None],
         ref_short_logps,
         ref_long_logps,
+        context_parallel_group,
+    )
+
+
+def _reduce_and_score(
+    options: SoLoPOOptions,
+    sums: list[torch.Tensor | None],
+    lengths: list[torch.Tensor | None],
+    ref_short_logps: torch.Tensor | None,
+    ref_long_logps: torch.Tensor | None,
+    group: Any,
+    bad_labels: torch.Tensor | None = None,
+) -> SoLoPOOutput:
+    """All-reduce partial sums and counts over ``group`` (when given), check every sequence has a
+    response token, and compute the objective. ``sums``/``lengths`` are ``[short, long]`` (long
+    None with alpha = 0). ``bad_labels`` (a count of out-of-range labels on this rank) joins the
+    all-reduce, so that every rank raises the same error instead of leaving the others waiting in
+    a collective."""
+    names = ["short_lengths", "long_lengths"]
+    present = [i for i, t in enumerate(sums) if t is not None]
+    if group is not None:
+        group_size(group)  # a clear error for a group that is not one
+        counts = torch.cat([lengths[i].to(torch.long) for i in present])
+        if bad_labels is not None:
+            counts = torch.cat([counts, bad_labels.to(torch.long).reshape(1)])
+        # Partial sums are float32 (the kernel's output); counts are exact integers.
+        total_sums = sum_over_group(torch.cat([sums[i] for i in present]), group)
+        total_counts = counts.clone()
+        torch.distributed.all_reduce(total_counts, group=group)
+        if bad_labels is not None:
+            bad_labels, total_counts = total_counts[-1], total_counts[:-1]
+        split = [sums[i].shape[0] for i in present]
+        for i, s, n in zip(
+            present, total_sums.split(split), total_counts.split(split), strict=True
+        ):
+            sums[i], lengths[i] = s, n
+    if value_checks_enabled():  # one host sync for all count vectors
+        flags = [(lengths[i] <= 0).any() for i in present]
+        if bad_labels is not None:
+            flags.append(bad_labels > 0)
+        values = torch.stack(flags).tolist()
+        if bad_labels is not None and values[-1]:
+            raise ValueError(
+                f"labels: {int(bad_labels)} label(s) outside [0, V) that are not ignore_index, on "
+                "the ranks of context_parallel_group; labels must be token ids of the lm_head vocabulary"
+            )
+        for i, has_empty in zip(present, values, strict=False):
+            if has_empty:
+                where = " on any rank of context_parallel_group" if group is not None else ""
+                rows = (lengths[i] <= 0).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"{names[i]}: every sequence needs at least one response token (counts must be "
+                    f"> 0); sequence(s) {rows} have none{where}"
+                )
+    return _objective(
+        options, sums[0], lengths[0], sums[1], lengths[1], ref_short_logps, ref_long_logps
     )
 
 
@@ -425,6 +486,8 @@ def fused_solopo_loss(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    kernel_options: KernelOptions | None = None,
+    context_parallel_group: Any = None,
 ) -> SoLoPOOutput:
     """The SoLoPO loss from last hidden states and the lm_head weight, without ``[T x V]`` logits.
 
@@ -437,7 +500,17 @@ def fused_solopo_loss(
             (chosen rows first) for ``"both"``; None allowed (and never read) when alpha == 0.
         long_labels: ``(B, Tl)`` or ``(2B, Tl)``.
         ref_short_logps / ref_long_logps: reference per-sequence sums (see :func:`solopo_loss`).
-        ignore_index, temperature, chunk_size, backend: as in ``fused_linear_logprobs``.
+        ignore_index, temperature, chunk_size, backend, kernel_options: as in
+            ``fused_linear_logprobs``.
+        context_parallel_group: a ``torch.distributed`` process group over whose ranks every row
+            is split along its length (see :mod:`solopo_kernels.context_parallel`): the hidden
+            states and the *already shifted* labels are this rank's slice of each row (any order:
+            contiguous or head+tail; padding labelled ``ignore_index``). The per-sequence sums and
+            counts are all-reduced over the group and every rank returns the same loss; each
+            rank's hidden-state gradients are its slices of the unsplit ones, and the ``weight``/
+            ``bias`` gradients summed over the group are the unsplit ones. A row may have no
+            response token on some rank, but needs one somewhere in the group. The ``ref_*`` sums
+            are the full ones.
         Other options: see :class:`SoLoPOOptions`.
     Returns:
         :class:`SoLoPOOutput`; ``loss`` is differentiable in the hidden states, weight and bias.
@@ -471,8 +544,19 @@ def fused_solopo_loss(
     _check_references(options, ref_short_logps, ref_long_logps, n_pairs, short_labels)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
+    kernel_options = check_kernel_options(kernel_options)
     resolve_backend(backend, short_hidden.device, short_hidden.dtype)
-    check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
+    group = context_parallel_group
+    bad_labels = None
+    if group is None:
+        check_labels_and_lengths(labels_to_check, vocab, ignore_index, require_response=True)
+    elif value_checks_enabled():
+        # Checked after the all-reduce, on every rank alike (a rank may hold no response token of
+        # a row; a local error would leave the other ranks waiting in the collective). Labels out
+        # of range are never read out of bounds by the kernels meanwhile (they match no column).
+        bad_labels = sum(
+            ((t != ignore_index) & ((t < 0) | (t >= vocab))).sum() for _, t in labels_to_check
+        )
 
     labels = [tensor for _, tensor in labels_to_check]
     positions = [response_positions(tensor, ignore_index) for tensor in labels]
@@ -487,6 +571,7 @@ def fused_solopo_loss(
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
+        kernel_options=kernel_options,
     )
     per_input = token_logps.split([g.shape[0] for g in gathered])
     # Per-sequence sums in a fixed order (no atomics): scatter back to (rows, T), sum over T.
@@ -495,14 +580,11 @@ def fused_solopo_loss(
         for t, p, tensor in zip(per_input, positions, labels)
     ]
     lengths = [(tensor != ignore_index).sum(-1) for tensor in labels]
-    return _objective(
-        options,
-        sums[0],
-        lengths[0],
-        sums[1] if options.uses_long else None,
-        lengths[1] if options.uses_long else None,
-        ref_short_logps,
-        ref_long_logps,
+    if not options.uses_long:
+        sums.append(None)
+        lengths.append(None)
+    return _reduce_and_score(
+        options, sums, lengths, ref_short_logps, ref_long_logps, group, bad_labels
     )
 
 
@@ -531,6 +613,8 @@ class FusedSoLoPOLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
         backend: str = "auto",
+        kernel_options: KernelOptions | None = None,
+        context_parallel_group: Any = None,
     ) -> None:
         super().__init__()
         self.options = SoLoPOOptions(
@@ -538,11 +622,13 @@ class FusedSoLoPOLoss(nn.Module):
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
-        check_choice("backend", backend, ("auto", "torch", "triton"))
+        check_choice("backend", backend, BACKENDS)
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
+        self.kernel_options = check_kernel_options(kernel_options)
+        self.context_parallel_group = context_parallel_group
 
     def forward(
         self,
@@ -577,6 +663,8 @@ class FusedSoLoPOLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            kernel_options=self.kernel_options,
+            context_parallel_group=self.context_parallel_group,
         )
 
     def extra_repr(self) -> str:

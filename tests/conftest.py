@@ -27,6 +27,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _triton_tests_on_the_gpu(request: pytest.FixtureRequest):
+    """On a CUDA machine, tests marked ``triton`` create their tensors on the GPU (torch's
+    default device inside the test), where the kernels run compiled; elsewhere they run on CPU
+    tensors under the interpreter."""
+    if torch.cuda.is_available() and request.node.get_closest_marker("triton") is not None:
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """The versions this run tested against (CI runs the integrations under two TRL versions)."""
     from importlib import metadata

@@ -4,6 +4,7 @@ for really ran."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -12,11 +13,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 class AllocationRecorder(TorchDispatchMode):
     """Records the element count of every tensor an op allocates (outputs that do not alias an
-    input: views and in-place results are not allocations)."""
+    input: views and in-place results are not allocations), and the peak of the bytes those
+    allocations keep alive together (a storage counts until it is freed)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sizes: list[tuple[int, str]] = []
+        # (op, dtype, shape) of each allocation, in order.
+        self.allocations: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
+        self._tracked: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -24,7 +31,22 @@ class AllocationRecorder(TorchDispatchMode):
         for ret, value in zip(func._schema.returns, outputs):
             if ret.alias_info is None and isinstance(value, torch.Tensor):
                 self.sizes.append((value.numel(), str(func)))
+                self.allocations.append((str(func), value.dtype, tuple(value.shape)))
+                self._track(value.untyped_storage())
         return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._tracked:
+            return
+        self._tracked.add(key)
+        self.live_bytes += storage.nbytes()
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(storage, self._release, key, storage.nbytes())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live_bytes -= nbytes
 
     @property
     def largest(self) -> tuple[int, str]:
@@ -45,34 +67,3 @@ def expect_backend(backend: str, *, backward: bool = True) -> Iterator[None]:
     ran = {k: triton_tiles.launch_counts[k] - before.get(k, 0) for k in ("forward", "dlogits")}
     assert ran["forward"] > 0, "the Triton forward kernel never ran"
     assert ran["dlogits"] > 0 or not backward, "the Triton backward kernel never ran"
-
-
-class Partitioned:
-    """Simulates DeepSpeed ZeRO-3 on some tensors: outside :meth:`gather` their data is an empty
-    tensor, inside it the full values; a gather nested in another is a no-op (the parameters are
-    already available, as DeepSpeed's status check finds). Counts the real gathers."""
-
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.tensors = [t for t in tensors if t is not None]
-        self.full = [t.data for t in self.tensors]
-        self.gathers = 0
-        self._depth = 0
-        self._partition()
-
-    def _partition(self) -> None:
-        for t in self.tensors:
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-
-    @contextlib.contextmanager
-    def gather(self) -> Iterator[None]:
-        if self._depth == 0:
-            for t, full in zip(self.tensors, self.full):
-                t.data = full
-            self.gathers += 1
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._partition()

@@ -1,7 +1,7 @@
 """The float64 reference every kernel and loss is checked against.
 
 It materialises the full ``[..., V]`` logits in float64, applies ``log_softmax`` and gathers the
-labels, then writes SPEC §2 out formula by formula, independently of ``solopo_kernels.losses``.
+labels, then writes the objective of docs/objective.md out formula by formula, independently of ``solopo_kernels.losses``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ def token_logps(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """float64 per-token log-probs, 0 at ignored positions; differentiable in its inputs."""
-    logits = hidden.double() @ weight.double().T
+    """Per-token log-probs from materialised logits, 0 at ignored positions; differentiable in its
+    inputs. Computed in float64 (``dtype`` picks another precision, e.g. a float32 baseline)."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        logits = logits + bias.double()
+        logits = logits + bias.to(dtype)
     logp = torch.log_softmax(logits / temperature, dim=-1)
     mask = labels != ignore_index
     picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
@@ -56,7 +58,7 @@ def solopo_objective(
     ra_distance="abs",
     ra_use_reference=True,
 ):
-    """SPEC §2 in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
+    """The objective of docs/objective.md in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
     n = short_logps.shape[0] // 2
     s = short_logps.double()
     sl = short_lengths.double()

@@ -1,4 +1,4 @@
-"""Bad input gets a TypeError/ValueError that names the argument (SPEC §3), never a NaN or an
+"""Bad input gets a TypeError/ValueError that names the argument (docs/api.md), never a NaN or an
 out-of-bounds read."""
 
 from __future__ import annotations

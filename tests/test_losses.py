@@ -1,4 +1,4 @@
-"""The SoLoPO losses against SPEC §2 computed by hand in float64 on materialised logits.
+"""The SoLoPO losses against the objective of docs/objective.md computed by hand in float64 on materialised logits.
 
 Values and gradients (short and long hidden states, weight, bias) must match to a relative error
 of 1e-5 for float32 inputs; every loss option combination runs on both backends.

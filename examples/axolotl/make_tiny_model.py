@@ -18,6 +18,9 @@ from train_tiny_solopo import GLUE, ITEMS, NAMES, PLACES, make_pairs  # noqa: E4
 
 from solopo_kernels.tiny_models import tiny_llama, tiny_tokenizer  # noqa: E402
 
+# solopo_tiny.yaml trains 500 steps of 4 pairs: about four epochs of these.
+N_PAIRS = 512
+
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "solopo-tiny")
@@ -26,7 +29,7 @@ def main() -> None:
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     with open(out / "train.jsonl", "w") as f:
-        for row in make_pairs(64, distractors=5, rng=random.Random(0)):
+        for row in make_pairs(N_PAIRS, distractors=5, rng=random.Random(0)):
             f.write(json.dumps(row) + "\n")
     print(f"wrote {out / 'model'} and {out / 'train.jsonl'}")
 

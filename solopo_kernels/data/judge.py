@@ -2,7 +2,7 @@
 
 A response is judged correct when, after normalisation, one of the gold answers (the answer or
 one of its aliases) appears in it as a whole-word span. This is the sub-EM of the paper's recipe
-(SPEC §1), made stricter than a raw substring test so that the gold answer ``"3"`` does not match
+(as in the SoLoPO paper's data pipeline), made stricter than a raw substring test so that the gold answer ``"3"`` does not match
 a response that says ``"1934"``.
 """
 

@@ -55,6 +55,13 @@ class SoLoPOArguments:
         },
     )
     gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    max_packed_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "With padding_free: at most this many tokens per packed row (a step then runs one "
+            "forward per row); a sequence longer than this gets a row of its own. None: one row per step."
+        },
+    )
 
 
 SOLOPO_ARGUMENT_NAMES = tuple(f.name for f in fields(SoLoPOArguments))
@@ -114,6 +121,11 @@ def check_solopo_args(args: Any) -> SoLoPOOptions:
         raise ValueError(
             f"max_long_length: expected None or an int >= 2, got {args.max_long_length!r}"
         )
+    packed = getattr(args, "max_packed_length", None)
+    if packed is not None and (
+        not isinstance(packed, int) or isinstance(packed, bool) or packed < 2
+    ):
+        raise ValueError(f"max_packed_length: expected None or an int >= 2, got {packed!r}")
     if not options.needs_reference and getattr(args, "sync_ref_model", False):
         raise ValueError(
             f"sync_ref_model: solopo_loss_type={options.loss_type!r} is reference-free; there is no "

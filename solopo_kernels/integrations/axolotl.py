@@ -52,6 +52,7 @@ YAML_TO_TRAINING_ARGS = {
     "solopo_long_prompt_field": "long_prompt_column",
     "solopo_max_long_length": "max_long_length",
     "solopo_gamma": "gamma",
+    "solopo_max_packed_length": "max_packed_length",
 }
 
 
@@ -67,6 +68,7 @@ class SoLoPOArgs(BaseModel):
     solopo_long_prompt_field: str | None = None
     solopo_max_long_length: int | None = None
     solopo_gamma: float | None = None
+    solopo_max_packed_length: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +101,12 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
         raise ValueError(
             "gradient_checkpointing_kwargs: use_reentrant: true breaks SoLoPO's two policy forwards per "
             "step under DDP; use use_reentrant: false"
+        )
+    if (cfg.get("context_parallel_size") or 1) > 1 and cfg.get("dpo_padding_free"):
+        raise ValueError(
+            "dpo_padding_free: not supported with context_parallel_size > 1 (the context-parallel "
+            "ring attention is causal over the whole row and would let packed sequences see each "
+            "other); set dpo_padding_free: false"
         )
     max_long = cfg.get("solopo_max_long_length")
     if max_long is not None and (not isinstance(max_long, int) or max_long < 2):
@@ -181,9 +189,32 @@ def _axolotl_trainer_class() -> type:
     from .trl import SoLoPOTrainer
 
     class AxolotlSoLoPOTrainer(SoLoPOTrainer, AxolotlDPOTrainer):
-        """SoLoPOTrainer with Axolotl's DPO trainer mixins (optimizers, schedulers, RNG, tags)."""
+        """SoLoPOTrainer with Axolotl's DPO trainer mixins (optimizers, schedulers, RNG, tags).
+
+        With ``context_parallel_size > 1`` the rows are split by Axolotl's context-parallel engine
+        (ringmaster's forward pre-hook) and the sums all-reduced over its group (see
+        :mod:`.context_parallel`).
+        """
 
         tag_names = ["axolotl", "dpo", "solopo"]
+        _context_parallel_engine = "engine"
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            config = getattr(self.accelerator, "parallelism_config", None)
+            if config is not None and getattr(config, "cp_enabled", False):
+                # Axolotl's ContextParallelPlugin refuses trainers that take no loss kwargs. This
+                # one computes its own loss: its batches have no `labels`, so num_items_in_batch
+                # stays None, and the Trainer keeps dividing the loss for gradient accumulation.
+                self.model_accepts_loss_kwargs = True
+                self.loss_is_scaled_for_ga = False
+
+        def _context_parallel_plan(self) -> Any:
+            from axolotl.monkeypatch.ring_attn import get_ring_attn_group
+
+            from .context_parallel import engine_plan
+
+            return engine_plan(self.accelerator, get_ring_attn_group())
 
     AxolotlSoLoPOTrainer.__module__ = __name__
     return AxolotlSoLoPOTrainer

@@ -3,24 +3,24 @@
 ``patch_solopo_forward(model)`` replaces ``model.forward`` (on the instance, not the class) with a
 version that, when called with ``solopo_labels=...``, runs the backbone (``model.base_model``),
 reads ``lm_head`` *at call time* and scores the labelled positions with the package's log-prob
-op (:func:`solopo_kernels.ops.logprobs.response_logprobs`, under a ZeRO-3 gather when one is
-needed). Without ``solopo_labels`` it is the original
-forward, so generation and every other caller are unchanged.
+op (:func:`solopo_kernels.ops.logprobs.response_logprobs`). Without ``solopo_labels`` it is the
+original forward, so generation and every other caller are unchanged.
 
-Why inside the forward: a trainer always calls the wrapped model (DDP, FSDP2, ...). The kernel
-then runs inside the wrapper's forward, where FSDP2 has unsharded the root unit's parameters
-(``lm_head`` included) and DDP has armed its gradient reducer, so the ``lm_head`` gradient is
-reduced like any other. Reading ``lm_head.weight`` after the forward, outside the wrapper, gives a
-sharded ``DTensor`` under FSDP2 (and a wrong gradient if one calls ``full_tensor()`` on it); that
-case raises here instead of training on it.
+Why inside the forward: a trainer always calls the wrapped model (DDP, FSDP2, DeepSpeed, ...).
+The kernel then runs inside the wrapper's forward, where FSDP2 has unsharded the root unit's
+parameters (``lm_head`` included) and DDP has armed its gradient reducer, so the ``lm_head``
+gradient is reduced like any other. Reading ``lm_head.weight`` after the forward, outside the
+wrapper, gives a sharded ``DTensor`` under FSDP2 (and a wrong gradient if one calls
+``full_tensor()`` on it); that case raises here instead of training on it. Under DeepSpeed ZeRO-3
+the read itself, inside the model's forward, makes DeepSpeed all-gather the partitioned weight and
+register it as an external parameter of the model, which its pre-backward hook gathers again for
+the kernel's backward (tested against one process in tests/integrations/test_zero3.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,34 +54,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def zero3_gather(*params: torch.Tensor | None) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of contexts that all-gather ``params`` while DeepSpeed ZeRO-3 has them
-    partitioned (a null context otherwise). The kernel reads ``lm_head`` without calling it, so
-    ZeRO-3's own gather hook never fires; the log-prob op enters the context for its forward and
-    again for its backward, which recomputes the logits from the weight. Parameters that are
-    already available (e.g. tied to the embedding inside its forward) are left alone."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return contextlib.nullcontext
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    unique = list({id(p): p for p in params if p is not None}.values())
-
-    def gather() -> contextlib.AbstractContextManager:
-        partitioned = [p for p in unique if p.ds_status != ZeroParamStatus.AVAILABLE]
-        return (
-            deepspeed.zero.GatheredParameters(partitioned)
-            if partitioned
-            else contextlib.nullcontext()
-        )
-
-    return gather
-
-
 def _check_plain_head(config: Any) -> None:
     """The kernel computes ``log_softmax(h @ W.T + b)``; heads that rescale or cap logits differ."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -98,6 +70,30 @@ def _check_plain_head(config: Any) -> None:
                 f"{type(config).__name__}.{name}={value}: this model transforms its logits after the "
                 "lm_head projection, which solopo_kernels' log-prob kernel does not implement"
             )
+
+
+def sums_per_sequence(
+    token_logps: torch.Tensor,
+    positions: tuple[torch.Tensor, ...],
+    sequence_ids: torch.Tensor,
+    n_sequences: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums ``(n_sequences,)`` of the log-probs ``token_logps (N,)`` found at
+    ``positions`` of a packed ``(rows, T)`` layout whose ``sequence_ids (rows, T)`` say which
+    sequence each position belongs to, and the response-token counts ``(n_sequences,)`` int64.
+
+    The values are scattered into a ``(n_sequences, T)`` table and summed along ``T``: a fixed
+    order (deterministic, no atomic adds), the same order as the padded layout's row sums. A
+    sequence lies in one row, so ``(sequence, column)`` is unique per token.
+    """
+    sequence = sequence_ids[positions]
+    columns = positions[-1]
+    width = sequence_ids.shape[-1]
+    table = torch.zeros((n_sequences, width), dtype=token_logps.dtype, device=token_logps.device)
+    logps = table.index_put((sequence, columns), token_logps).sum(-1)
+    counts = torch.zeros((n_sequences, width), dtype=torch.long, device=sequence.device)
+    lengths = counts.index_put((sequence, columns), torch.ones_like(sequence)).sum(-1)
+    return logps, lengths
 
 
 def patch_target(model: torch.nn.Module) -> torch.nn.Module:
@@ -119,6 +115,24 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
 
     ``labels`` has the shape of ``input_ids`` and is *not* shifted (``labels[:, t]`` is the token
     at position ``t``; -100 marks prompt and padding positions), like the model's own ``labels``.
+
+    Packed rows (several sequences end to end, see :mod:`.packing`)::
+
+        out = model(input_ids=ids, position_ids=pos, solopo_labels=labels, solopo_sequence_ids=seq)
+        out.logps    # (S,) float32 sums per sequence id, S = seq.max() + 1
+        out.lengths  # (S,) int64 response-token counts per sequence id
+
+    where ``seq (B, T)`` holds each position's sequence index (-1: padding). The prediction from
+    one sequence's last token to the next sequence's first token is never scored.
+
+    Already shifted labels (context parallelism: the labels are shifted on the whole row, then
+    the row is split over the ranks, so a slice's last position keeps its target)::
+
+        out = model(input_ids=ids, position_ids=pos, shift_labels=shifted, solopo_logps=True)
+
+    scores ``shifted[:, t]`` (-100: not a response token) at every position ``t``, including the
+    last. The name ``shift_labels`` is the one context-parallel engines pad with -100 when they
+    split the row (Axolotl's ringmaster).
     """
     target = patch_target(model)
     if getattr(target, _PATCHED_FLAG, False):
@@ -134,17 +148,51 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
     # Keep the original signature visible: generate() and Trainer inspect it.
     @functools.wraps(type(target).forward)
     def forward(
-        self: torch.nn.Module, *args: Any, solopo_labels: torch.Tensor | None = None, **kwargs: Any
+        self: torch.nn.Module,
+        *args: Any,
+        solopo_labels: torch.Tensor | None = None,
+        solopo_sequence_ids: torch.Tensor | None = None,
+        solopo_logps: bool = False,
+        **kwargs: Any,
     ) -> Any:
-        if solopo_labels is None:
+        if solopo_labels is None and not solopo_logps:
+            if solopo_sequence_ids is not None:
+                raise ValueError("solopo_sequence_ids: only meaningful together with solopo_labels")
             return original_forward(*args, **kwargs)
         if kwargs.pop("labels", None) is not None:
             raise ValueError(
                 "labels: pass either labels (the model's own loss) or solopo_labels, not both"
             )
+        shifted = kwargs.pop("shift_labels", None)
+        if solopo_logps and (shifted is None or solopo_labels is not None):
+            raise ValueError(
+                "shift_labels: solopo_logps=True scores shift_labels (already shifted, the shape of "
+                "input_ids) and takes no solopo_labels"
+            )
+        if shifted is not None and solopo_sequence_ids is not None:
+            raise ValueError(
+                "solopo_sequence_ids: packed rows take solopo_labels, not shift_labels"
+            )
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = solopo_labels[:, 1:]
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shifted is not None:  # position t already carries the label of token t + 1
+            labels = shifted
+        else:
+            hidden, labels = hidden[:, :-1], solopo_labels[:, 1:]
+        if solopo_sequence_ids is not None:
+            if solopo_sequence_ids.shape != solopo_labels.shape:
+                raise ValueError(
+                    f"solopo_sequence_ids: expected the shape of solopo_labels "
+                    f"{tuple(solopo_labels.shape)}, got {tuple(solopo_sequence_ids.shape)}"
+                )
+            # In a packed row the last token of a sequence does not predict the first token of the
+            # next one (the padded layout never scores that position either), and padding (-1)
+            # belongs to no sequence.
+            targets_sequence = solopo_sequence_ids[:, 1:]
+            labels = labels.masked_fill(
+                (targets_sequence != solopo_sequence_ids[:, :-1]) | (targets_sequence < 0),
+                IGNORE_INDEX,
+            )
         # Looked up per call: FSDP and PEFT swap modules after patching.
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
@@ -154,21 +202,31 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
                 "by this forward. Shard lm_head together with the root module (or with the final norm, "
                 "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
             )
-        access = zero3_gather(weight, bias)
-        positions = response_positions(labels, IGNORE_INDEX)
-        with access():
-            # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
-            # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
-            # so a float32 master weight does not turn the projection into a float32 GEMM.
-            device_type = weight.device.type
-            if torch.is_autocast_enabled(device_type):
-                weight = weight.to(torch.get_autocast_dtype(device_type))
-            rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
-            token_logps = response_logprobs(
-                rows, weight, labels[positions].to(weight.device), bias, weight_access=access
+        if weight.dim() != 2 or weight.numel() == 0:
+            # What a DeepSpeed ZeRO-3 partition looks like when nothing gathered it: DeepSpeed only
+            # gathers parameters read inside the forward of the module it wraps.
+            raise RuntimeError(
+                f"lm_head.weight has shape {tuple(weight.shape)} inside the forward, expected "
+                "(vocab, hidden): a DeepSpeed ZeRO-3 partition that was not gathered. Call the model "
+                "that deepspeed.initialize wrapped (the trainer's model), not a module inside it."
             )
-        logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
-        return SoLoPOLogProbsOutput(logps=logps, lengths=(labels != IGNORE_INDEX).sum(-1))
+        positions = response_positions(labels, IGNORE_INDEX)
+        # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
+        # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
+        # so a float32 master weight does not turn the projection into a float32 GEMM.
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            weight = weight.to(torch.get_autocast_dtype(device_type))
+        rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
+        token_logps = response_logprobs(rows, weight, labels[positions].to(weight.device), bias)
+        if solopo_sequence_ids is None:
+            logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
+            lengths = (labels != IGNORE_INDEX).sum(-1)
+        else:
+            logps, lengths = sums_per_sequence(
+                token_logps, positions, targets_sequence, int(solopo_sequence_ids.max()) + 1
+            )
+        return SoLoPOLogProbsOutput(logps=logps, lengths=lengths)
 
     target.forward = types.MethodType(forward, target)
     setattr(target, _PATCHED_FLAG, True)

@@ -1,13 +1,15 @@
-"""SoLoPO for TRL: :class:`SoLoPOConfig`, :class:`DataCollatorForSoLoPO` and :class:`SoLoPOTrainer`.
+"""SoLoPO for TRL: :class:`SoLoPOConfig` and :class:`SoLoPOTrainer` (the collator and the
+long-prompt tokenization live in :mod:`.trl_data`).
 
 The trainer is a ``trl.DPOTrainer`` (tested with TRL 1.16.0 and 1.14.1) that keeps TRL's data path
 (preference format, standard or conversational; ``[chosen; rejected]`` stacking;
 ``completion_mask``; ``max_length`` truncation; EOS and pad-token handling) and adds a long-prompt
 column holding the same task with the long context. Each step runs
 
-* the policy on the short ``[chosen; rejected]`` batch and on the long+chosen batch (long+rejected
-  too for ``solopo_ra_target="both"``): two forwards, log-probs by this package's kernel inside
-  the wrapped model's forward (see :mod:`.model_patch`);
+* the policy on the short ``[chosen; rejected]`` rows and on the long+chosen rows (long+rejected
+  too for ``solopo_ra_target="both"``), log-probs by this package's kernel inside the wrapped
+  model's forward (see :mod:`.model_patch`): two forwards (short batch, long batch) when padded,
+  **one** forward over a packed row with ``padding_free=True`` (see :mod:`.packing`);
 * for dpo/ipo, the reference (a reference model, or the PEFT base with the adapter disabled) on
   the same rows, or the values precomputed with ``precompute_ref_log_probs=True``;
 * :func:`solopo_kernels.solopo_loss` on the per-sequence sums.
@@ -20,7 +22,8 @@ the long side is always token-for-token the response of the short side (after th
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -28,38 +31,61 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import pad, use_adapter
+from trl.trainer.utils import use_adapter
 
+from ..context_parallel import scale_gradient, sum_over_group
 from ..losses import SoLoPOOptions, solopo_loss
 from .args import SoLoPOArguments, check_solopo_args, solopo_options
+from .context_parallel import (
+    ContextParallelPlan,
+    accelerate_plan,
+    check_combination,
+    model_inputs,
+    prepare_torch_models,
+    torch_context,
+)
+from .liger import check_liger
 from .model_patch import IGNORE_INDEX, patch_solopo_forward
+from .packing import check_packing_attention, count_sequences, is_packed, iter_packs
+from .trl_data import (
+    LONG_KEYS,
+    LONG_PROMPT_IDS,
+    REF_COLUMNS,
+    SHORT_KEYS,
+    DataCollatorForSoLoPO,
+    tokenize_long_prompt,
+)
+
+__all__ = ["DataCollatorForSoLoPO", "SoLoPOConfig", "SoLoPOTrainer", "tokenize_long_prompt"]
 
 logger = logging.getLogger(__name__)
 
-# Batch keys added by the SoLoPO collator. They carry a prefix so that none of them can collide
-# with a model keyword argument, and they are stripped before ``model(**kwargs)``.
-LONG_PREFIX = "long_"
-REF_COLUMNS = (
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "ref_long_chosen_logps",
-    "ref_long_rejected_logps",
-)
-LONG_PROMPT_IDS = "long_prompt_ids"
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence response log-prob sums (float32) and token counts (int64) of one step.
+
+    ``short_*`` are ``(2B,)`` (chosen rows first); ``long_*`` are ``(B,)`` or ``(2B,)``, or None
+    when the long rows were not run.
+    """
+
+    short_logps: torch.Tensor
+    short_lengths: torch.Tensor
+    long_logps: torch.Tensor | None = None
+    long_lengths: torch.Tensor | None = None
 
 
 @dataclass
 class SoLoPOConfig(SoLoPOArguments, DPOConfig):
-    """``DPOConfig`` plus the SoLoPO options of :class:`~.args.SoLoPOArguments` (SPEC §2).
+    """``DPOConfig`` plus the SoLoPO options of :class:`~.args.SoLoPOArguments` (see docs/objective.md).
 
     ``beta`` and ``label_smoothing`` (dpo only) are DPOConfig's. DPO-only loss options that SoLoPO
     does not implement (``loss_type``, ``loss_weights``, ``ld_alpha``, ``f_divergence_type``,
@@ -77,181 +103,35 @@ class SoLoPOConfig(SoLoPOArguments, DPOConfig):
         return solopo_options(self)
 
 
-@dataclass
-class DataCollatorForSoLoPO(DataCollatorForPreference):
-    """``DataCollatorForPreference`` plus the long rows.
-
-    Each example holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (TRL) and
-    ``long_prompt_ids``; optionally the ``ref_*_logps`` scalars of :data:`REF_COLUMNS`. Output:
-    TRL's ``input_ids``/``attention_mask``/``completion_mask`` of shape ``(2B, Ts)`` (chosen rows
-    first), plus ``long_input_ids``/``long_attention_mask``/``long_completion_mask`` of shape
-    ``(B, Tl)`` (``long_rows="chosen"``) or ``(2B, Tl)`` (``"both"``, chosen rows first), and the
-    reference columns present in the examples as ``(B,)`` float tensors.
-
-    A long row is ``long_prompt_ids + r`` where ``r`` is the response exactly as it is kept on the
-    short side (after ``max_length`` truncation). With ``max_long_length`` the long prompt is cut
-    from the left so that the row fits; a response that cannot fit with at least one prompt token,
-    or that the short side truncated away entirely, raises ``ValueError``.
-    """
-
-    max_long_length: int | None = None
-    long_rows: str = "chosen"
-    include_long: bool = True
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.truncation_mode != "keep_start":
-            raise ValueError(
-                f"truncation_mode: DataCollatorForSoLoPO supports 'keep_start', got {self.truncation_mode!r}"
-            )
-        output = super().torch_call(examples)
-        present = [name for name in REF_COLUMNS[2:] if name in examples[0]]
-        for name in present:
-            output[name] = torch.tensor([example[name] for example in examples])
-        if not self.include_long:
-            return output
-        n = len(examples)
-        kept = output["completion_mask"].sum(-1).tolist()  # response tokens kept per short row
-        sides = ("chosen", "rejected") if self.long_rows == "both" else ("chosen",)
-        rows, masks = [], []
-        for side_index, side in enumerate(sides):
-            for i, example in enumerate(examples):
-                if LONG_PROMPT_IDS not in example:
-                    raise ValueError(
-                        f"{LONG_PROMPT_IDS}: missing from example {i}; prepare the dataset with "
-                        "SoLoPOTrainer (which tokenizes the long-prompt column)"
-                    )
-                n_kept = kept[side_index * n + i]
-                if n_kept == 0:
-                    raise ValueError(
-                        f"example {i}: the {side} response is truncated away on the short side "
-                        f"(max_length={self.max_length}, prompt of {len(example['prompt_ids'])} tokens)"
-                    )
-                response = list(example[f"{side}_ids"][:n_kept])
-                prompt = list(example[LONG_PROMPT_IDS])
-                if self.max_long_length is not None:
-                    budget = self.max_long_length - len(response)
-                    if budget < 1:
-                        raise ValueError(
-                            f"max_long_length={self.max_long_length}: example {i}'s {side} response has "
-                            f"{len(response)} tokens and leaves no room for the long prompt; raise "
-                            "max_long_length or lower max_length"
-                        )
-                    prompt = prompt[-budget:]  # cut from the left: the instruction at the end stays
-                rows.append(torch.tensor(prompt + response))
-                masks.append(torch.tensor([0] * len(prompt) + [1] * len(response)))
-        pad_kw = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
-        output[LONG_PREFIX + "input_ids"] = pad(rows, padding_value=self.pad_token_id, **pad_kw)
-        output[LONG_PREFIX + "attention_mask"] = pad(
-            [torch.ones_like(r) for r in rows], padding_value=0, **pad_kw
-        )
-        output[LONG_PREFIX + "completion_mask"] = pad(masks, padding_value=0, **pad_kw)
-        return output
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _tokenize(
-    tokenizer: PreTrainedTokenizerBase, value: str | list, **chat_kwargs: Any
-) -> list[int]:
-    """Token ids of a string (the tokenizer's own special-token logic) or a message list (its chat
-    template), the way TRL tokenizes the ``prompt`` column."""
-    if isinstance(value, list):
-        return list(
-            tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)[
-                "input_ids"
-            ]
-        )
-    return list(tokenizer(text=value)["input_ids"])
-
-
-def _is_empty(value: Any) -> bool:
-    if isinstance(value, str):
-        return not value.strip()
-    return not value
-
-
-def tokenize_long_prompt(
-    example: dict[str, Any],
-    index: int,
-    *,
-    tokenizer: PreTrainedTokenizerBase,
-    column: str,
-    check_rejected: bool,
-) -> dict[str, list[int]]:
-    """``long_prompt_ids`` of one example already processed by ``DPOTrainer._prepare_dataset``.
-
-    The long prompt is tokenized like the prompt (string: plain text; message list: the chat
-    template with the generation prompt). A message-list long prompt next to a string prompt (e.g.
-    Axolotl's rendered prompts) is rendered with the chat template first. The response tokens that
-    follow the long prompt must equal the short side's ``chosen_ids`` (and ``rejected_ids`` when
-    ``check_rejected``), or this raises: SoLo-RA compares rewards of the same token sequence.
-    """
-    long_prompt = example[column]
-    if _is_empty(long_prompt):
-        raise ValueError(f"{column}: example {index} has an empty long prompt")
-    short_is_chat = is_conversational(example)
-    long_is_chat = isinstance(long_prompt, list)
-    if not isinstance(long_prompt, (str, list)):
-        raise ValueError(
-            f"{column}: example {index}: expected a string or a list of messages, got {type(long_prompt).__name__}"
-        )
-    if short_is_chat and not long_is_chat:
-        raise ValueError(
-            f"{column}: example {index} is a string but 'prompt' is a list of messages; give the long "
-            "prompt in the same conversational format"
-        )
-    chat_kwargs: dict[str, Any] = {}
-    if short_is_chat:
-        tools = example.get("tools")  # as TRL reads it: a list, or a JSON string of one
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        chat_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-    elif long_is_chat:  # string prompt, message-list long prompt: render it like the prompt was
-        long_prompt = tokenizer.apply_chat_template(
-            long_prompt, tokenize=False, add_generation_prompt=True
-        )
-    sides = ("chosen", "rejected") if check_rejected else ("chosen",)
-    prompt_ids = (
-        _tokenize(tokenizer, long_prompt, add_generation_prompt=True, **chat_kwargs)
-        if short_is_chat
-        else _tokenize(tokenizer, long_prompt)
-    )
-    prompt_len = len(prompt_ids)
-    completions = {}
-    for side in sides:
-        full = _tokenize(tokenizer, long_prompt + example[side], **chat_kwargs)
-        prompt_len = min(prompt_len, _common_prefix_length(prompt_ids, full))
-        completions[side] = full
-    for side, full in completions.items():
-        if full[prompt_len:] != list(example[f"{side}_ids"]):
-            raise ValueError(
-                f"{column}: example {index}: the {side} response tokenizes differently after the long "
-                f"prompt ({tokenizer.decode(full[prompt_len:])!r}) than after the short prompt "
-                f"({tokenizer.decode(example[f'{side}_ids'])!r}); make the long prompt end like the short "
-                "one (e.g. with the same instruction) so that both responses are the same tokens"
-            )
-    return {LONG_PROMPT_IDS: prompt_ids[:prompt_len]}
-
-
 class SoLoPOTrainer(DPOTrainer):
     """Short-to-long preference optimization on top of ``trl.DPOTrainer``.
 
     Arguments are DPOTrainer's; ``args`` is a :class:`SoLoPOConfig` (or another ``DPOConfig`` that
     mixes in :class:`~.args.SoLoPOArguments`, like Axolotl's training arguments with the plugin
     loaded; it is checked by :func:`~.args.check_solopo_args`). The train/eval datasets
-    are in TRL's preference format plus ``args.long_prompt_column``. With a reference-free loss type
-    (simpo, orpo, cpo) no reference model is loaded, kept or run (a passed ``ref_model`` is
-    released with a warning).
+    are in TRL's preference format plus ``args.long_prompt_column``.
+
+    * Reference: with a reference-free loss type (simpo, orpo, cpo) no reference model is loaded,
+      kept or run (a passed ``ref_model`` is released with a warning). For dpo/ipo without a
+      ``ref_model``: PEFT models use the base with the adapter disabled; a full model built in
+      memory (no path in ``config._name_or_path`` to reload it from) is copied, frozen, as the
+      reference, and the log says so.
+    * ``padding_free=True`` (``DPOConfig``'s field, which TRL's DPOTrainer ignores with a warning;
+      honoured here) packs each step into one row: one policy forward and one reference forward
+      per step (``max_packed_length`` caps the tokens per row, at the price of more forwards). The
+      model's attention must keep packed sequences apart (``flash_attention_2`` on CUDA,
+      ``sdpa``/``eager``); any other ``attn_implementation`` raises.
+    * Context parallelism (accelerate's ``ParallelismConfig(cp_size=N)`` with FSDP2, or Axolotl's
+      ``context_parallel_size``): every row is split along its length over the group, the
+      per-sequence sums are all-reduced and the gradient scaled for the engine's averaging (see
+      :mod:`.context_parallel`). Not combined with ``padding_free``.
     """
 
     _tag_names = ["trl", "dpo", "solopo"]
     _name = "SoLoPO"
+    # Who cuts the context-parallel slices: accelerate's PyTorch context parallelism through this
+    # trainer ("accelerate"), or an engine hook on the model (the Axolotl subclass: "engine").
+    _context_parallel_engine = "accelerate"
 
     def __init__(
         self,
@@ -266,13 +146,9 @@ class SoLoPOTrainer(DPOTrainer):
     ) -> None:
         if kwargs.get("compute_metrics") is not None:
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            logger.warning(
-                "DeepSpeed ZeRO-3: the lm_head is all-gathered for the log-prob kernel's forward and again for "
-                "its backward (see model_patch.zero3_gather). This path is tested with a simulated partitioning, "
-                "not under DeepSpeed itself; compare a few steps against ZeRO-2 before a long run."
-            )
         self._solopo = check_solopo_args(args)
+        check_liger(args, model, ref_model)
+        self._check_peft_zero3_checkpointing(model, args, kwargs.get("peft_config"))
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
@@ -295,7 +171,9 @@ class SoLoPOTrainer(DPOTrainer):
                 args.solopo_loss_type,
             )
             ref_model = None
-        user_precompute = args.precompute_ref_log_probs
+        if ref_model is None and not reference_free:
+            ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
+        user_precompute, user_padding_free = args.precompute_ref_log_probs, args.padding_free
         if reference_free:
             # DPOTrainer keeps no reference model when it precomputes reference log-probs (outside
             # FSDP); our _precompute_ref_logps is a no-op for reference-free types, so this route
@@ -303,6 +181,9 @@ class SoLoPOTrainer(DPOTrainer):
             # TRL 1.16 hashes the policy's weights once (its precompute cache key), and under FSDP
             # it still loads a reference from the model path, freed below.
             args.precompute_ref_log_probs = True
+        # DPOTrainer turns padding_free off with a warning ("temporarily unavailable"); the
+        # collator here packs, so the flag is hidden from it and restored right after.
+        args.padding_free = False
         try:
             super().__init__(
                 model,
@@ -316,6 +197,8 @@ class SoLoPOTrainer(DPOTrainer):
             )
         finally:
             args.precompute_ref_log_probs = user_precompute
+            args.padding_free = user_padding_free
+        self.padding_free = user_padding_free
         self.precompute_ref_logps = user_precompute and not reference_free
         if reference_free:
             self.ref_model = None  # under FSDP, TRL 1.16 loaded one for the precompute
@@ -326,6 +209,81 @@ class SoLoPOTrainer(DPOTrainer):
             raise ValueError(
                 "peft_config: prompt-learning PEFT methods are not supported (they shift the positions)"
             )
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if is_peft_model(self.model) and any(
+            hasattr(head, name) for name in ("base_layer", "original_module", "modules_to_save")
+        ):
+            # The fused kernel reads lm_head.weight: an adapter or trainable copy around the head
+            # would be silently skipped (wrong log-probs, no gradient for it).
+            raise ValueError(
+                f"peft_config: an adapter on lm_head ({type(head).__name__}) is not supported: the "
+                "fused log-prob kernel reads lm_head.weight; leave lm_head out of target_modules and "
+                "modules_to_save"
+            )
+        if user_padding_free:
+            check_packing_attention(self.model)
+            if self.ref_model is not None:
+                check_packing_attention(self.ref_model)
+            if not getattr(self.data_collator, "padding_free", False):
+                raise ValueError(
+                    "padding_free: the data_collator does not pack; pass a DataCollatorForSoLoPO with "
+                    "padding_free=True, or leave data_collator None"
+                )
+        check_combination(self.accelerator, padding_free=user_padding_free)
+        if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
+            prepare_torch_models(self.model, self.ref_model)
+        self._cp_plan_cache: list[ContextParallelPlan | None] = []
+
+    def _check_peft_zero3_checkpointing(self, model: Any, args: Any, peft_config: Any) -> None:
+        """DPOTrainer forces reentrant gradient checkpointing for PEFT under DeepSpeed ZeRO-3, and
+        reentrant checkpointing breaks several policy forwards per step (DeepSpeed asserts while
+        it reduces the gradients). One forward per step (packing, no cap; or alpha = 0) is fine."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        one_forward = not self._solopo.uses_long or (
+            args.padding_free and getattr(args, "max_packed_length", None) is None
+        )
+        if (
+            peft
+            and args.gradient_checkpointing
+            and is_deepspeed_zero3_enabled()
+            and not one_forward
+        ):
+            raise ValueError(
+                "gradient_checkpointing: with PEFT under DeepSpeed ZeRO-3, TRL switches to reentrant "
+                "checkpointing, which breaks SoLoPO's two policy forwards per step; set "
+                "padding_free=True (one forward per step) or gradient_checkpointing=False"
+            )
+
+    @staticmethod
+    def _reference_copy(model: Any, args: Any, peft_config: Any) -> torch.nn.Module | None:
+        """A frozen copy of an in-memory policy to serve as the dpo/ipo reference, or None where
+        DPOTrainer finds one itself (a model path to reload, a PEFT base, precomputed values)."""
+        if (
+            isinstance(model, str)
+            or peft_config is not None
+            or is_peft_model(model)
+            or args.precompute_ref_log_probs
+            or getattr(model.config, "_name_or_path", "")
+        ):
+            return None
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "ref_model: required for a dpo/ipo run under DeepSpeed ZeRO-3 whose model was built in "
+                "memory (its config has no path to reload the reference from, and a partitioned model "
+                "cannot be copied); pass ref_model, or save_pretrained the model and pass its path"
+            )
+        logger.warning(
+            "ref_model: none given and the model was built in memory (config._name_or_path is empty, "
+            "so DPOTrainer could not reload it): using a frozen copy of the policy as it is now as the "
+            "reference. Pass ref_model to use another one."
+        )
+        reference = copy.deepcopy(model)
+        reference.requires_grad_(False)
+        return reference.eval()
 
     @staticmethod
     def _default_collator(
@@ -345,6 +303,8 @@ class SoLoPOTrainer(DPOTrainer):
             max_long_length=args.max_long_length,
             long_rows=options.ra_target,
             include_long=options.uses_long,
+            padding_free=args.padding_free,
+            max_packed_length=args.max_packed_length,
         )
 
     # ------------------------------------------------------------------ data
@@ -391,20 +351,110 @@ class SoLoPOTrainer(DPOTrainer):
                 self._signature_columns.append(name)
 
     # --------------------------------------------------------------- forward
-    def _sequence_logps(
-        self, model: torch.nn.Module, inputs: dict[str, Any], prefix: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row response log-prob sums ``(rows,)`` float32 and counts ``(rows,)`` of the short
-        (``prefix=""``) or long (``prefix="long_"``) rows, computed inside ``model``'s forward."""
+    def _long_rows_in_batch(self) -> int:
+        """Long rows per pair in a collated batch: 0 with alpha = 0, 2 for ``"both"``, else 1."""
+        options = self._solopo
+        return options.long_rows_per_pair if options.uses_long else 0
+
+    def _step_logps(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *, with_long: bool
+    ) -> SequenceLogps:
+        """Per-sequence sums and counts of the short rows and, ``with_long``, of the long rows,
+        computed inside ``model``'s forward: two forwards for a padded batch (short, then long),
+        one per packed row for a packed batch (one in all without ``max_packed_length``)."""
         patch_solopo_forward(self.accelerator.unwrap_model(model))
-        if prefix:
-            kwargs = {k[len(prefix) :]: v for k, v in inputs.items() if k.startswith(prefix)}
-        else:  # TRL's keys, minus everything this trainer added (prefixed) and the mask
-            kwargs = {k: v for k, v in inputs.items() if not k.startswith((LONG_PREFIX, "ref_"))}
-        completion_mask = kwargs.pop("completion_mask")
-        labels = kwargs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
-        out = model(**kwargs, solopo_labels=labels, use_cache=False)
+        if is_packed(inputs):
+            return self._packed_logps(model, inputs, with_long=with_long)
+        plan = self._cp_plan
+        run = self._padded_logps if plan is None else functools.partial(self._sliced_logps, plan)
+        short = run(model, inputs, SHORT_KEYS)
+        long = run(model, inputs, LONG_KEYS) if with_long else (None, None)
+        return SequenceLogps(*short, *long)
+
+    # -------------------------------------------------------- context parallelism
+    @property
+    def _cp_plan(self) -> ContextParallelPlan | None:
+        """The context-parallel plan, resolved on first use (engines register their group late)
+        and kept; None without context parallelism."""
+        cache = getattr(self, "_cp_plan_cache", None)
+        if cache is None:  # DPOTrainer.__init__ (e.g. its reference precompute) runs before ours
+            return None
+        if not cache:
+            cache.append(self._context_parallel_plan())
+        return cache[0]
+
+    def _context_parallel_plan(self) -> ContextParallelPlan | None:
+        """Where the plan comes from: accelerate's ``parallelism_config`` here; the Axolotl
+        trainer overrides it with Axolotl's context-parallel group."""
+        return accelerate_plan(self.accelerator)
+
+    def _prepare_context_parallel_inputs(self, model: Any, inputs: dict[str, Any]) -> tuple:
+        """Trainer's hook around a training/eval step: accelerate's context-parallel context
+        (ring attention for the step's forwards and backward), with the slices cut by this trainer
+        (see :func:`.context_parallel.torch_context`)."""
+        plan = self._cp_plan
+        if plan is None or not plan.shard_inputs or accelerate_plan(self.accelerator) is None:
+            return contextlib.nullcontext, inputs
+        return torch_context(self.accelerator, plan), inputs
+
+    def _sliced_logps(
+        self,
+        plan: ContextParallelPlan,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        keys: tuple[str, str, str],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's *partial* ``(rows,)`` sums and counts of one padded batch, split along the
+        rows' length over ``plan.group`` (all-reduced later, in the loss)."""
+        input_ids, _, completion_mask = (inputs[key] for key in keys)
+        pad_token_id = getattr(self.data_collator, "pad_token_id", 0) or 0
+        kwargs = model_inputs(plan, input_ids, completion_mask, pad_token_id=pad_token_id)
+        out = model(**kwargs, solopo_logps=True, use_cache=False)
         return out.logps, out.lengths
+
+    @staticmethod
+    def _padded_logps(
+        model: torch.nn.Module, inputs: dict[str, Any], keys: tuple[str, str, str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows,)`` sums and counts of one padded batch (``keys``: ids, attention, completion)."""
+        input_ids, attention_mask, completion_mask = (inputs[key] for key in keys)
+        labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            solopo_labels=labels,
+            use_cache=False,
+        )
+        return out.logps, out.lengths
+
+    def _packed_logps(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *, with_long: bool
+    ) -> SequenceLogps:
+        """The packed rows of ``inputs``, one forward each (only their short prefix when the long
+        sequences are not needed), summed per sequence and split into short and long."""
+        n_sequences = count_sequences(inputs)
+        n_pairs = n_sequences // (2 + self._long_rows_in_batch())
+        wanted = n_sequences if with_long else 2 * n_pairs
+        sums = counts = None
+        for pack in iter_packs(inputs, sequences=wanted):
+            labels = pack.input_ids.masked_fill(pack.completion_mask == 0, IGNORE_INDEX)
+            out = model(
+                input_ids=pack.input_ids,
+                position_ids=pack.position_ids,
+                solopo_labels=labels,
+                solopo_sequence_ids=pack.sequence_ids,
+                use_cache=False,
+            )
+            # Per-row results have one entry per sequence id up to the row's last; a sequence lies
+            # in one row, so adding the rows (zeros elsewhere) is exact.
+            logps = F.pad(out.logps, (0, wanted - out.logps.shape[0]))
+            lengths = F.pad(out.lengths, (0, wanted - out.lengths.shape[0]))
+            sums = logps if sums is None else sums + logps
+            counts = lengths if counts is None else counts + lengths
+        short = 2 * n_pairs
+        if not with_long:
+            return SequenceLogps(sums, counts)
+        return SequenceLogps(sums[:short], counts[:short], sums[short:], counts[short:])
 
     @contextlib.contextmanager
     def _reference_mode(self) -> Iterator[None]:
@@ -425,16 +475,22 @@ class SoLoPOTrainer(DPOTrainer):
     def _reference_logps(
         self, model: torch.nn.Module, inputs: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """Reference sums ``(B,)`` per :data:`REF_COLUMNS` name that the loss needs."""
-        n = inputs["input_ids"].shape[0] // 2
+        """Reference sums ``(B,)`` per :data:`REF_COLUMNS` name that the loss needs (one forward
+        over the packed rows when packed, the short and long batches otherwise)."""
         with self._reference_mode():
-            short, _ = self._sequence_logps(model, inputs, "")
-            refs = {"ref_chosen_logps": short[:n], "ref_rejected_logps": short[n:]}
-            if self._solopo.needs_long_reference:
-                long, _ = self._sequence_logps(model, inputs, LONG_PREFIX)
-                refs["ref_long_chosen_logps"] = long[:n]
-                if self._solopo.ra_target == "both":
-                    refs["ref_long_rejected_logps"] = long[n:]
+            step = self._step_logps(model, inputs, with_long=self._solopo.needs_long_reference)
+            plan = self._cp_plan
+            if plan is not None:  # partial sums of this rank's slices: the full ones are their sum
+                step.short_logps = sum_over_group(step.short_logps, plan.group)
+                if step.long_logps is not None:
+                    step.long_logps = sum_over_group(step.long_logps, plan.group)
+        chosen, rejected = step.short_logps.chunk(2)
+        refs = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        if step.long_logps is not None:
+            n = chosen.shape[0]
+            refs["ref_long_chosen_logps"] = step.long_logps[:n]
+            if self._solopo.ra_target == "both":
+                refs["ref_long_rejected_logps"] = step.long_logps[n:]
         return refs
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -484,10 +540,8 @@ class SoLoPOTrainer(DPOTrainer):
             )
         mode = "train" if self.model.training else "eval"
         options = self._solopo
-        short_logps, short_lengths = self._sequence_logps(model, inputs, "")
-        long_logps = long_lengths = None
-        if options.uses_long:
-            long_logps, long_lengths = self._sequence_logps(model, inputs, LONG_PREFIX)
+        plan = self._cp_plan
+        step = self._step_logps(model, inputs, with_long=options.uses_long)
         refs: dict[str, torch.Tensor] = {}
         if options.needs_reference:
             if self.precompute_ref_logps:
@@ -510,26 +564,22 @@ class SoLoPOTrainer(DPOTrainer):
                 )
             ref_long = torch.cat([refs[k] for k in names])
         out = solopo_loss(
-            short_logps,
-            short_lengths,
-            long_logps,
-            long_lengths,
+            step.short_logps,
+            step.short_lengths,
+            step.long_logps,
+            step.long_lengths,
             ref_short_logps=ref_short,
             ref_long_logps=ref_long,
-            loss_type=options.loss_type,
-            beta=options.beta,
-            alpha=options.alpha,
-            gamma=options.gamma,
-            label_smoothing=options.label_smoothing,
-            ra_target=options.ra_target,
-            ra_distance=options.ra_distance,
-            ra_use_reference=options.ra_use_reference,
+            context_parallel_group=plan.group if plan is not None else None,
+            **options.as_kwargs(),
         )
         self._log_metrics(mode, out.metrics)
+        if plan is not None:  # the engine averages the ranks' partial gradients: make it a sum
+            return scale_gradient(out.loss, plan.gradient_scale)
         return out.loss
 
     def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        """Batch means of the SPEC metrics, averaged over processes (one gather for all)."""
+        """Batch means of the loss metrics (docs/objective.md), averaged over processes (one gather for all)."""
         names = list(metrics)
         values = torch.stack([metrics[k].float() for k in names]).unsqueeze(0)
         means = self.accelerator.gather(values).mean(0).tolist()

@@ -2,14 +2,22 @@
 
 A backend supplies one function, ``fill(t0, t1, v0, v1) -> dlogits | None``, which returns the
 ``[t1 - t0, v1 - v0]`` tile ``g * (onehot(target) - softmax) / temperature`` of rows ``[t0, t1)``
-and vocabulary columns ``[v0, v1)`` (recomputed from the saved log-sum-exp), or None to skip the
-tile. This module turns the tiles into the three gradients:
+and vocabulary columns ``[v0, v1)`` (recomputed from the saved log-sum-exp, or read from saved
+forward logits), or None to skip the tile. This module turns the tiles into the three gradients:
 
 * outer loop over vocabulary tiles, so each weight-gradient tile is finished (and cast to the
-  weight's dtype) once, through one reused float32 buffer when the weight is 16-bit;
-* inner loop over token tiles; ``grad_rows += dlogits @ W_tile`` and
-  ``grad_weight_tile += dlogits^T @ rows_tile`` accumulate in float32 (float64 for float64
-  inputs) without rounding a tile's product to 16 bits; ``grad_bias`` is a float32 column sum.
+  weight's dtype) once; inner loop over token tiles;
+* ``grad_rows += dlogits @ W_tile`` and ``grad_weight_tile += dlogits^T @ rows_tile`` sum in
+  float32 (float64 for float64 inputs) without rounding a partial product to 16 bits: into a
+  float32 ``grad_rows`` accumulator, and for the weight gradient either straight into
+  ``grad_weight`` (when it has the accumulation dtype, or when one token tile covers every row,
+  so that one GEMM with float32 accumulation inside writes the tile) or through one reused float32
+  buffer of at most :data:`WEIGHT_BUFFER_BYTES`; the first GEMM into an accumulator overwrites it
+  (no separate zeroing pass); ``grad_bias`` is a float32 column sum.
+
+On CUDA, a GEMM of 16-bit operands adds into a float32 accumulator with
+``torch.addmm(..., out_dtype=torch.float32)``, which torch accepts from 2.10 on (the package's
+minimum; see :func:`addmm_route` for what older versions do).
 
 Deterministic: a fixed loop order, no atomics.
 """
@@ -19,22 +27,76 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.torch_version import TorchVersion
 
-# torch.addmm(acc_fp32, a_16bit, b_16bit, out_dtype=torch.float32): CUDA, recent torch.
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+from .tiles import Tiles, tile_bounds, vocab_bounds
 
 DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | None"]
 
+# The float32 weight-gradient buffer (vocab_tile x H) of 16-bit weights when several token tiles
+# add into it: the vocabulary tile is narrowed so that the buffer stays under this size.
+WEIGHT_BUFFER_BYTES = 256 << 20
 
-def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` summed in ``acc``'s dtype: tensor-core GEMMs with a float32 output where
-    the device has them, else the operands up-cast (exact: 16-bit values are exact in float32)."""
-    if a.dtype == b.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif _ADDMM_OUT_DTYPE and acc.is_cuda and a.dtype == b.dtype:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def addmm_route(version: str, has_addmm_dtype: bool, has_mm_dtype: bool) -> str:
+    """How a CUDA GEMM of 16-bit operands ``a @ b`` adds into a float32 accumulator ``acc``.
+
+    * ``"addmm_out_dtype"``: ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)``, one
+      tensor-core GEMM with a float32 ``C``. torch >= 2.10 (the ``addmm.dtype`` overload exists
+      from 2.8, but 2.8 and 2.9 reject a float32 ``self`` with 16-bit ``mat1``/``mat2``).
+    * ``"mm_out_dtype"``: torch 2.8/2.9 (below the supported range): ``torch.mm(a, b,
+      out_dtype=torch.float32)`` into a scratch tile, then an add.
+    * ``"upcast"``: older torch: operands up-cast to float32 (exact, but float32 GEMMs).
+    """
+    release = TorchVersion(version)
+    if has_addmm_dtype and release >= (2, 10):
+        return "addmm_out_dtype"
+    if has_mm_dtype:
+        return "mm_out_dtype"
+    return "upcast"
+
+
+_CUDA_ROUTE = addmm_route(
+    torch.__version__,
+    hasattr(torch.ops.aten.addmm, "dtype_out"),
+    hasattr(torch.ops.aten.mm, "dtype_out"),
+)
+
+
+def matmul_into(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    accumulate: bool,
+    route: str | None = None,
+) -> None:
+    """``out += a @ b`` (``accumulate``) or ``out = a @ b``, summed in ``out``'s dtype or wider.
+
+    ``a`` and ``b`` of ``out``'s dtype: one GEMM (a 16-bit ``out`` is only ever written, never
+    accumulated into: the GEMM sums in float32 inside and rounds once). 16-bit ``a``/``b`` into a
+    float32 ``out`` on CUDA: a tensor-core GEMM with a float32 output (see :func:`addmm_route`;
+    ``route`` overrides the detected one, for tests). Anything else: operands up-cast to ``out``'s
+    dtype (exact: 16-bit values are exact in float32).
+    """
+    beta = 1 if accumulate else 0
+    if a.dtype == b.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=beta, out=out)
+        return
+    route = route or (_CUDA_ROUTE if out.is_cuda else "upcast")
+    if a.dtype == b.dtype and a.dtype in _HALF_DTYPES and out.dtype == torch.float32:
+        if route == "addmm_out_dtype":
+            torch.addmm(out, a, b, beta=beta, out_dtype=torch.float32, out=out)
+            return
+        if route == "mm_out_dtype":
+            if accumulate:
+                out.add_(torch.mm(a, b, out_dtype=torch.float32))
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
+    torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, out=out)
 
 
 def accumulate_gradients(
@@ -43,57 +105,82 @@ def accumulate_gradients(
     bias: torch.Tensor | None,
     fill: DlogitsTile,
     *,
-    tiles: tuple[int, int],
+    tiles: Tiles,
     needs_grad: tuple[bool, bool, bool],
     acc_dtype: torch.dtype,
+    dlogits_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients w.r.t. ``rows (N, H)``, ``weight (V, H)`` and ``bias (V,)`` from the ``dlogits``
     tiles of ``fill``, in the dtypes of those tensors (None where not needed).
 
-    ``tiles = (token_tile, vocab_tile)``; ``acc_dtype`` is the accumulation dtype.
+    ``tiles`` gives the tile shape and the saved columns (tiles never straddle their edge);
+    ``acc_dtype`` is the accumulation dtype and ``dlogits_dtype`` the dtype of ``fill``'s tiles.
     """
     need_rows, need_weight, need_bias = needs_grad
     need_bias = need_bias and bias is not None
     n_rows, hidden = rows.shape
     vocab = weight.shape[0]
-    token_tile, vocab_tile = max(1, min(tiles[0], n_rows)), min(tiles[1], vocab)
     device = rows.device
+    token_tile = max(1, min(tiles.token_tile, n_rows))
+    vocab_tile = max(1, min(tiles.vocab_tile, vocab))
+    token_bounds = tile_bounds(0, n_rows, token_tile)
+    saved_token_bounds = tile_bounds(0, n_rows, max(1, tiles.saved_token_tile or token_tile))
 
-    grad_rows = torch.zeros((n_rows, hidden), dtype=acc_dtype, device=device) if need_rows else None
-    # Every vocabulary tile is zeroed before it accumulates; with no rows nothing is visited.
-    empty_like = torch.empty_like if n_rows else torch.zeros_like
-    grad_weight = empty_like(weight) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
-    # Weights in the accumulation dtype take their gradient tile in place; others go through one
-    # reused buffer, cast once per vocabulary tile.
-    weight_buffer = (
-        torch.empty((vocab_tile, hidden), dtype=acc_dtype, device=device)
-        if need_weight and weight.dtype != acc_dtype
-        else None
+    # The weight gradient is written straight into grad_weight when it has the accumulation
+    # dtype, or when a single token tile (one GEMM per vocabulary tile) produces each of its
+    # tiles from same-dtype operands; otherwise through a float32 buffer, kept under
+    # WEIGHT_BUFFER_BYTES by narrowing the vocabulary tile.
+    direct_weight = weight.dtype == acc_dtype or (
+        max(len(token_bounds), len(saved_token_bounds)) <= 1
+        and dlogits_dtype == rows.dtype == weight.dtype
+    )
+    if need_weight and not direct_weight:
+        itemsize = torch.finfo(acc_dtype).bits // 8
+        vocab_tile = min(vocab_tile, max(1, WEIGHT_BUFFER_BYTES // (hidden * itemsize)))
+    v_bounds = vocab_bounds(tiles, vocab, vocab_tile)
+    # Likewise grad_rows: straight into a rows-dtype gradient when one vocabulary tile covers V.
+    direct_rows = rows.dtype == acc_dtype or (
+        len(v_bounds) <= 1 and dlogits_dtype == rows.dtype == weight.dtype
     )
 
-    if n_rows and (need_rows or need_weight or need_bias):
-        for v0 in range(0, vocab, vocab_tile):
-            v1 = min(v0 + vocab_tile, vocab)
-            weight_tile = weight[v0:v1]
+    grad_rows = None
+    if need_rows:
+        grad_rows = torch.zeros(
+            (n_rows, hidden), dtype=rows.dtype if direct_rows else acc_dtype, device=device
+        )
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
+    weight_buffer = None
+    if need_weight and not direct_weight:
+        width = max((hi - lo for lo, hi in v_bounds), default=0)
+        weight_buffer = torch.empty((width, hidden), dtype=acc_dtype, device=device)
+
+    for v0, v1 in v_bounds if n_rows and (need_rows or need_weight or need_bias) else []:
+        weight_tile = weight[v0:v1]
+        weight_grad_tile = None
+        if need_weight:
+            weight_grad_tile = (
+                grad_weight[v0:v1] if weight_buffer is None else weight_buffer[: v1 - v0]
+            )
+        written = False  # the first GEMM into weight_grad_tile overwrites it
+        for t0, t1 in saved_token_bounds if v1 <= tiles.saved_columns else token_bounds:
+            dlogits = fill(t0, t1, v0, v1)
+            if dlogits is None:
+                continue
+            if need_rows:  # with one vocabulary tile, each row block is written once
+                matmul_into(grad_rows[t0:t1], dlogits, weight_tile, accumulate=len(v_bounds) > 1)
             if need_weight:
-                weight_grad_tile = (
-                    grad_weight[v0:v1] if weight_buffer is None else weight_buffer[: v1 - v0]
-                )
+                matmul_into(weight_grad_tile, dlogits.t(), rows[t0:t1], accumulate=written)
+                written = True
+            if need_bias:
+                grad_bias[v0:v1] += dlogits.sum(0, dtype=acc_dtype)
+        if need_weight:
+            if not written:  # every token tile skipped (opt-in filtering)
                 weight_grad_tile.zero_()
-            for t0 in range(0, n_rows, token_tile):
-                t1 = min(t0 + token_tile, n_rows)
-                dlogits = fill(t0, t1, v0, v1)
-                if dlogits is None:
-                    continue
-                if need_rows:
-                    addmm_into(grad_rows[t0:t1], dlogits, weight_tile)
-                if need_weight:
-                    addmm_into(weight_grad_tile, dlogits.t(), rows[t0:t1])
-                if need_bias:
-                    grad_bias[v0:v1] += dlogits.sum(0, dtype=acc_dtype)
             if weight_buffer is not None:
                 grad_weight[v0:v1].copy_(weight_grad_tile)
+    if need_weight and not n_rows:
+        grad_weight.zero_()
 
     return (
         grad_rows.to(rows.dtype) if grad_rows is not None else None,

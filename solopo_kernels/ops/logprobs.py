@@ -5,19 +5,21 @@ rows (labels != ignore_index) so that work and memory scale with the number of r
 ``N`` and not with all positions ``T``, picks a backend, and wraps the backend's forward/backward
 in one ``torch.autograd.Function``. A backend is a module with
 
-* ``forward(rows, weight, bias, targets, *, temperature, tiles) -> (logp, lse)`` and
-* ``backward(grad_logp, rows, weight, bias, targets, lse, *, temperature, tiles, needs_grad)
-  -> (grad_rows, grad_weight, grad_bias)``,
+* ``default_tiles(N, H, V, device, chunk_size, options, dtype) -> tiles`` (a
+  :class:`.tiles.Tiles`),
+* ``forward(rows, weight, bias, targets, *, temperature, tiles, save_logits) -> (logp, lse,
+  saved)`` and
+* ``backward(grad_logp, rows, weight, bias, targets, lse, *, temperature, tiles, needs_grad,
+  saved) -> (grad_rows, grad_weight, grad_bias)``, which may overwrite ``saved``,
 
-operating on gathered rows ``(N, H)``; no backend ever holds an ``N x V`` tensor.
+operating on gathered rows ``(N, H)``. No backend holds an ``N x V`` tensor unless the caller
+opts in to saved logits (:class:`.tiles.KernelOptions`), and then at most its byte budget.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -33,13 +35,11 @@ from ..checks import (
     check_shape,
     check_tensor,
 )
+from .tiles import KernelOptions, check_kernel_options
 
-BACKENDS = ("auto", "torch", "triton")
+# "triton_tma": the persistent TMA variant of the Triton backend (opt-in; see triton_tma_tiles).
+BACKENDS = ("auto", "torch", "triton", "triton_tma")
 ChunkSize = int | tuple[int, int] | None
-# A factory of contexts inside which the weight (and bias) hold their full values, e.g. a
-# DeepSpeed ZeRO-3 all-gather of a partitioned lm_head; entered for the forward and again for
-# the backward, which re-reads the weight to recompute the logits.
-WeightAccess = Callable[[], contextlib.AbstractContextManager]
 
 
 def triton_available() -> bool:
@@ -60,19 +60,20 @@ def resolve_backend(
     ``"auto"`` is ``"triton"`` on CUDA devices when Triton is installed and ``"torch"`` otherwise
     (and always for float64, which only the torch backend computes, e.g. for gradcheck); the
     interpreter (``TRITON_INTERPRET=1``) is never chosen automatically: ask for ``"triton"``.
+    ``"triton_tma"`` (opt-in) is the persistent TMA variant of the Triton backend.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
         backend = "triton" if use_triton else "torch"
-    if backend == "triton":
+    if backend.startswith("triton"):
         if not triton_available():
             raise ValueError(
-                'backend="triton" needs the triton package: pip install "solopo-kernels[triton]"'
+                f'backend="{backend}" needs the triton package: pip install "solopo-kernels[triton]"'
             )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                f'backend="triton" runs on CUDA tensors (got {device}); on the CPU set '
+                f'backend="{backend}" runs on CUDA tensors (got {device}); on the CPU set '
                 'TRITON_INTERPRET=1 (slow, for tests) or use backend="torch"'
             )
     return importlib.import_module(f"{__package__}.{backend}_tiles")
@@ -164,8 +165,10 @@ def scatter_to_positions(
 
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
-    the bias, the targets and one log-sum-exp per row; the backward recomputes the logits (inside
-    ``weight_access()``, like the forward, when one is given)."""
+    the bias, the targets, one log-sum-exp per row and the saved logits, if the tiles ask for any;
+    the backward recomputes the other logits from the weight. (Under DeepSpeed ZeRO-3 the weight
+    is whole in both: read inside the wrapped model's forward, DeepSpeed gathers it then and again
+    before the backward; see solopo_kernels/integrations/model_patch.py.)"""
 
     @staticmethod
     def forward(
@@ -177,32 +180,34 @@ class LinearLogProbs(torch.autograd.Function):
         temperature: float,
         tiles: Any,
         backend: ModuleType,
-        weight_access: WeightAccess,
     ) -> torch.Tensor:
-        logp, lse = backend.forward(
-            rows, weight, bias, targets, temperature=temperature, tiles=tiles
+        logp, lse, saved = backend.forward(
+            rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
         )
         ctx.save_for_backward(rows, weight, bias, targets, lse)
+        # Not through save_for_backward: a backward may consume (overwrite) the saved logits, and
+        # drops them, so that a second backward (retain_graph=True) recomputes every tile.
+        ctx.saved_logits = saved
         ctx.temperature, ctx.tiles, ctx.backend = temperature, tiles, backend
-        ctx.weight_access = weight_access
         return logp
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor) -> tuple[Any, ...]:
         rows, weight, bias, targets, lse = ctx.saved_tensors
-        with ctx.weight_access():
-            grad_rows, grad_weight, grad_bias = ctx.backend.backward(
-                grad_logp.contiguous(),
-                rows,
-                weight,
-                bias,
-                targets,
-                lse,
-                temperature=ctx.temperature,
-                tiles=ctx.tiles,
-                needs_grad=tuple(ctx.needs_input_grad[:3]),
-            )
-        return grad_rows, grad_weight, grad_bias, None, None, None, None, None
+        saved, ctx.saved_logits = ctx.saved_logits, None
+        grad_rows, grad_weight, grad_bias = ctx.backend.backward(
+            grad_logp.contiguous(),
+            rows,
+            weight,
+            bias,
+            targets,
+            lse,
+            temperature=ctx.temperature,
+            tiles=ctx.tiles,
+            needs_grad=tuple(ctx.needs_input_grad[:3]),
+            saved=saved,
+        )
+        return grad_rows, grad_weight, grad_bias, None, None, None, None
 
 
 def response_logprobs(
@@ -214,7 +219,7 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
-    weight_access: WeightAccess | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Log-probs of ``targets`` for already gathered rows; no input checks (callers check).
 
@@ -222,29 +227,27 @@ def response_logprobs(
         rows: ``(N, H)`` response hidden states, same dtype as ``weight``.
         weight: ``(V, H)``; bias: ``(V,)`` or None.
         targets: ``(N,)`` integer ids in ``[0, V)``.
-        weight_access: a factory of contexts inside which ``weight`` and ``bias`` hold their
-            values (see :data:`WeightAccess`); entered around the forward and the backward.
+        kernel_options: opt-in kernel knobs (:class:`.tiles.KernelOptions`), or None.
     Returns:
         ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
         forward runs alone and nothing is saved.
     """
-    access = weight_access or contextlib.nullcontext
-    with access():  # the weight's shape and values are only read inside it
-        module = resolve_backend(backend, rows.device, rows.dtype)
-        rows = rows.contiguous()
-        tiles = module.default_tiles(
-            rows.shape[0], rows.shape[1], weight.shape[0], rows.device, chunk_size
+    module = resolve_backend(backend, rows.device, rows.dtype)
+    rows = rows.contiguous()
+    n_rows, hidden = rows.shape
+    tiles = module.default_tiles(
+        n_rows, hidden, weight.shape[0], rows.device, chunk_size, kernel_options, rows.dtype
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, weight, bias)
+    )
+    if not needs_grad:
+        logp, _, _ = module.forward(
+            rows, weight, bias, targets, temperature=temperature, tiles=tiles
         )
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (rows, weight, bias)
-        )
-        if not needs_grad:
-            logp, _ = module.forward(
-                rows, weight, bias, targets, temperature=temperature, tiles=tiles
-            )
-            return logp
-        return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module, access)
+        return logp
+    return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module)
 
 
 def fused_linear_logprobs(
@@ -257,6 +260,7 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs ``log softmax((hidden @ weight.T + bias) / temperature)[labels]``,
     computed only at response positions and never materialising ``[tokens x vocab]`` logits.
@@ -272,7 +276,11 @@ def fused_linear_logprobs(
         temperature: the logits are divided by it before the softmax (> 0).
         chunk_size: tile override: an int (tokens per tile) or ``(tokens, vocab columns)``;
             default: derived from H, V and the device.
-        backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"``, ``"triton"``
+            or ``"triton_tma"`` (the persistent TMA variant, Hopper and newer; opt-in).
+        kernel_options: opt-in kernel knobs, e.g. ``KernelOptions(saved_logits_bytes=2**30)``
+            to keep up to 1 GiB of forward logits and skip their recompute in the backward
+            (:class:`solopo_kernels.ops.KernelOptions`; None: the exact minimal-memory default).
     Returns:
         float32 tensor of the shape of ``labels`` (float64 for float64 inputs), 0.0 at ignored
         positions; differentiable in ``hidden``, ``weight`` and ``bias``.
@@ -283,6 +291,7 @@ def fused_linear_logprobs(
     check_hidden_and_labels("hidden", hidden, "labels", labels, weight)
     check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
+    kernel_options = check_kernel_options(kernel_options)
     check_labels_and_lengths([("labels", labels)], vocab, ignore_index, require_response=False)
     resolve_backend(backend, hidden.device, hidden.dtype)
 
@@ -290,6 +299,7 @@ def fused_linear_logprobs(
         return fused_linear_logprobs(
             hidden.unsqueeze(0), weight, labels.unsqueeze(0), bias, ignore_index=ignore_index,
             temperature=temperature, chunk_size=chunk_size, backend=backend,
+            kernel_options=kernel_options,
         ).squeeze(0)  # fmt: skip
     positions = response_positions(labels, ignore_index)
     logp = response_logprobs(
@@ -300,5 +310,6 @@ def fused_linear_logprobs(
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
+        kernel_options=kernel_options,
     )
     return scatter_to_positions(logp, positions, labels.shape)

@@ -144,7 +144,7 @@ def _text_rows(tok: Any, prompt: str, response: str) -> tuple[list[int], int]:
 def reference_loss(
     policy64: Any, ref64: Any, tok: Any, rows: list[tuple[str, str, str, str]], **loss_options: Any
 ) -> torch.Tensor:
-    """SPEC §2 by hand (``tests.reference.solopo_objective``) on float64 full-logit log-probs of
+    """The objective by hand (``tests.reference.solopo_objective``) on float64 full-logit log-probs of
     the policy (differentiable) and the reference model (``ref64=None``: reference-free)."""
     both = loss_options.get("ra_target", "chosen") == "both"
     short = [_text_rows(tok, r[0], r[2]) for r in rows] + [

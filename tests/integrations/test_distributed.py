@@ -31,12 +31,13 @@ pytestmark = [
 ]
 
 
-def _torchrun(mode: str, out: Path) -> dict:
+def _torchrun(mode: str, out: Path, module: str = "tests.integrations.dist_worker") -> dict:
+    """Run ``module`` under torchrun on 2 gloo processes with ``mode`` (if any) and ``out``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"  # two processes on a 2-core machine
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "tests.integrations.dist_worker", mode, str(out)]
+    cmd += ["-m", module, *([mode] if mode else []), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     # Keep the lines that say why (progress bars and warnings fill stderr otherwise).
     why = [

@@ -1,4 +1,4 @@
-"""SoLoPOTrainer against a float64 full-logits computation of SPEC §2, and short training runs."""
+"""SoLoPOTrainer against a float64 full-logits computation of the objective, and short training runs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from solopo_kernels.integrations.trl import SoLoPOTrainer  # noqa: E402
 from tests import reference  # noqa: E402
 from tests.integrations import common  # noqa: E402
 
-SPEC_METRICS = {
+LOSS_METRICS = {
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -111,7 +111,7 @@ def test_training_lowers_loss_keeps_finite_and_logs_metrics(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 8
-    assert SPEC_METRICS <= set(logs[0])
+    assert LOSS_METRICS <= set(logs[0])
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05, [h["loss"] for h in logs]
     assert all(math.isfinite(v) for h in logs for v in h.values())
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -208,3 +208,85 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     start = torch.cat([p.detach().flatten() for p in policy.parameters()])
     assert (params[0] - start).abs().max() > 1e-3  # the step moved the weights
     reference.assert_close_rel(params[1] - start, params[0] - start, 1e-5, "accumulated update")
+
+
+def test_in_memory_model_without_ref_model_gets_a_frozen_copy(tmp_path, caplog):
+    # A model built in memory has no path TRL could reload a reference from (it used to die with
+    # an opaque hub error): its frozen copy is the reference, and the log says so.
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    assert policy.config._name_or_path == ""
+    with caplog.at_level("WARNING", logger="solopo_kernels.integrations.trl"):
+        trainer = SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path, max_steps=3, learning_rate=2e-2),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
+    assert "using a frozen copy of the policy" in caplog.text
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model
+    assert not any(p.requires_grad for p in ref.parameters())
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    # Policy == reference at step 0: every reward is 0 and the DPO loss is log 2.
+    loss = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1]))
+    assert abs(loss.item() - math.log(2.0)) < 1e-6
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert trainer.state.log_history[-2]["rewards/margins"] != 0.0
+
+
+def test_in_memory_model_under_zero3_without_ref_model_names_ref_model(tmp_path, monkeypatch):
+    import transformers.integrations.deepspeed as ds
+
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    with pytest.raises(ValueError, match="ref_model: required"):
+        SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
+
+
+@pytest.mark.parametrize("where", ["target_modules", "modules_to_save"])
+def test_an_adapter_on_lm_head_is_refused(tmp_path, where):
+    peft = pytest.importorskip("peft")
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    modules = {"target_modules": ["q_proj", "lm_head"]} if where == "target_modules" else {
+        "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]
+    }  # fmt: skip
+    # TRL 1.16 refuses a LoRA target lm_head itself; TRL 1.14.1 and modules_to_save reach ours.
+    with pytest.raises(
+        ValueError, match="(peft_config: an adapter on lm_head|PEFT adapter to .lm_head.)"
+    ):
+        SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path, solopo_loss_type="simpo"),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+            peft_config=peft.LoraConfig(r=4, **modules),
+        )
+
+
+def test_peft_under_zero3_with_checkpointing_needs_one_forward_per_step(tmp_path, monkeypatch):
+    # TRL forces reentrant checkpointing for PEFT under ZeRO-3, which breaks two policy forwards.
+    peft = pytest.importorskip("peft")
+    import transformers.integrations.deepspeed as ds
+
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    with pytest.raises(
+        ValueError, match="gradient_checkpointing: with PEFT under DeepSpeed ZeRO-3"
+    ):
+        SoLoPOTrainer(
+            model=policy,
+            args=common.config(tmp_path, solopo_loss_type="simpo", gradient_checkpointing=True),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+            peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]),
+        )

@@ -1,4 +1,4 @@
-"""SPEC §4 budgets, checked deterministically: allocation sizes and matmul FLOPs.
+"""The memory and FLOP budgets of docs/kernels.md, checked deterministically: allocation sizes and matmul FLOPs.
 
 Each check is also run on a materialising implementation to show it would fail there.
 """
@@ -78,7 +78,7 @@ def test_flops_scale_with_response_tokens_not_positions():
     n, vocab, hidden = 2 * 100, 512, 16
     short = _matmul_flops(ours, 200, 100)
     long = _matmul_flops(ours, 3200, 100)  # 16x the positions, same response tokens
-    assert short == long == 8 * n * hidden * vocab  # SPEC §4: at most 8 N H V, forward + backward
+    assert short == long == 8 * n * hidden * vocab  # 8 N H V, forward + backward
     # With twice the response tokens the work doubles.
     assert _matmul_flops(ours, 200, 200) == 2 * short
 

@@ -16,7 +16,6 @@ import torch
 
 from solopo_kernels import fused_linear_logprobs
 from solopo_kernels.ops import logprobs as dispatch
-from solopo_kernels.ops.logprobs import response_logprobs
 from tests import reference
 from tests.inputs import (
     BACKENDS,
@@ -27,7 +26,7 @@ from tests.inputs import (
     response_labels,
     skip_unless_backend_runs,
 )
-from tests.instruments import Partitioned, expect_backend
+from tests.instruments import expect_backend
 
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -180,26 +179,3 @@ def test_auto_backend_on_cuda_picks_triton_but_torch_for_float64():
     cuda = torch.device("cuda")
     assert dispatch.resolve_backend("auto", cuda, torch.float64).__name__.endswith("torch_tiles")
     assert dispatch.resolve_backend("auto", cuda, torch.bfloat16).__name__.endswith("triton_tiles")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_weight_is_read_only_inside_weight_access(backend):
-    """A ZeRO-3-style partitioned weight: the op gathers it for the forward and again for the
-    backward (which recomputes the logits), and gets the unpartitioned result."""
-    skip_unless_backend_runs(backend)
-    head = Head.random(vocab=90, hidden=16, bias=True)
-    rows, targets = random_hidden(20, 16), torch.randint(0, 90, (20,))
-    params = [rows, head.weight, head.bias]
-    expected = response_logprobs(rows, head.weight, targets, head.bias, backend=backend)
-    expected_grads = torch.autograd.grad(expected.sum(), params)
-
-    partitioned = Partitioned(head.weight, head.bias)
-    with expect_backend(backend):
-        out = response_logprobs(
-            rows, head.weight, targets, head.bias, backend=backend, weight_access=partitioned.gather
-        )
-        grads = torch.autograd.grad(out.sum(), params)
-    assert partitioned.gathers == 2 and head.weight.numel() == 0
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -1,5 +1,12 @@
 """Property test: any shape, tile size, temperature and bias give the float64 reference's values
-and gradients (float32, relative error <= 1e-5)."""
+and gradients (float32, relative error <= 1e-5).
+
+A gradient entry can be a sum of O(1) terms that cancel to a small value (with V = 2 the two bias
+gradients are exact opposites of such sums), and then no float32 computation gets it to 1e-5 of
+the largest entry. For gradients the bound is therefore 1e-5 or, when larger, four times the error
+of plain float32 autograd through the materialised logits on the same inputs (CCE's same-dtype
+bound). Examples are derandomized, so a CI run is reproducible.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from tests import reference
 from tests.inputs import IGNORE
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     rows=st.integers(1, 4),
     length=st.integers(1, 9),
@@ -60,5 +67,8 @@ def test_matches_reference(
     upstream = torch.randn(rows, length, generator=generator)
     grads = torch.autograd.grad((out * upstream).sum(), params)
     ref_grads = torch.autograd.grad((expected * upstream.double()).sum(), params)
-    for g, r in zip(grads, ref_grads):
-        reference.assert_close_rel(g, r, 1e-5, "gradient")
+    plain = reference.token_logps(h, w, labels, b, temperature=temperature, dtype=torch.float32)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), params)
+    for g, r, p in zip(grads, ref_grads, plain_grads):
+        bound = max(1e-5, 4 * reference.max_relative_error(p, r))
+        reference.assert_close_rel(g, r, bound, "gradient")

@@ -1,5 +1,6 @@
 """The Triton backend (``solopo_kernels.ops.triton_tiles``) against the float64 reference and the
-torch backend, at small shapes that run under ``TRITON_INTERPRET=1`` on the CPU.
+torch backend, at small shapes that run under ``TRITON_INTERPRET=1`` on the CPU, and compiled on a
+CUDA machine (where tests/conftest.py makes the GPU the default device of these tests).
 
 Tolerances (max |ours - reference| / max |reference|, reference in float64 from the same inputs):
 float32: values and gradients <= 1e-5; bfloat16/float16: values <= 1e-5, gradients <= 1e-2.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -33,6 +35,9 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Shapes that are multiples of no block size (interpreter blocks: 16 rows, 32 columns, 16 of H).
 V, H = 150, 40
+# Wide enough for five real vocabulary splits at the column alignment of the machine (32 in the
+# interpreter, 256 on a GPU): 150 or 1046.
+V_SPLITS = 4 * triton_tiles.SPLIT_ALIGN + 22
 
 
 class Launches:
@@ -126,19 +131,19 @@ def test_triton_matches_torch_backend(dtype, launches):
 def test_triton_vocab_splits_merge_exactly(splits, dtype, launches):
     """Split-V (the GPU's path when rows alone don't fill it): equal to one split and to the
     reference, with targets in every split including the last vocabulary id."""
-    n = 21
+    n, vocab, align = 21, V_SPLITS, triton_tiles.SPLIT_ALIGN
+    assert triton_tiles.split_columns(vocab, splits)[1] == splits  # really that many splits
     rows = torch.randn(n, H).to(dtype)
-    head = Head.random(V, H, bias=True, dtype=dtype)
-    targets = torch.randint(0, V, (n,))
-    targets[:4] = torch.tensor([0, 31, 32, V - 1])  # split edges (splits are multiples of 32)
-    one = triton_tiles.default_tiles(n, H, V, rows.device, None)
-    assert one.splits == 1  # the interpreter default; a GPU picks more for small N
+    head = Head.random(vocab, H, bias=True, dtype=dtype)
+    targets = torch.randint(0, vocab, (n,))
+    targets[:4] = torch.tensor([0, align - 1, align, vocab - 1])  # split edges
+    one = replace(triton_tiles.default_tiles(n, H, vocab, rows.device, None, dtype=dtype), splits=1)
     with torch.no_grad():
-        logp_1, lse_1 = triton_tiles.forward(
+        logp_1, lse_1, _ = triton_tiles.forward(
             rows, head.weight, head.bias, targets, temperature=1.0, tiles=one
         )
         many = replace(one, splits=splits)
-        logp_s, lse_s = triton_tiles.forward(
+        logp_s, lse_s, _ = triton_tiles.forward(
             rows, head.weight, head.bias, targets, temperature=1.0, tiles=many
         )
     expected = reference.token_logps(rows, head.weight, targets, head.bias)
@@ -218,9 +223,11 @@ def test_triton_out_of_range_targets_match_no_column(launches):
     rows = torch.randn(3, H)
     weight = torch.randn(V, H)
     targets = torch.tensor([-5, V, 7])
-    tiles = triton_tiles.default_tiles(3, H, V, rows.device, None)
+    tiles = triton_tiles.default_tiles(3, H, V, rows.device, None, dtype=rows.dtype)
     with value_checks_disabled():
-        logp, lse = triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
+        logp, lse, _ = triton_tiles.forward(
+            rows, weight, None, targets, temperature=1.0, tiles=tiles
+        )
     assert torch.isfinite(logp).all()
     torch.testing.assert_close(logp[:2], -lse[:2])
     expected_lse = torch.logsumexp(rows.double() @ weight.double().T, -1)
@@ -243,16 +250,23 @@ def test_triton_backend_resolution(launches):
 
 
 def test_triton_no_tile_sized_allocation_beyond_the_budget(launches):
-    """No allocation of N x V: the largest is a gradient, an input copy or the dlogits tile."""
+    """No allocation of N x V: the largest is a gradient, an input copy or the dlogits tile. A
+    first run outside the recorder does the autotuning (on a GPU, Triton's benchmark allocates a
+    256 MB L2-flush buffer, which is not the op's memory)."""
     x, head, labels = _batch(4, 40, torch.float32, bias=True, vocab=300, hidden=H)
     n = int((labels != IGNORE).sum())
     tile = (16, 64)
     assert n * 300 > max(tile[0] * tile[1], 300 * H, n * H)
-    with AllocationRecorder() as rec:
+
+    def step():
         out = fused_linear_logprobs(
             x, head.weight, labels, head.bias, chunk_size=tile, backend="triton"
         )
         (out * torch.randn(labels.shape)).sum().backward()
+
+    step()  # warm-up: compilation and autotuning
+    with AllocationRecorder() as rec:
+        step()
     size, op = rec.largest
     assert size <= max(tile[0] * tile[1], 300 * H, x.numel()), f"{op} allocated {size} elements"
 
@@ -301,24 +315,254 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
             pass
 
 
-def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
-    """``benchmarks/gpu_check.py`` at a tiny shape: correctness passes, a JSON and a markdown
-    table are written, and an unknown peer is reported rather than crashing the run."""
+def _load_gpu_check():
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def _gpu_check_args(tmp_path, *peers):
     device = ["--device", "cuda"] if DEVICE.type == "cuda" else ["--device", "cpu", "--interpret"]
     shape = ["--hidden", "24", "--vocab", "70", "--tokens", "20", "--warmup", "0", "--iters", "1"]
-    peers = ["--peers", "solopo-triton", "plain-logits", "no-such-peer"]
-    assert gpu_check.main([*device, *shape, *peers, "--out", str(tmp_path)]) == 0
+    return [*device, *shape, "--peers", *peers, "--out", str(tmp_path)]
+
+
+def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
+    """``benchmarks/gpu_check.py`` at a tiny shape: correctness of our three Triton methods
+    passes, a JSON and a markdown table are written, and an unknown peer is reported rather than
+    crashing the run."""
+    import json
+
+    gpu_check = _load_gpu_check()
+    args = _gpu_check_args(tmp_path, "solopo-triton", "solopo-triton-saved", "no-such-peer")
+    assert gpu_check.main(args) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     (shape_report,) = report["shapes"]
-    assert shape_report["correctness"]["pass"] and shape_report["correctness"]["triton_ran"]
+    assert set(shape_report["correctness"]) == set(gpu_check.OURS_TRITON)
+    for name, check in shape_report["correctness"].items():
+        assert check["pass"] and check["triton_ran"], name
     assert shape_report["results"]["solopo-triton"]["status"] == "ok"
     assert shape_report["results"]["no-such-peer"]["status"].startswith("unavailable")
     assert "| solopo-triton | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_triton_gpu_check_survives_broken_peers_and_a_failing_method(tmp_path, launches):
+    """A peer whose import raises anything (not just ImportError) is "unavailable"; one of our
+    methods raising is a failed correctness entry; the JSON is written either way (exit 1)."""
+    import json
+    import sys
+    import types
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError("CUDA driver too old")
+
+    gpu_check = _load_gpu_check()
+    original = gpu_check.methods
+
+    def methods(torch, n, vocab, wanted):
+        table = original(torch, n, vocab, wanted)
+        table["solopo-triton-tma"] = lambda r, w, t: (_ for _ in ()).throw(ValueError("boom"))
+        return table
+
+    broken = Broken("cut_cross_entropy")
+    with mock.patch.dict(sys.modules, {"cut_cross_entropy": broken}):
+        with mock.patch.object(gpu_check, "methods", methods):
+            code = gpu_check.main(_gpu_check_args(tmp_path, "solopo-triton", "cce"))
+    assert code == 1
+    (shape_report,) = json.loads((tmp_path / "gpu_check.json").read_text())["shapes"]
+    assert shape_report["correctness"]["solopo-triton-tma"] == {
+        "pass": False,
+        "error": "ValueError: boom",
+    }
+    assert shape_report["correctness"]["solopo-triton"]["pass"]
+    assert shape_report["results"]["cce"]["status"].startswith("unavailable: RuntimeError")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch geometry on a GPU, from the same pure functions the launcher uses, with mocked SM counts.
+
+GPU_GEOMETRY = dict(
+    max_block_n=triton_tiles.GPU_MAX_BLOCK_N, split_align=triton_tiles.GPU_SPLIT_ALIGN
+)
+
+
+@pytest.mark.parametrize("sm_count", [108, 132])  # A100, H100/H200
+@pytest.mark.parametrize("n_rows", [1, 64, 128, 512, 2048, 8192, 65536])
+def test_forward_grid_fills_the_gpu_at_any_n(sm_count, n_rows, launches):
+    """Row blocks (of the largest BLOCK_N) x vocabulary splits reach PROGRAMS_PER_SM programs per
+    SM, or as many as one-tile splits allow: N <= 128 used to get 31 programs (splits capped at
+    V / 4096 columns) on 132 SMs, now 501."""
+    launches.expect_none = True
+    vocab = 128256
+    splits = triton_tiles.vocab_splits(n_rows, vocab, sm_count, **GPU_GEOMETRY)
+    columns, splits = triton_tiles.split_columns(
+        vocab, splits, split_align=triton_tiles.GPU_SPLIT_ALIGN
+    )
+    row_blocks = -(-n_rows // triton_tiles.GPU_MAX_BLOCK_N)
+    narrowest = vocab // (triton_tiles.MIN_SPLIT_TILES * triton_tiles.GPU_SPLIT_ALIGN)
+    programs = row_blocks * splits
+    assert programs >= min(triton_tiles.PROGRAMS_PER_SM * sm_count, row_blocks * narrowest)
+    assert programs >= sm_count  # at least one full wave, whatever N
+    wanted = -(-triton_tiles.PROGRAMS_PER_SM * sm_count // row_blocks)
+    assert splits <= max(1, 2 * wanted)  # no needless splitting
+    assert columns >= triton_tiles.MIN_SPLIT_TILES * triton_tiles.GPU_SPLIT_ALIGN
+    assert columns % triton_tiles.GPU_SPLIT_ALIGN == 0 and (splits - 1) * columns < vocab
+
+
+def test_a_vocabulary_of_one_tile_gets_one_split(launches):
+    launches.expect_none = True
+    assert triton_tiles.vocab_splits(16, triton_tiles.GPU_SPLIT_ALIGN, 132, **GPU_GEOMETRY) == 1
+
+
+def test_autotuning_buckets_are_few_and_capped(launches):
+    launches.expect_none = True
+    buckets = {triton_tiles.rows_bucket(n) for n in range(1, 200000, 97)}
+    assert buckets == {64, 256, 1024, 4096, triton_tiles.TUNE_ROWS_CAP}
+    assert triton_tiles.rows_bucket(10**9) == triton_tiles.TUNE_ROWS_CAP
+    assert all(triton_tiles.rows_bucket(n) >= min(n, triton_tiles.TUNE_ROWS_CAP) for n in (1, 65))
+
+
+def test_gpu_configs_are_split_by_operand_dtype(launches):
+    """float32 operands get their own (spill-free) configs; 16-bit ones the rest."""
+    launches.expect_none = True
+    prune = triton_tiles._configs_for_dtype
+    configs = triton_tiles._CONFIGS
+    fp32 = prune(configs, {"rows_ptr": torch.empty(1, dtype=torch.float32)})
+    half = prune(configs, {"rows_ptr": torch.empty(1, dtype=torch.bfloat16)})
+    assert fp32 == triton_tiles.FP32_CONFIGS and half == triton_tiles.HALF_CONFIGS
+    assert any(c.kwargs["BLOCK_N"] == 64 for c in half)  # small N
+    saving = prune(configs, {"rows_ptr": torch.empty(1)}, SAVE_LOGITS=True)
+    assert saving and all(c.kwargs["BLOCK_V"] <= 64 for c in saving)  # 128-wide spills there
+    from solopo_kernels.ops import triton_tma_tiles as tma
+
+    descriptor = mock.Mock(base=torch.empty(1, dtype=torch.bfloat16))
+    tma_half = tma._configs_for_dtype(tma._CONFIGS, {"rows_desc": descriptor})
+    assert [c.kwargs for c in tma_half] == [c.kwargs for c in half]
+    assert all(c.pre_hook is tma._set_block_shapes for c in tma_half)
+
+
+def test_float32_dot_precision_is_fixed_at_forward_time(launches):
+    """3xTF32 at torch's default "highest" matmul precision, TF32 when torch allows it; the
+    backward recomputes with the forward's choice even if the setting changed in between."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        assert triton_tiles.dot_precision(torch.float32) == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert triton_tiles.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        rows = torch.randn(5, H, requires_grad=True)
+        head = Head.random(V, H, bias=False)
+        targets = torch.randint(0, V, (5,))
+        logp = dispatch.response_logprobs(rows, head.weight, targets, backend="triton")
+        torch.set_float32_matmul_precision("high")
+        with mock.patch.object(
+            triton_tiles, "_fill_dlogits", wraps=triton_tiles._fill_dlogits
+        ) as fill:
+            logp.sum().backward()
+        assert {c.kwargs["dot_precision"] for c in fill.call_args_list} == {"tf32x3"}
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_dlogits_rows_past_2_to_31_elements_land_in_place():
+    """A user tile (chunk_size tuple) with tokens x columns >= 2**31: the tile kernel's row
+    offsets are int64. Here a 3-row bf16 tile view with a row stride of 2**30 + 64 elements (its
+    third row starts past 2**31; only 3 x 32 elements are ever touched)."""
+    before = triton_tiles.launch_counts["dlogits"]
+    n, cols = 3, 32
+    stride = 2**30 + 64
+    storage = torch.empty((n - 1) * stride + cols, dtype=torch.bfloat16)
+    tile = storage.as_strided((n, cols), (stride, 1))
+    rows = torch.randn(n, H).bfloat16()
+    weight = torch.randn(cols, H).bfloat16()
+    targets = torch.tensor([0, 5, cols - 1])
+    logits = rows.double() @ weight.double().T
+    lse = torch.logsumexp(logits, 1).float()
+    grad = torch.randn(n)
+    triton_tiles._fill_dlogits(
+        tile, grad, rows, weight, None, targets, lse, 0, 0,
+        temperature=1.0, block_max=None, dot_precision="tf32",
+    )  # fmt: skip
+    expected = grad.double()[:, None] * (
+        torch.nn.functional.one_hot(targets, cols).double()
+        - torch.exp(logits - lse.double()[:, None])
+    )
+    reference.assert_close_rel(tile, expected, 1e-2, "dlogits")
+    assert triton_tiles.launch_counts["dlogits"] == before + 1
+
+
+def test_a_huge_first_call_tunes_on_a_prefix():
+    """More rows than the largest tuning bucket: the first call launches once on the first
+    TUNE_ROWS_CAP rows (where the autotuner benchmarks the configs), then on all rows with the same
+    tuning key; later calls of that shape launch once. Checked on the launch arguments, with the
+    launcher replaced by a recorder (the GPU path, without a GPU)."""
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(args)
+
+    cap, n = 16, 40
+    rows, weight = torch.randn(n, H), torch.randn(V, H)
+    targets = torch.randint(0, V, (n,))
+    tiles = triton_tiles.default_tiles(n, H, V, rows.device, None, dtype=rows.dtype)
+    with (
+        mock.patch.object(triton_tiles, "_INTERPRET", False),
+        mock.patch.object(triton_tiles, "_LAUNCH_CONFIG", {}),
+        mock.patch.object(triton_tiles, "TUNE_ROWS_CAP", cap),
+        mock.patch.object(triton_tiles, "_forward_launcher", Recorder()),
+        mock.patch.object(triton_tiles, "_tuned_on_prefix", set()),
+    ):
+        for _ in range(2):
+            triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
+    n_arg, rows_arg = 6, 9  # positions of N and ROWS in _forward_kernel's arguments
+    assert [c[n_arg] for c in calls] == [cap, n, n]
+    assert {c[rows_arg] for c in calls} == {cap}  # one tuning key for all three launches
+
+
+def test_no_autotuning_candidate_spills_in_the_compile_report():
+    """Every config the autotuner may pick for a case (dtype, saved logits, sm_90/sm_80) compiled
+    without register spills in the committed compile report, for both Triton versions; and the
+    exclusions are not broader than what spilled."""
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compile"
+    reports = sorted(folder.glob("compile_triton-*.json"))
+    assert {json.loads(p.read_text())["triton"] for p in reports} >= {"3.6.0", "3.9.0"}
+    by_shape = {
+        (
+            c.kwargs["BLOCK_N"],
+            c.kwargs["BLOCK_V"],
+            c.kwargs["BLOCK_K"],
+            c.num_warps,
+            c.num_stages,
+        ): c
+        for c in triton_tiles._CONFIGS
+    }
+    checked, excluded_cases, spilled_cases = 0, set(), set()
+    for path in reports:
+        for row in json.loads(path.read_text())["rows"]:
+            if row["status"] != "used" or row["kernel"] == "saved_dlogits":
+                continue
+            block = tuple(int(x) for x in row["block"].split("x"))
+            config = by_shape[(*block, row["num_warps"], row["num_stages"])]
+            excluded = triton_tiles.spills(
+                config, row["dtype"] == "fp32", row["kernel"].endswith("+save"), int(row["arch"][3])
+            )
+            spilled = row["spill_stores"] > 0 or row["spill_loads"] > 0
+            assert excluded or not spilled, f"{path.name}: {row}"
+            case = (row["kernel"], row["dtype"], row["arch"], row["block"], row["num_warps"])
+            if excluded:
+                excluded_cases.add(case)
+            if spilled:
+                spilled_cases.add(case)
+            checked += 1
+    assert checked > 100
+    assert excluded_cases <= spilled_cases  # each exclusion spilled with at least one Triton

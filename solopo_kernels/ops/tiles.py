@@ -1,0 +1,102 @@
+"""How one log-prob call is cut into tiles: the user's opt-in knobs (:class:`KernelOptions`) and
+the geometry a backend derives from them at forward time and reuses in the backward
+(:class:`Tiles`).
+
+By default the kernels keep nothing of size ``N x V``: the forward saves one log-sum-exp per row
+and the backward recomputes every logits tile (``8 N H V`` FLOPs in all). With
+``KernelOptions(saved_logits_bytes=B)`` the forward also keeps the float32 logits of the first
+``saved_columns`` vocabulary columns of every row, as many as fit in ``B`` bytes; the backward
+reads those tiles instead of recomputing them, down to ``6 N H V`` FLOPs when all of ``N x V``
+fits. Saved tiles hold the forward's float32 logits, so the result is as exact either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Saved logits are float32 whatever the input dtype: a 16-bit logit would put an error of
+# |logit| * 2**-8 into every probability.
+SAVED_LOGITS_BYTES_PER_ELEMENT = 4
+# A partial saved region is a multiple of this many columns (GEMM-friendly tile edges).
+SAVED_COLUMNS_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Opt-in knobs of the log-prob kernels; the defaults are the exact, minimal-memory kernels.
+
+    Attributes:
+        saved_logits_bytes: bytes the forward may spend on float32 logits kept for the backward
+            (default 0: none, every tile is recomputed). Within the budget the backward skips the
+            recompute of those tiles, trading ``4 N`` bytes per vocabulary column for ``2 N H``
+            FLOPs; ``4 * N * V`` bytes (``N`` response tokens) saves all of them. Values and
+            gradients are the same either way, to the kernels' tolerances. Both backends.
+    """
+
+    saved_logits_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        value = self.saved_logits_bytes
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"saved_logits_bytes: expected an int >= 0 (bytes), got {value!r}")
+
+
+def check_kernel_options(options: object) -> KernelOptions:
+    """``options`` as a :class:`KernelOptions` (None gives the defaults)."""
+    if options is None:
+        return KernelOptions()
+    if not isinstance(options, KernelOptions):
+        raise TypeError(
+            f"kernel_options: expected a solopo_kernels.ops.KernelOptions or None, got "
+            f"{type(options).__name__}"
+        )
+    return options
+
+
+def saved_columns(budget_bytes: int, n_rows: int, vocab: int) -> int:
+    """How many leading vocabulary columns of ``n_rows`` rows fit in ``budget_bytes`` of float32
+    logits: all ``vocab`` if they fit, else a multiple of :data:`SAVED_COLUMNS_ALIGN` (0 when
+    not even one block fits)."""
+    if n_rows <= 0 or budget_bytes <= 0:
+        return 0
+    columns = budget_bytes // (SAVED_LOGITS_BYTES_PER_ELEMENT * n_rows)
+    if columns >= vocab:
+        return vocab
+    return columns // SAVED_COLUMNS_ALIGN * SAVED_COLUMNS_ALIGN
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Geometry of one call, fixed at forward time and reused by its backward.
+
+    Attributes:
+        token_tile, vocab_tile: shape of a backward tile (rows, vocabulary columns).
+        saved_columns: the forward keeps the float32 logits of columns ``[0, saved_columns)`` of
+            every row (see :class:`KernelOptions`); 0 = nothing saved.
+        saved_token_tile: token rows of a backward tile inside the saved columns, when a backend
+            can take taller tiles there at no memory cost (0: ``token_tile``).
+        splits: vocabulary splits of the Triton forward grid (1 for the torch backend).
+        skip_threshold: opt-in gradient filter of the Triton backend; 0 = exact.
+        dot_precision: ``tl.dot`` input precision of the Triton kernels, chosen at forward time
+            so that the backward recomputes the same logits (``"ieee"`` for the torch backend).
+    """
+
+    token_tile: int
+    vocab_tile: int
+    saved_columns: int = 0
+    saved_token_tile: int = 0
+    splits: int = 1
+    skip_threshold: float = 0.0
+    dot_precision: str = "ieee"
+
+
+def tile_bounds(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into consecutive ``(lo, hi)`` pieces of ``step`` (the last ragged)."""
+    return [(lo, min(lo + step, stop)) for lo in range(start, stop, step)]
+
+
+def vocab_bounds(tiles: Tiles, vocab: int, vocab_tile: int) -> list[tuple[int, int]]:
+    """The vocabulary tiles of a call: the saved columns and the rest are tiled separately, so
+    that every tile is either wholly saved or wholly recomputed."""
+    edge = min(tiles.saved_columns, vocab)
+    return tile_bounds(0, edge, vocab_tile) + tile_bounds(edge, vocab, vocab_tile)

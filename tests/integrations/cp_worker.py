@@ -1,0 +1,199 @@
+"""SoLoPOTrainer steps under context parallelism on 2 gloo CPU processes, against one process.
+
+Ring attention needs CUDA (PyTorch's ``context_parallel``, Axolotl's ringmaster kernels), so the
+attention here is an exact CPU stand-in registered as a transformers attention function: each
+rank all-gathers the keys, values and positions of the group's slices (differentiably) and attends
+its own queries causally by global position. Everything else is the trainer's real
+context-parallel path: model inputs built on the whole row with the labels shifted before the
+split, the slices cut either by the trainer (``shard_inputs=True``, as for accelerate) or by an
+engine pre-hook on the model that splits every ``(B, S)`` tensor argument and pads
+``shift_labels`` with -100 (``shard_inputs=False``, as Axolotl's ringmaster does), partial sums
+all-reduced in the loss, the reference's too, and the gradient scaled for the engine's average.
+The engine's gradient reduction is emulated by averaging each gradient over the 2 ranks.
+
+Usage: ``torchrun --nproc_per_node 2 -m tests.integrations.cp_worker OUT_PATH``; rank 0 writes
+``{case: {"loss": (single, cp), "grad_errors": {name: max relative error}}}`` or the error.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from solopo_kernels import context_parallel as cp
+from solopo_kernels.integrations.context_parallel import ContextParallelPlan
+from tests import reference
+from tests.integrations import common
+
+ATTENTION = "solopo_test_allgather_cp"
+# (loss type, ra_target, shard order, who cuts the slices)
+CASES = [
+    ("dpo", "chosen", "head_tail", True),
+    ("ipo", "both", "contiguous", True),
+    ("simpo", "both", "contiguous", False),
+    ("orpo", "chosen", "head_tail", False),
+]
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 2 (sequence) in the group's rank order; the backward sums the
+    gradient over the ranks and keeps this rank's block."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.size = tensor.shape[2]
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.size
+        return grad[:, :, start : start + ctx.size]
+
+
+def allgather_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention of this rank's queries over the whole row (query ``(B, Hq, s, D)``, key
+    and value ``(B, Hkv, s, D)``, ``position_ids (B, s)``): the exact result of attention over the
+    unsplit row, whatever the slice order."""
+    positions = kwargs["position_ids"]
+    keys, values = _GatherSequence.apply(key), _GatherSequence.apply(value)
+    all_positions = [torch.empty_like(positions) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_positions, positions.contiguous())
+    key_positions = torch.cat(all_positions, dim=1)
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    scores = (query @ keys.transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+    visible = key_positions[:, None, None, :] <= positions[:, None, :, None]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs @ values).transpose(1, 2).contiguous(), None
+
+
+def engine_hook(order: str) -> Any:
+    """A forward pre-hook that shards like a context-parallel engine (ringmaster): every tensor
+    argument with the sequence length at dim 1, padded (``shift_labels`` with -100, positions
+    continuing, the rest with 0) and cut in ``order``. With ``SOLOPO_CP_ENGINE=ringmaster`` (and
+    the ``axolotl-ringmaster`` package installed) it calls ringmaster's own batch preparation and
+    sharding instead of this re-statement of it."""
+    if os.environ.get("SOLOPO_CP_ENGINE") == "ringmaster":
+        from ringmaster.shard import prepare_global_batch, shard_batch
+
+        def ringmaster_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+            kwargs = prepare_global_batch(dict(kwargs))
+            kwargs, _ = shard_batch(
+                kwargs, cp_rank=dist.get_rank(), cp_size=dist.get_world_size(), load_balance=order
+            )
+            return args, kwargs
+
+        return ringmaster_hook
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        length = kwargs["input_ids"].shape[1]
+        total = cp.padded_length(length, world, order)
+        index = cp.shard_indices(total, world, rank, order)
+        for name, value in list(kwargs.items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[1] == length:
+                if name == "position_ids":
+                    value = torch.arange(total).expand(value.shape[0], total)
+                else:
+                    pad = -100 if name == "shift_labels" else 0
+                    value = cp.pad_sequence(value, total, pad)
+                kwargs[name] = value.index_select(1, index)
+        return args, kwargs
+
+    return hook
+
+
+def _loss_and_grads(trainer: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
+    loss_type, ra_target, order, shard_inputs = case
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    trainer = common.trainer(
+        output_dir,
+        tok=tok,
+        policy=policy,
+        ref=ref if loss_type in ("dpo", "ipo") else None,
+        solopo_loss_type=loss_type,
+        solopo_ra_target=ra_target,
+        solopo_alpha=1.5,
+        beta=0.5,
+    )
+    batch = common.batch(trainer, [0, 1, 2, 3])
+    single_loss, single_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
+
+    models = [m for m in (trainer.model, trainer.ref_model) if m is not None]
+    hooks = []
+    for model in models:
+        model.set_attn_implementation(ATTENTION)
+        if not shard_inputs:
+            hooks.append(model.register_forward_pre_hook(engine_hook(order), with_kwargs=True))
+    plan = ContextParallelPlan(
+        group=dist.group.WORLD, order=order, shard_inputs=shard_inputs, gradient_scale=2.0
+    )
+    trainer._cp_plan_cache = [plan]
+    try:
+        cp_loss, cp_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    losses = [torch.zeros(()) for _ in range(dist.get_world_size())]
+    dist.all_gather(losses, cp_loss)
+    errors = {}
+    for name, grad in cp_grads.items():
+        dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # the engine's average over the group
+        errors[name] = reference.max_relative_error(grad, single_grads[name])
+    return {
+        "loss": (single_loss.item(), cp_loss.item()),
+        "ranks_agree": all(torch.equal(x, losses[0]) for x in losses),
+        "grad_errors": errors,
+    }
+
+
+def main() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, allgather_attention)
+    out_path = sys.argv[1]
+    results: dict[str, Any] = {}
+    for case in CASES:
+        try:
+            with tempfile.TemporaryDirectory() as output_dir:
+                results["/".join(map(str, case))] = run_case(case, output_dir)
+        except Exception:
+            results["/".join(map(str, case))] = {"error": traceback.format_exc()}
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

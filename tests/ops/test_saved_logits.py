@@ -1,0 +1,198 @@
+"""The opt-in saved-logits budget (``KernelOptions(saved_logits_bytes=...)``) on both backends:
+exact against the float64 reference whatever the budget, the backward really skips the recompute
+of the saved tiles (FLOP count, launch counts), and the memory it costs stays within the budget
+(allocation recorder).
+
+Tolerances as in test_logprobs.py: float32 values and gradients <= 1e-5; bfloat16 values <= 1e-5,
+gradients <= 1e-2 (relative to the float64 reference on the same rounded inputs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from solopo_kernels import fused_linear_logprobs, fused_solopo_loss
+from solopo_kernels.ops import KernelOptions, response_logprobs
+from tests import reference
+from tests.inputs import (
+    BACKENDS,
+    IGNORE,
+    Head,
+    float64_leaf,
+    random_hidden,
+    response_labels,
+    skip_unless_backend_runs,
+)
+from tests.instruments import AllocationRecorder, expect_backend
+
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+V, H = 150, 24
+TILE = (16, 64)  # several token and vocabulary tiles
+
+
+def _budgets(n_rows: int) -> dict[str, int]:
+    """No saving, a partial budget (64 of the 150 columns), and all of N x V."""
+    return {"none": 0, "partial": 4 * n_rows * 64 + 100, "all": 4 * n_rows * V}
+
+
+def _saved_launches() -> int:
+    try:
+        from solopo_kernels.ops import triton_tiles
+    except ImportError:
+        return 0
+    return triton_tiles.launch_counts["saved_dlogits"]
+
+
+def _recompute_launches() -> int:
+    try:
+        from solopo_kernels.ops import triton_tiles
+    except ImportError:
+        return 0
+    return triton_tiles.launch_counts["dlogits"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget", ["none", "partial", "all"])
+def test_saved_logits_match_the_float64_reference(backend, dtype, budget):
+    skip_unless_backend_runs(backend)
+    head = Head.random(V, H, bias=True, dtype=dtype)
+    hidden = random_hidden(2, 23, H, dtype=dtype)
+    labels = response_labels(2, 23, V, min_response=10)
+    labels[-1, -1] = V - 1
+    n_rows = int((labels != IGNORE).sum())
+    options = KernelOptions(saved_logits_bytes=_budgets(n_rows)[budget])
+    upstream = torch.randn(labels.shape)
+    params = [hidden, head.weight, head.bias]
+    saved_before, recomputed_before = _saved_launches(), _recompute_launches()
+    with expect_backend(backend, backward=budget != "all"):
+        out = fused_linear_logprobs(
+            hidden, head.weight, labels, head.bias, temperature=0.8, chunk_size=TILE,
+            backend=backend, kernel_options=options,
+        )  # fmt: skip
+        grads = torch.autograd.grad((out * upstream).sum(), params)
+
+    ref_head, ref_hidden = head.float64(), float64_leaf(hidden)
+    expected = reference.token_logps(
+        ref_hidden, ref_head.weight, labels, ref_head.bias, temperature=0.8
+    )
+    reference.assert_close_rel(out, expected, 1e-5, "log-probs")
+    ref_grads = torch.autograd.grad(
+        (expected * upstream.double()).sum(), [ref_hidden, ref_head.weight, ref_head.bias]
+    )
+    for name, g, r, p in zip(("hidden", "weight", "bias"), grads, ref_grads, params):
+        assert g.dtype == p.dtype
+        reference.assert_close_rel(g, r, GRAD_TOL[dtype], f"grad {name}")
+    if backend == "triton":  # which tiles were read back and which recomputed
+        saved, recomputed = (
+            _saved_launches() - saved_before,
+            _recompute_launches() - recomputed_before,
+        )
+        token_tiles = -(-n_rows // TILE[0])
+        assert saved == {"none": 0, "partial": token_tiles, "all": token_tiles * 3}[budget]
+        assert recomputed == {"none": token_tiles * 3, "partial": token_tiles * 2, "all": 0}[budget]
+
+
+def _matmul_flops(budget_columns: int, n_rows: int = 40, vocab: int = 256, hidden: int = 16):
+    head = Head.random(vocab, hidden, bias=False)
+    rows = random_hidden(n_rows, hidden)
+    labels = torch.randint(0, vocab, (n_rows,))
+    options = KernelOptions(saved_logits_bytes=4 * n_rows * budget_columns)
+    with FlopCounterMode(display=False) as counter:
+        out = fused_linear_logprobs(
+            rows, head.weight, labels, chunk_size=(16, 64), backend="torch",
+            kernel_options=options,
+        )  # fmt: skip
+        (out * torch.randn(n_rows)).sum().backward()
+    return counter.get_total_flops(), n_rows * hidden * vocab
+
+
+@pytest.mark.parametrize("columns", [0, 64, 128, 256])
+def test_saved_columns_skip_their_recompute(columns):
+    """8 N H V FLOPs with nothing saved, 6 N H V with everything, 2 N H less per saved column."""
+    flops, nhv = _matmul_flops(columns)
+    n_rows, hidden = 40, 16
+    assert flops == 8 * nhv - 2 * n_rows * hidden * columns
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_logits_cost_no_more_than_the_budget(backend):
+    """The peak of what the op keeps alive grows by at most the budget over the default, and no
+    single allocation exceeds the budget plus one tile (gradients and input copies aside)."""
+    skip_unless_backend_runs(backend)
+    head = Head.random(V, H, bias=True)
+    hidden = random_hidden(2, 24, H)
+    labels = response_labels(2, 24, V, min_response=12)
+    n_rows = int((labels != IGNORE).sum())
+    upstream = torch.randn(labels.shape)
+    tile_elements = TILE[0] * TILE[1]
+
+    def run(budget: int) -> AllocationRecorder:
+        def step():
+            out = fused_linear_logprobs(
+                hidden, head.weight, labels, head.bias, chunk_size=TILE, backend=backend,
+                kernel_options=KernelOptions(saved_logits_bytes=budget),
+            )  # fmt: skip
+            (out * upstream).sum().backward()
+            hidden.grad = head.weight.grad = head.bias.grad = None
+
+        step()  # warm-up outside the recorder (compilation, autotuning)
+        with AllocationRecorder() as rec:
+            step()
+        return rec
+
+    default = run(0)
+    for budget in (4 * n_rows * 64, 4 * n_rows * V):
+        rec = run(budget)
+        assert rec.peak_live_bytes - default.peak_live_bytes <= budget
+        largest = max(n for n, _ in rec.sizes if n not in (V * H, hidden.numel()))
+        assert 4 * largest <= budget + 4 * tile_elements
+        saved = [
+            shape
+            for op, dtype, shape in rec.allocations
+            if shape == (n_rows, budget // (4 * n_rows))
+        ]
+        assert saved, "the saved logits were never allocated"
+
+
+def test_fused_solopo_loss_takes_the_budget():
+    """The option reaches the kernel through the loss (FLOPs drop from 8 N H V to 6 N H V)."""
+    head = Head.random(64, 8, bias=False)
+    short_hidden = random_hidden(2, 9, 8)
+    short_labels = response_labels(2, 9, 64)
+    n_rows = int((short_labels != IGNORE).sum())
+
+    def flops(options):
+        with FlopCounterMode(display=False) as counter:
+            out = fused_solopo_loss(
+                head.weight, short_hidden, short_labels, None, None, loss_type="simpo", beta=2.0,
+                alpha=0.0, backend="torch", kernel_options=options,
+            )  # fmt: skip
+            out.loss.backward()
+        return counter.get_total_flops(), out.loss.detach()
+
+    (plain, loss), (fast, fast_loss) = flops(None), flops(KernelOptions(4 * n_rows * 64))
+    assert plain == 8 * n_rows * 8 * 64 and fast == 6 * n_rows * 8 * 64
+    torch.testing.assert_close(fast_loss, loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_backward_recomputes_what_the_first_consumed(backend):
+    """The backward may overwrite the saved logits; with retain_graph=True a second backward
+    recomputes those tiles and gets the same gradients."""
+    skip_unless_backend_runs(backend)
+    head = Head.random(V, H, bias=True)
+    rows = random_hidden(30, H)
+    targets = torch.randint(0, V, (30,))
+    options = KernelOptions(saved_logits_bytes=4 * 30 * V)
+    logp = response_logprobs(
+        rows, head.weight, targets, head.bias, chunk_size=TILE, backend=backend,
+        kernel_options=options,
+    )  # fmt: skip
+    loss = (logp * torch.randn(30)).sum()
+    first = torch.autograd.grad(loss, [rows, head.weight, head.bias], retain_graph=True)
+    second = torch.autograd.grad(loss, [rows, head.weight, head.bias])
+    for a, b in zip(first, second):
+        reference.assert_close_rel(a, b, 1e-6, "second backward")
