@@ -7,9 +7,9 @@ prompts, preference pairs from ``solopo-data build-contexts`` and ``solopo-data 
 trained with ``SoLoPOTrainer`` on the same pairs for the same number of steps: X on the short
 prompts, X with the pairs placed in the long prompts ("X expand-long"), and SoLo-X. Greedy
 decoding and the sub-EM judge on test questions at the short prompt and at long lengths up to
-4x the longest training length. What it is and what it shows: docs/replication.md.
+twice the longest training length. What it is and what it shows: docs/replication.md.
 
-    python examples/replicate_solopo.py                   # the committed grid, about an hour
+    python examples/replicate_solopo.py                   # the committed grid, about 25 min
     python examples/replicate_solopo.py --max-minutes 15  # the same, in pieces: rerun to go on
     python examples/replicate_solopo.py --quick --work-dir /tmp/q --results /tmp/q/results
 
