@@ -1,0 +1,142 @@
+"""The grid: which units run, in which order, in a pool of worker processes, and the choice of
+each arm's hyperparameters on the dev set.
+
+Phase 1 (dev): the starting model, and every arm with every setting of ``preset.sweep`` with the
+first seed, evaluated on the dev questions. Each arm then takes the setting with the best mean
+dev accuracy (short prompt and every long length weighted alike; ties go to the first setting).
+The test set plays no part in the choice.
+
+Phase 2 (test): the starting model, and every arm with its chosen setting and every seed,
+evaluated on the test questions. The first seed's weights are the ones phase 1 trained (same
+arm, setting and seed: the same run), so they are reused, not retrained.
+
+A unit whose result file exists is skipped: rerun the same command to continue an interrupted
+grid, or give ``max_minutes`` to stop submitting units after a while and run the grid in pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .config import LOSS_TYPES, VARIANTS, Preset
+from .pipeline import Workspace, write_json
+from .training import Unit, init_worker, run_unit_in_worker
+
+# Memory freed by one unit goes back to the system before the next one (see training.py).
+MMAP_THRESHOLD = str(128 * 1024)
+
+
+def sweep_units(preset: Preset) -> list[Unit]:
+    """The starting model, then every arm with the first setting, then with the second, ..."""
+    units = [Unit("base", "base", 0, "dev")]
+    for index in range(max(len(settings) for settings in preset.sweep.values())):
+        for loss_type in LOSS_TYPES:
+            if index >= len(preset.sweep[loss_type]):
+                continue
+            hparams = dict(preset.sweep[loss_type][index])
+            for variant in VARIANTS:
+                units.append(Unit(loss_type, variant, preset.seeds[0], "dev", hparams))
+    return units
+
+
+def grid_units(preset: Preset, selection: dict[str, dict[str, float]]) -> list[Unit]:
+    units = [Unit("base", "base", 0, "test")]
+    for seed in preset.seeds:
+        for loss_type in LOSS_TYPES:
+            for variant in VARIANTS:
+                unit = Unit(loss_type, variant, seed, "test")
+                units.append(Unit(loss_type, variant, seed, "test", selection[unit.arm]))
+    return units
+
+
+def load_result(work: Workspace, unit: Unit) -> dict[str, Any] | None:
+    path = work.unit_result(unit.split, unit.model_key)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def select(preset: Preset, work: Workspace) -> dict[str, Any]:
+    """Each arm's setting with the best mean dev accuracy; written to ``selection.json``."""
+    choices: dict[str, dict[str, Any]] = {}
+    for unit in sweep_units(preset)[1:]:
+        result = load_result(work, unit)
+        if result is None:
+            raise RuntimeError(f"dev result of {unit.model_key} is missing; run phase 1 first")
+        # Rounded so that float noise does not break ties (ties go to the first setting).
+        score = round(statistics.fmean(result["accuracy"].values()), 9)
+        tried = choices.setdefault(unit.arm, {"tried": []})["tried"]
+        tried.append({"hparams": unit.hparams, "dev_mean_accuracy": score})
+    for choice in choices.values():
+        best = max(choice["tried"], key=lambda item: item["dev_mean_accuracy"])  # first on ties
+        choice["hparams"] = best["hparams"]
+    write_json(work.results / "selection.json", choices)
+    return choices
+
+
+def run_units(
+    units: list[Unit],
+    preset: Preset,
+    work: Workspace,
+    pool: ProcessPoolExecutor,
+    *,
+    jobs: int,
+    deadline: float | None,
+    desc: str,
+) -> bool:
+    """Run the units without a result file, ``jobs`` at a time in ``pool``; True when all are
+    done. No unit is started after ``deadline`` (a ``time.monotonic()`` value); the running ones
+    finish."""
+    todo = [unit for unit in units if load_result(work, unit) is None]
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit")
+    pending: set = set()
+    while todo or pending:
+        while todo and len(pending) < jobs and (deadline is None or time.monotonic() < deadline):
+            unit = todo.pop(0)
+            pending.add(
+                pool.submit(run_unit_in_worker, unit, preset, str(work.root), str(work.results))
+            )
+        if not pending:
+            break
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            result = future.result()
+            scores = " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
+            bar.set_postfix_str(f"{result['unit']['arm']} seed {result['unit']['seed']}: {scores}")
+            bar.update()
+    bar.close()
+    return all(load_result(work, unit) is not None for unit in units)
+
+
+def run_grid(
+    preset: Preset, work: Workspace, *, jobs: int, threads: int, max_minutes: float | None
+) -> bool:
+    """Phase 1, the choice, phase 2; True when every unit of both phases has its result."""
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the workers
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(threads,),
+    ) as pool:
+        options = {"jobs": jobs, "deadline": deadline}
+        if not run_units(sweep_units(preset), preset, work, pool, desc="dev sweep", **options):
+            return False
+        selection = select(preset, work)
+        chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
+        units = grid_units(preset, chosen)
+        return run_units(units, preset, work, pool, desc="test grid", **options)
+
+
+def results_of(work: Workspace, split: str) -> list[dict[str, Any]]:
+    """Every unit result of ``split`` (sorted by file name)."""
+    folder = Path(work.results) / "units" / split
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]

@@ -1,0 +1,314 @@
+"""The data side of the replication, run as a user would run it.
+
+1. Questions: the procedural multi-hop QA task (:mod:`.qa_world`) in ``solopo-data``'s generic
+   schema, a train, a dev and a test split.
+2. Tokenizer: the package's word-level tiny tokenizer over the task's words.
+3. Contexts: ``solopo-data build-contexts`` (its command-line entry point): the training
+   questions at several long lengths (multi-scale), the dev and test questions once per
+   evaluation length.
+4. Starting model: a tiny Llama fine-tuned on short prompts until it answers a fair share of
+   short dev questions, saved with ``save_pretrained``.
+5. Pairs: ``solopo-data sample-pairs`` with that model on the training contexts: samples on the
+   short prompts at temperature 0.85, judged by the sub-EM judge, no gold answer offered.
+
+Every step writes its outputs under the work directory and is skipped when they exist, so a rerun
+continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from solopo_kernels.data.cli import main as solopo_data
+from solopo_kernels.data.cli import tiny_tokenizer_for
+from solopo_kernels.data.contexts import TEMPLATES
+from solopo_kernels.tiny_models import tiny_llama
+
+from .config import Preset
+from .evaluation import evaluate_contexts, stop_token_ids
+from .qa_world import Lexicon, make_split, write_split
+
+SPLITS = ("train", "dev", "test")
+TEMPLATE = TEMPLATES["cot"]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where one preset's generated files live (``root``, not committed) and where its results go
+    (``results``, committed for the full preset)."""
+
+    root: Path
+    results: Path
+
+    def questions(self, split: str) -> Path:
+        return self.root / "questions" / f"{split}.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    def contexts(self, split: str, length: int | None = None) -> Path:
+        name = split if length is None else f"{split}-{length}"
+        return self.root / "contexts" / f"{name}.jsonl"
+
+    @property
+    def starting_model(self) -> Path:
+        return self.root / "starting-model"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs" / "train.jsonl"
+
+    def model(self, key: str) -> Path:
+        return self.root / "models" / f"{key}.pt"
+
+    def unit_result(self, split: str, key: str) -> Path:
+        return self.results / "units" / split / f"{key}.json"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON through a temporary file (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def _run_cli(argv: list[str]) -> None:
+    status = solopo_data(argv)
+    if status != 0:
+        raise RuntimeError(f"solopo-data {' '.join(argv)} exited with status {status}")
+
+
+def make_questions(preset: Preset, work: Workspace, lexicon: Lexicon) -> None:
+    counts = {
+        "train": preset.train_questions,
+        "dev": preset.dev_questions,
+        "test": preset.test_questions,
+    }
+    for split, count in counts.items():
+        if not work.questions(split).exists():
+            write_split(make_split(lexicon, split, count, preset.data_seed), work.questions(split))
+
+
+def make_tokenizer(work: Workspace, lexicon: Lexicon) -> Any:
+    """The word-level tokenizer over the templates' and the task's words (saved once)."""
+    from transformers import AutoTokenizer
+
+    if not (work.tokenizer / "tokenizer.json").exists():
+        texts = [TEMPLATE.header, TEMPLATE.footer, *lexicon.words()]
+        tiny_tokenizer_for(texts).save_pretrained(work.tokenizer)
+    return AutoTokenizer.from_pretrained(work.tokenizer)
+
+
+def build_contexts(preset: Preset, work: Workspace) -> None:
+    """``solopo-data build-contexts`` for the training questions (multi-scale long targets) and
+    for the dev and test questions (one file per evaluation length)."""
+    jobs = [("train", None, preset.train_lengths)]
+    jobs += [(split, n, (n,)) for split in ("dev", "test") for n in preset.eval_lengths]
+    for split, length, targets in jobs:
+        output = work.contexts(split, length)
+        if output.exists():
+            continue
+        _run_cli(
+            [
+                "build-contexts",
+                "--input",
+                str(work.questions(split)),
+                "--output",
+                str(output),
+                "--tokenizer",
+                str(work.tokenizer),
+                "--target-lengths",
+                ",".join(map(str, targets)),
+                "--template",
+                TEMPLATE.name,
+                "--seed",
+                str(preset.data_seed),
+            ]
+        )
+
+
+def eval_contexts(preset: Preset, work: Workspace, split: str) -> dict[str, list[dict[str, Any]]]:
+    """The ``build-contexts`` rows of ``split`` per evaluation length (as a string)."""
+    return {str(n): read_jsonl(work.contexts(split, n)) for n in preset.eval_lengths}
+
+
+def short_chat_prompt(question: dict[str, Any], distractors: int = 0, seed: int = 0) -> list:
+    """The short prompt ``build-contexts`` writes for a question (template, passages, question),
+    built without a tokenizer: the fine-tuning stream needs thousands of them.
+
+    ``distractors`` > 0 mixes that many of the question's own distractor biographies in, at
+    random places (fine-tuning only; the short prompts of the experiment have none).
+    """
+    passages = [f"{p['title']}\n{p['text']}" for p in question["passages"]]
+    if distractors:
+        rng = random.Random(f"{seed}/{question['id']}")
+        for extra in question["distractors"][:distractors]:
+            passages.insert(rng.randrange(len(passages) + 1), f"{extra['title']}\n{extra['text']}")
+    text, _ = TEMPLATE.user_text(passages, question["question"])
+    return [{"role": "user", "content": text}]
+
+
+def _sft_stream(lexicon: Lexicon, seed: int) -> Iterator[dict[str, Any]]:
+    """Fresh fine-tuning questions forever: chunks of 1000, each with unique names."""
+    for chunk in itertools.count():
+        yield from make_split(lexicon, f"sft{chunk}", 1000, seed)
+
+
+def _sft_batch(
+    tokenizer: Any, questions: list[dict[str, Any]], rng: random.Random, max_distractors: int
+) -> dict[str, torch.Tensor]:
+    texts = []
+    for question in questions:
+        prompt = short_chat_prompt(question, rng.randint(0, max_distractors), rng.getrandbits(31))
+        answer = {"role": "assistant", "content": question["reference"]}
+        texts.append(tokenizer.apply_chat_template([*prompt, answer], tokenize=False))
+    batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, tokenizer: Any) -> dict:
+    """Fine-tune the tiny Llama on short prompts (see :class:`.config.SFTConfig`); save it.
+
+    Returns the record of the run (steps, checks, time), also written next to the model.
+    """
+    record_path = work.starting_model / "sft_record.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    config, shape = preset.sft, preset.model
+    torch.manual_seed(config.seed)
+    longest = max(preset.eval_lengths) + preset.max_new_tokens + 8
+    model = tiny_llama(
+        tokenizer,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        max_position_embeddings=max(4096, longest),
+        seed=config.seed,
+    )
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    check_rows = read_jsonl(work.contexts("dev", preset.eval_lengths[0]))[: config.check_questions]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    stream = _sft_stream(lexicon, config.seed)
+    rng = random.Random(config.seed)
+    checks: list[dict[str, Any]] = []
+    began = time.perf_counter()
+    model.train()
+    bar = tqdm(range(1, config.max_steps + 1), desc="fine-tune the starting model", unit="step")
+    for step in bar:
+        questions = [next(stream) for _ in range(config.batch_size)]
+        batch = _sft_batch(tokenizer, questions, rng, config.max_distractors)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.check_every == 0 or step == config.max_steps:
+            accuracy = evaluate_contexts(
+                model,
+                tokenizer,
+                {"check": check_rows},
+                max_new_tokens=preset.max_new_tokens,
+                batch_size=preset.eval_batch_size,
+            )["accuracy"]["short"]
+            checks.append({"step": step, "loss": loss.item(), "dev_short_accuracy": accuracy})
+            bar.set_postfix(loss=f"{loss.item():.3f}", dev_short=f"{accuracy:.2f}")
+            if accuracy >= config.target_accuracy:
+                break
+    bar.close()
+    model.save_pretrained(work.starting_model)
+    tokenizer.save_pretrained(work.starting_model)
+    record = {
+        "config": asdict(config),
+        "model": asdict(shape),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": checks[-1]["step"],
+        "checks": checks,
+        "seconds": time.perf_counter() - began,
+    }
+    write_json(record_path, record)
+    return record
+
+
+def sample_pairs(preset: Preset, work: Workspace) -> dict[str, Any]:
+    """``solopo-data sample-pairs`` with the starting model; returns the counts of the run."""
+    argv = [
+        "sample-pairs",
+        "--input",
+        str(work.contexts("train")),
+        "--output",
+        str(work.pairs),
+        "--model",
+        str(work.starting_model),
+        "--tokenizer",
+        str(work.tokenizer),
+        "--backend",
+        "transformers",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--num-samples",
+        str(preset.num_samples),
+        "--temperature",
+        str(preset.temperature),
+        "--max-new-tokens",
+        str(preset.max_new_tokens),
+        "--batch-size",
+        "16",
+        "--seed",
+        str(preset.data_seed),
+    ]
+    if preset.include_gold:
+        argv.append("--include-gold")
+    # sample-pairs resumes by itself: rerunning the same command skips finished batches.
+    _run_cli(argv)
+    progress = read_jsonl(work.pairs.with_name(work.pairs.name + ".progress"))[1:]
+    statuses = Counter(record["status"] for record in progress)
+    pairs = read_jsonl(work.pairs)
+    if not pairs:
+        raise RuntimeError(f"{work.pairs}: sample-pairs wrote no pair; nothing to train on")
+    correct = [record["num_correct"] for record in progress]
+    return {
+        "questions": len(progress),
+        "pairs": len(pairs),
+        "no_correct": statuses["no_correct"],
+        "no_incorrect": statuses["no_incorrect"],
+        "samples_per_question": preset.num_samples,
+        "sample_accuracy": sum(correct) / (preset.num_samples * len(progress)),
+        "chosen_from_gold": sum(row["metadata"]["chosen_source"] == "gold" for row in pairs),
+        "pairs_by_target_length": dict(
+            sorted(Counter(str(row["metadata"]["target_length"]) for row in pairs).items())
+        ),
+    }
+
+
+def prepare(preset: Preset, work: Workspace) -> dict[str, Any]:
+    """Run steps 1-5 (each skipped when its output exists); return their records."""
+    random.seed(preset.data_seed)
+    lexicon = Lexicon.build(seed=preset.data_seed)
+    make_questions(preset, work, lexicon)
+    tokenizer = make_tokenizer(work, lexicon)
+    build_contexts(preset, work)
+    sft = train_starting_model(preset, work, lexicon, tokenizer)
+    pairs = sample_pairs(preset, work)
+    return {"starting_model": sft, "pairs": pairs}
