@@ -18,12 +18,16 @@ pytest.importorskip("matplotlib")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPT = EXAMPLES / "replicate_solopo.py"
+# examples/ goes on the path only for this import: left there, its folders (examples/axolotl)
+# would shadow installed packages of the same name for every later test.
 sys.path.insert(0, str(EXAMPLES))
-
-from replication.config import QUICK  # noqa: E402
-from replication.grid import grid_units, sweep_units  # noqa: E402
-from replication.pipeline import Workspace, read_jsonl, short_chat_prompt  # noqa: E402
-from replication.qa_world import Lexicon, make_split  # noqa: E402
+try:
+    from replication.config import QUICK
+    from replication.grid import grid_units, sweep_units
+    from replication.pipeline import Workspace, read_jsonl, short_chat_prompt
+    from replication.qa_world import Lexicon, make_split
+finally:
+    sys.path.remove(str(EXAMPLES))
 
 
 def _run(work: Path, results: Path) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
+import importlib.metadata
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +18,17 @@ pytest.importorskip("pydantic", reason="pydantic (an Axolotl dependency) is not 
 from solopo_kernels.integrations import axolotl as plugin_module  # noqa: E402
 from solopo_kernels.integrations.args import SOLOPO_ARGUMENT_NAMES, SoLoPOArguments  # noqa: E402
 
-AXOLOTL_INSTALLED = importlib.util.find_spec("axolotl") is not None
+
+def _distribution_installed(name: str) -> bool:
+    """Whether the distribution is installed (a folder named like it on sys.path is not)."""
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+AXOLOTL_INSTALLED = _distribution_installed("axolotl")
 
 BASE = {"rl": "dpo", "solopo": True, "solopo_loss_type": "simpo", "solopo_alpha": 2.0}
 
