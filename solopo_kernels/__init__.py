@@ -2,7 +2,8 @@
 optimization (SoLoPO: short-to-long preference optimization, arXiv 2505.11166).
 
 Public API (documented in docs/api.md): :func:`fused_linear_logprobs`, :func:`fused_solopo_loss`,
-:class:`FusedSoLoPOLoss`, :func:`solopo_loss` and its output type :class:`SoLoPOOutput`.
+:class:`FusedSoLoPOLoss`, :func:`solopo_loss` and its output type :class:`SoLoPOOutput`,
+and :class:`KernelOptions` (the kernels' opt-in settings, the ``kernel_options`` argument).
 The names are imported on first use, so ``solopo_kernels.data`` (pure Python) does not pull in
 torch.
 """
@@ -18,6 +19,7 @@ _PUBLIC = {
     "fused_linear_logprobs": ".ops",
     "fused_solopo_loss": ".losses",
     "FusedSoLoPOLoss": ".losses",
+    "KernelOptions": ".ops",
     "solopo_loss": ".losses",
     "SoLoPOOutput": ".losses",
     "value_checks_disabled": ".checks",
@@ -25,6 +27,7 @@ _PUBLIC = {
 
 __all__ = [
     "FusedSoLoPOLoss",
+    "KernelOptions",
     "SoLoPOOutput",
     "__version__",
     "fused_linear_logprobs",
@@ -36,7 +39,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .checks import value_checks_disabled
     from .losses import FusedSoLoPOLoss, SoLoPOOutput, fused_solopo_loss, solopo_loss
-    from .ops import fused_linear_logprobs
+    from .ops import KernelOptions, fused_linear_logprobs
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,14 @@ from solopo_kernels.ops.tiles import (
 )
 
 
+def test_kernel_options_and_every_public_name_resolve_at_the_top_level():
+    import solopo_kernels
+
+    assert solopo_kernels.KernelOptions is KernelOptions
+    for name in solopo_kernels.__all__:
+        assert getattr(solopo_kernels, name) is not None, name
+
+
 def test_kernel_options_default_to_the_minimal_memory_kernels():
     assert KernelOptions().saved_logits_bytes == 0
     assert check_kernel_options(None) == KernelOptions()
