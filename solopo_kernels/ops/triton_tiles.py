@@ -559,27 +559,28 @@ def spills(config: triton.Config, fp32: bool, save: bool, major: int) -> bool:
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})
 
 
-def _tuned(kernel: triton.JITFunction) -> triton.JITFunction:
-    """The kernel autotuned over ``_CONFIGS`` (pruned per dtype) keyed on ``(H, V, ROWS)`` (the
-    autotuner adds the dtypes of tensor arguments), results kept in Triton's on-disk cache where
-    the installed Triton can; under the interpreter, the kernel itself (launched with
-    ``_INTERPRETER_CONFIG``)."""
-    kernel = _EVEN_K(kernel)
+def autotuned(
+    kernel: triton.JITFunction, configs: list, prune: Callable[..., list]
+) -> triton.JITFunction:
+    """The kernel autotuned over ``configs`` (pruned per dtype by ``prune``) keyed on
+    ``(H, V, ROWS)`` (the autotuner adds the dtypes of tensor arguments), results kept in
+    Triton's on-disk cache where the installed Triton can; under the interpreter, the kernel
+    itself (launched with explicit blocks). Shared with :mod:`.triton_tma_tiles`."""
     if _INTERPRET:
         return kernel
     extra = {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         extra["cache_results"] = True
     return triton.autotune(
-        configs=_CONFIGS,
+        configs=configs,
         key=["H", "V", "ROWS"],
-        prune_configs_by={"early_config_prune": _configs_for_dtype},
+        prune_configs_by={"early_config_prune": prune},
         **extra,
     )(kernel)
 
 
-_forward_launcher = _tuned(_forward_kernel)
-_dlogits_launcher = _tuned(_dlogits_kernel)
+_forward_launcher = autotuned(_EVEN_K(_forward_kernel), _CONFIGS, _configs_for_dtype)
+_dlogits_launcher = autotuned(_EVEN_K(_dlogits_kernel), _CONFIGS, _configs_for_dtype)
 _LAUNCH_CONFIG = _INTERPRETER_CONFIG if _INTERPRET else {}
 # Shapes whose forward was already tuned on a prefix (see forward()).
 _tuned_on_prefix: set[tuple] = set()

@@ -31,7 +31,6 @@ FLOPs and memory: as :mod:`.triton_tiles`.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import triton
@@ -239,29 +238,16 @@ def _tma_dlogits_kernel(
     )  # fmt: skip
 
 
-def _tuned(kernel: triton.JITFunction) -> triton.JITFunction:
-    """As :func:`.triton_tiles._tuned`, with the descriptor block shapes set per config."""
-    if _INTERPRET:
-        return kernel
-    extra = {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        extra["cache_results"] = True
-    return triton.autotune(
-        configs=_CONFIGS,
-        key=["H", "V", "ROWS"],
-        prune_configs_by={"early_config_prune": _configs_for_dtype},
-        **extra,
-    )(kernel)
-
-
 def _configs_for_dtype(configs: list, named_args: dict, **kwargs: object) -> list:
     """:func:`.triton_tiles._configs_for_dtype` over this module's (hooked) config objects."""
     chosen = base._configs_for_dtype(base._CONFIGS, named_args, **kwargs)
     return [c for c, b in zip(_CONFIGS, base._CONFIGS) if any(b is x for x in chosen)]
 
 
-_forward_launcher = _tuned(_tma_forward_kernel)
-_dlogits_launcher = _tuned(_tma_dlogits_kernel)
+# Autotuned like the pointer kernels, over this module's configs (descriptor block shapes set
+# per config by their pre-hooks).
+_forward_launcher = base.autotuned(_tma_forward_kernel, _CONFIGS, _configs_for_dtype)
+_dlogits_launcher = base.autotuned(_tma_dlogits_kernel, _CONFIGS, _configs_for_dtype)
 
 
 def _descriptor(tensor: torch.Tensor, block: list[int]):
