@@ -42,8 +42,8 @@ import triton.language as tl
 
 from . import triton_configs as configs
 from . import triton_tiles as pointer
-from .triton_kernels import dlogits_epilogue, fold_tile, load_bias, round_to, store_partials
 from .tiles import KernelOptions, Tiles
+from .triton_kernels import dlogits_epilogue, fold_tile, load_bias, round_to, store_partials
 
 __all__ = [
     "backward",

@@ -23,11 +23,14 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from solopo_kernels import fused_linear_logprobs  # noqa: E402
 from solopo_kernels.checks import value_checks_disabled  # noqa: E402
 from solopo_kernels.ops import logprobs as dispatch  # noqa: E402
-from solopo_kernels.ops import torch_tiles, triton_tiles  # noqa: E402
+from solopo_kernels.ops import (  # noqa: E402
+    torch_tiles,
+    triton_configs,  # noqa: E402
+    triton_tiles,
+)
+from solopo_kernels.ops.tiles import KernelOptions  # noqa: E402
 from tests import reference  # noqa: E402
 from tests.inputs import IGNORE, Head, float64_leaf, random_hidden, response_labels  # noqa: E402
-from solopo_kernels.ops import triton_configs  # noqa: E402
-from solopo_kernels.ops.tiles import KernelOptions  # noqa: E402
 from tests.instruments import AllocationRecorder, LaunchCounter  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -302,75 +305,6 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="skip_threshold"):
             KernelOptions(skip_threshold=bad)
-
-
-def _load_gpu_check():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    return gpu_check
-
-
-def _gpu_check_args(tmp_path, *peers):
-    device = ["--device", "cuda"] if DEVICE.type == "cuda" else ["--device", "cpu", "--interpret"]
-    shape = ["--hidden", "24", "--vocab", "70", "--tokens", "20", "--warmup", "0", "--iters", "1"]
-    return [*device, *shape, "--peers", *peers, "--out", str(tmp_path)]
-
-
-def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
-    """``benchmarks/gpu_check.py`` at a tiny shape: correctness of our three Triton methods
-    passes, a JSON and a markdown table are written, and an unknown peer is reported rather than
-    crashing the run."""
-    import json
-
-    gpu_check = _load_gpu_check()
-    args = _gpu_check_args(tmp_path, "solopo-triton", "solopo-triton-saved", "no-such-peer")
-    assert gpu_check.main(args) == 0
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    (shape_report,) = report["shapes"]
-    assert set(shape_report["correctness"]) == set(gpu_check.OURS_TRITON)
-    for name, check in shape_report["correctness"].items():
-        assert check["pass"] and check["triton_ran"], name
-    assert shape_report["results"]["solopo-triton"]["status"] == "ok"
-    assert shape_report["results"]["no-such-peer"]["status"].startswith("unavailable")
-    assert "| solopo-triton | ok |" in (tmp_path / "gpu_check.md").read_text()
-
-
-def test_triton_gpu_check_survives_broken_peers_and_a_failing_method(tmp_path, launches):
-    """A peer whose import raises anything (not just ImportError) is "unavailable"; one of our
-    methods raising is a failed correctness entry; the JSON is written either way (exit 1)."""
-    import json
-    import sys
-    import types
-
-    class Broken(types.ModuleType):
-        def __getattr__(self, name):
-            raise RuntimeError("CUDA driver too old")
-
-    gpu_check = _load_gpu_check()
-    original = gpu_check.methods
-
-    def methods(torch, n, vocab, wanted):
-        table = original(torch, n, vocab, wanted)
-        table["solopo-triton-tma"] = lambda r, w, t: (_ for _ in ()).throw(ValueError("boom"))
-        return table
-
-    broken = Broken("cut_cross_entropy")
-    with mock.patch.dict(sys.modules, {"cut_cross_entropy": broken}):
-        with mock.patch.object(gpu_check, "methods", methods):
-            code = gpu_check.main(_gpu_check_args(tmp_path, "solopo-triton", "cce"))
-    assert code == 1
-    (shape_report,) = json.loads((tmp_path / "gpu_check.json").read_text())["shapes"]
-    assert shape_report["correctness"]["solopo-triton-tma"] == {
-        "pass": False,
-        "error": "ValueError: boom",
-    }
-    assert shape_report["correctness"]["solopo-triton"]["pass"]
-    assert shape_report["results"]["cce"]["status"].startswith("unavailable: RuntimeError")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from solopo_kernels import fused_linear_logprobs  # noqa: E402
-from solopo_kernels.ops import KernelOptions, triton_tiles, triton_tma_tiles  # noqa: E402
+from solopo_kernels.ops import KernelOptions, triton_tma_tiles  # noqa: E402
 from tests import reference
-from tests.instruments import launch_totals  # noqa: E402
 from tests.inputs import IGNORE, Head, float64_leaf, random_hidden, response_labels  # noqa: E402
+from tests.instruments import launch_totals  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
