@@ -128,3 +128,25 @@ def test_the_tuning_key_holds_every_flag_that_changes_a_configs_fitness(monkeypa
     assert forward.keys == ["H", "V", "ROWS", "HAS_BIAS", "SAVE_LOGITS", "DOT_PRECISION"]
     assert dlogits.keys == ["H", "V", "ROWS", "HAS_BIAS", "TRACK_MAX", "DOT_PRECISION"]
     assert tma.keys == forward.keys
+
+
+def test_the_solopo_loss_with_a_float32_head_equals_the_loss_with_its_bf16_copy():
+    """The loss API takes the mixed pair too: a float32 head with bf16 hidden states gives the
+    loss of the bf16-rounded head (the same rounding, per tile), and a float32 weight gradient
+    equal to the bf16 head's (within its rounding)."""
+    from solopo_kernels import fused_solopo_loss
+
+    head = Head.random(V, H, bias=True)
+    short = random_hidden(4, 9, H, dtype=torch.bfloat16)
+    long_ = random_hidden(2, 13, H, dtype=torch.bfloat16)
+    short_labels, long_labels = response_labels(4, 9, V), response_labels(2, 13, V)
+    rounded_w = head.weight.detach().bfloat16().requires_grad_()
+    rounded_b = head.bias.detach().bfloat16().requires_grad_()
+    kwargs = dict(loss_type="simpo", beta=2.0, alpha=0.5, backend="torch")
+    mixed = fused_solopo_loss(head.weight, short, short_labels, long_, long_labels, head.bias, **kwargs)
+    same = fused_solopo_loss(rounded_w, short, short_labels, long_, long_labels, rounded_b, **kwargs)
+    reference.assert_close_rel(mixed.loss, same.loss, 1e-5, "loss")
+    (grad_mixed,) = torch.autograd.grad(mixed.loss, [head.weight])
+    (grad_same,) = torch.autograd.grad(same.loss, [rounded_w])
+    assert grad_mixed.dtype == torch.float32
+    reference.assert_close_rel(grad_mixed, grad_same.double(), 1e-2, "grad weight")

@@ -489,3 +489,20 @@ def test_no_autotuning_candidate_spills_in_the_compile_report():
             checked += 1
     assert checked > 100
     assert excluded_cases <= spilled_cases  # each exclusion spilled with at least one Triton
+
+
+def test_weight_offsets_past_2_to_31_elements_are_read_in_place(launches):
+    """A weight whose ``k * stride`` passes 2**31 (a transposed tied embedding with V * H >=
+    2**31 has stride V along H): the kernels' weight offsets are int64. Here a (32, 40) bf16
+    weight view with an H-stride of 2**26 elements (row 32 of H starts past 2**31; only 32 x 40
+    elements are ever touched, the rest of the storage is never paged in)."""
+    vocab, hidden, stride = 32, H, 2**26
+    storage = torch.empty((hidden - 1) * stride + vocab, dtype=torch.bfloat16)
+    weight = storage.as_strided((vocab, hidden), (1, stride))
+    weight.copy_(torch.randn(vocab, hidden))
+    rows = torch.randn(5, hidden).bfloat16()
+    targets = torch.tensor([0, 3, 31, 7, 12])
+    tiles = triton_tiles.default_tiles(5, hidden, vocab, rows.device, None, dtype=rows.dtype)
+    logp, _, _ = triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
+    expected = torch.log_softmax(rows.double() @ weight.double().T, 1)[torch.arange(5), targets]
+    reference.assert_close_rel(logp, expected, 1e-5, "logp")
