@@ -1,9 +1,19 @@
 """The tile loop of the backward, shared by both backends.
 
-A backend supplies one function, ``fill(t0, t1, v0, v1) -> dlogits | None``, which returns the
-``[t1 - t0, v1 - v0]`` tile ``g * (onehot(target) - softmax) / temperature`` of rows ``[t0, t1)``
-and vocabulary columns ``[v0, v1)`` (recomputed from the saved log-sum-exp, or read from saved
-forward logits), or None to skip the tile. This module turns the tiles into the three gradients:
+A backend supplies one function, ``fill(t0, t1, v0, v1)``, for the ``[t1 - t0, v1 - v0]`` tile of
+``dlogits = g * (onehot(target) - softmax) / temperature`` of rows ``[t0, t1)`` and vocabulary
+columns ``[v0, v1)`` (recomputed from the saved log-sum-exp, or read from saved forward logits).
+It returns one of
+
+* the ``dlogits`` tile itself (the Triton backend, whose kernel forms it in registers);
+* a :class:`FactoredTile` ``(probs, factor)`` with ``dlogits = factor[:, None] * probs +
+  scale[:, None] * onehot`` (the torch backend): the row factor and the one-hot term are applied
+  to the ``(rows, H)`` sides of the GEMMs instead of the ``(rows, vocabulary)`` tile, which saves
+  two full passes over every tile (``probs`` is then what one fused softmax kernel writes);
+  ``accumulate_gradients`` gets ``onehot=(targets, scale)``;
+* None, to skip the tile.
+
+This module turns the tiles into the three gradients:
 
 * outer loop over vocabulary tiles, so each weight-gradient tile is finished (and cast to the
   weight's dtype) once; inner loop over token tiles;
@@ -30,13 +40,23 @@ Deterministic: a fixed loop order, no atomics.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from .gemm_routes import matmul_into
 from .tiles import Tiles, tile_bounds, vocab_bounds
 
-DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | None"]
+
+class FactoredTile(NamedTuple):
+    """``dlogits = factor[:, None] * probs + scale[:, None] * onehot(targets)`` of one tile:
+    ``probs (rows, columns)`` and ``factor (rows,)`` in the accumulation dtype."""
+
+    probs: torch.Tensor
+    factor: torch.Tensor
+
+
+DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | FactoredTile | None"]
 
 # The float32 weight-gradient buffer (vocab_tile x H) of 16-bit weights when several token tiles
 # add into it: the vocabulary tile is narrowed so that the buffer stays under this size.
@@ -52,12 +72,15 @@ def accumulate_gradients(
     needs_grad: tuple[bool, bool, bool],
     acc_dtype: torch.dtype,
     dlogits_dtype: torch.dtype,
+    onehot: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients w.r.t. ``rows (N, H)``, ``weight (V, H)`` and ``bias (V,)`` from the ``dlogits``
-    tiles of ``fill``, in the dtypes of those tensors (None where not needed).
+    """Gradients w.r.t. ``rows (N, H)``, ``weight (V, H)`` and ``bias (V,)`` from the tiles of
+    ``fill``, in the dtypes of those tensors (None where not needed).
 
     ``tiles`` gives the tile shape and the saved columns (tiles never straddle their edge);
     ``acc_dtype`` is the accumulation dtype and ``dlogits_dtype`` the dtype of ``fill``'s tiles.
+    ``onehot = (targets (N,), scale (N,))``: the one-hot term of :class:`FactoredTile` tiles
+    (targets outside ``[0, V)`` match no column).
     """
     need_rows, need_weight, need_bias = needs_grad
     need_bias = need_bias and bias is not None
@@ -97,6 +120,7 @@ def accumulate_gradients(
     if need_weight and not direct_weight:
         width = max((hi - lo for lo, hi in v_bounds), default=0)
         weight_buffer = torch.empty((width, hidden), dtype=acc_dtype, device=device)
+    factored = _Factored(rows, acc_dtype, onehot) if onehot is not None else None
 
     for v0, v1 in v_bounds if n_rows and (need_rows or need_weight or need_bias) else []:
         weight_tile = weight[v0:v1].to(rows.dtype)  # a float32 weight meets 16-bit rows per tile
@@ -107,16 +131,23 @@ def accumulate_gradients(
             )
         written = False  # the first GEMM into weight_grad_tile overwrites it
         for t0, t1 in saved_token_bounds if v1 <= tiles.saved_columns else token_bounds:
-            dlogits = fill(t0, t1, v0, v1)
-            if dlogits is None:
+            tile = fill(t0, t1, v0, v1)
+            if tile is None:
+                continue
+            if isinstance(tile, FactoredTile):
+                factored.add(
+                    tile, t0, t1, v0, weight_tile, grad_rows, weight_grad_tile, written,
+                    grad_bias[v0:v1] if need_bias else None,
+                )  # fmt: skip
+                written = written or need_weight
                 continue
             if need_rows:  # with one vocabulary tile, each row block is written once
-                matmul_into(grad_rows[t0:t1], dlogits, weight_tile, accumulate=len(v_bounds) > 1)
+                matmul_into(grad_rows[t0:t1], tile, weight_tile, accumulate=len(v_bounds) > 1)
             if need_weight:
-                matmul_into(weight_grad_tile, dlogits.t(), rows[t0:t1], accumulate=written)
+                matmul_into(weight_grad_tile, tile.t(), rows[t0:t1], accumulate=written)
                 written = True
             if need_bias:
-                grad_bias[v0:v1] += dlogits.sum(0, dtype=acc_dtype)
+                grad_bias[v0:v1] += tile.sum(0, dtype=acc_dtype)
         if need_weight:
             if not written:  # every token tile skipped (opt-in filtering)
                 weight_grad_tile.zero_()
@@ -124,9 +155,66 @@ def accumulate_gradients(
                 grad_weight[v0:v1].copy_(weight_grad_tile)
     if need_weight and not n_rows:
         grad_weight.zero_()
+    if factored is not None and need_rows and n_rows:
+        factored.finish_rows(grad_rows, weight)
 
     return (
         grad_rows.to(rows.dtype) if grad_rows is not None else None,
         grad_weight,
         grad_bias.to(bias.dtype) if grad_bias is not None else None,
     )
+
+
+class _Factored:
+    """The GEMMs of :class:`FactoredTile` tiles. With ``dlogits = f * P + s * onehot``:
+    ``grad_rows += f * (P @ W_tile)`` (the factor scales the ``(rows, H)`` product),
+    ``grad_W_tile += P^T @ (f * rows)``, ``grad_bias_tile += P^T @ f``, and the one-hot term adds
+    ``s_i * rows_i`` to the weight-gradient row of each target (and ``s_i`` to its bias entry)
+    per tile, and ``s_i * W[target_i]`` to ``grad_rows`` once at the end."""
+
+    def __init__(
+        self, rows: torch.Tensor, acc: torch.dtype, onehot: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        self.rows = rows.to(acc)  # a no-op for rows already in the accumulation dtype
+        self.rows_dtype = rows.dtype
+        targets, self.scale = onehot
+        self.targets = targets
+        self.acc = acc
+
+    def add(
+        self,
+        tile: FactoredTile,
+        t0: int,
+        t1: int,
+        v0: int,
+        weight_tile: torch.Tensor,
+        grad_rows: torch.Tensor | None,
+        weight_grad_tile: torch.Tensor | None,
+        written: bool,
+        bias_grad_tile: torch.Tensor | None,
+    ) -> None:
+        probs, factor = tile
+        if grad_rows is not None:
+            product = torch.mm(probs, weight_tile.to(self.acc))
+            grad_rows[t0:t1].addcmul_(product, factor[:, None])
+        if weight_grad_tile is None and bias_grad_tile is None:
+            return
+        width = probs.shape[1]
+        local = self.targets[t0:t1] - v0
+        in_tile = (local >= 0) & (local < width)
+        local = local.clamp(0, width - 1)
+        onehot_scale = self.scale[t0:t1] * in_tile
+        if weight_grad_tile is not None:
+            scaled_rows = self.rows[t0:t1] * factor[:, None]
+            matmul_into(weight_grad_tile, probs.t(), scaled_rows, accumulate=written)
+            weight_grad_tile.index_add_(0, local, self.rows[t0:t1] * onehot_scale[:, None])
+        if bias_grad_tile is not None:
+            bias_grad_tile.add_(probs.t() @ factor)
+            bias_grad_tile.index_add_(0, local, onehot_scale)
+
+    def finish_rows(self, grad_rows: torch.Tensor, weight: torch.Tensor) -> None:
+        """``grad_rows += s_i * W[target_i]`` (the head rounded to the rows' dtype, as used)."""
+        vocab = weight.shape[0]
+        valid = (self.targets >= 0) & (self.targets < vocab)
+        picked = weight[self.targets.clamp(0, vocab - 1)].to(self.rows_dtype).to(self.acc)
+        grad_rows.addcmul_(picked, (self.scale * valid)[:, None])

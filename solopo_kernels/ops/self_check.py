@@ -116,11 +116,12 @@ def compare_backends(
     case = _case(device, rows_dtype, weight_dtype)
     exact = rows_dtype == torch.float32 and triton_tiles.dot_precision(rows_dtype) == "tf32x3"
     grad_tol = GRAD_TOL_EXACT if exact else GRAD_TOL_ROUNDED
-    expected = _run(torch_tiles, case, KernelOptions())
+    recompute_all = KernelOptions(saved_logits_bytes=0)
+    expected = _run(torch_tiles, case, recompute_all)
     failures = []
     # Every tile recomputed, then the logits of the first 256 columns saved by the forward.
     for label, options in (
-        ("recomputed", KernelOptions()),
+        ("recomputed", recompute_all),
         ("saved logits", KernelOptions(saved_logits_bytes=4 * N_ROWS * 256)),
     ):
         try:
