@@ -158,7 +158,7 @@ def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
     plan = ContextParallelPlan(
         group=dist.group.WORLD, order=order, shard_inputs=shard_inputs, gradient_scale=2.0
     )
-    trainer._cp_plan_cache = [plan]
+    trainer._cp_plan = plan
     try:
         cp_loss, cp_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
     finally:
