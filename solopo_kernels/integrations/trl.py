@@ -174,6 +174,16 @@ def _model_config(model: Any, args: Any) -> Any:
     return model.config
 
 
+def _uses_fsdp1(args: Any) -> bool:
+    """Whether the run is set up for FSDP version 1 (``fsdp_config={"version": 1}``, or an
+    accelerate launch with ``FSDP_VERSION=1``, accelerate's default there)."""
+    if getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2)) == 1
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return os.environ.get("FSDP_VERSION", "1") == "1"
+    return False
+
+
 def _context_parallel_size(args: Any) -> int:
     """The context-parallel size the arguments ask for (accelerate's ``parallelism_config``)."""
     config = getattr(args, "parallelism_config", None)
@@ -274,7 +284,10 @@ class SoLoPOTrainer(DPOTrainer):
                     "ref_model: not used by solopo_loss_type=%r (reference-free); released",
                     args.solopo_loss_type,
                 )
-            ref_model = _NoReference(model_config)
+            # FSDP1 sets its auto-wrap policy from the first model it prepares, the reference: a
+            # stand-in with no layers would leave the policy unwrapped. There DPOTrainer loads a
+            # reference from the model's path, released below (FSDP2 has no such policy).
+            ref_model = None if _uses_fsdp1(args) else _NoReference(model_config)
         elif ref_model is None:
             ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
         dpo_logger = logging.getLogger("trl.trainer.dpo_trainer")
