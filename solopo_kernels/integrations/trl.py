@@ -147,13 +147,16 @@ class _NoReference(torch.nn.Module):
 
     Given no reference, DPOTrainer loads one from the model's path (under FSDP even when it is
     told to precompute), and its precompute route hashes every weight of the policy. This
-    parameterless stand-in is prepared like a reference (DDP, FSDP, DeepSpeed) at no cost, is
-    never run, and is dropped as soon as DPOTrainer's ``__init__`` returns.
+    stand-in, with a single one-element frozen parameter, is prepared like a reference (DDP, FSDP2,
+    DeepSpeed) at no cost, is never run, and is dropped as soon as DPOTrainer's ``__init__``
+    returns.
     """
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config  # read by TRL's fused-head patch and DeepSpeed preparation
+        # DeepSpeed's ZeRO-3 engine reads the dtype of the module's first parameter.
+        self.placeholder = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("reference-free loss type: there is no reference model to run")
