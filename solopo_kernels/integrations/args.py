@@ -96,7 +96,11 @@ class HeadKernel:
 
     def as_kwargs(self) -> dict[str, Any]:
         """The kernel's keyword arguments: ``backend``, ``chunk_size``, ``kernel_options``."""
-        return {"backend": self.backend, "chunk_size": self.chunk_size, "kernel_options": self.options}
+        return {
+            "backend": self.backend,
+            "chunk_size": self.chunk_size,
+            "kernel_options": self.options,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (what the config keeps, so that ``to_json_string`` works)."""

@@ -445,6 +445,7 @@ class SoLoPOTrainer(DPOTrainer):
     def _prepare_dataset(
         self, dataset: Any, processing_class: Any, args: SoLoPOConfig, dataset_name: str
     ) -> Any:
+        # DPOTrainer's hook: the long-prompt column is tokenized after TRL's own tokenization.
         # Runs inside DPOTrainer.__init__ before Trainer.__init__: use `args`, not `self.args`.
         options = solopo_options(args)
         column = args.long_prompt_column
@@ -479,6 +480,7 @@ class SoLoPOTrainer(DPOTrainer):
         )
 
     def _set_signature_columns_if_needed(self) -> None:
+        # Trainer's hook: without it remove_unused_columns drops the long and reference columns.
         super()._set_signature_columns_if_needed()
         for name in (LONG_PROMPT_IDS, *REF_COLUMNS):
             if name not in self._signature_columns:
@@ -641,6 +643,7 @@ class SoLoPOTrainer(DPOTrainer):
         """Adds the reference columns the loss needs (``ref_chosen_logps``, ``ref_rejected_logps``
         and, with a long reference, ``ref_long_chosen_logps`` / ``ref_long_rejected_logps``) in one
         pass; reference-free loss types add nothing. Not cached across runs."""
+        # DPOTrainer's hook: TRL's precompute returns two columns; SoLoPO needs the long ones too.
         if not self._solopo.needs_reference:
             return dataset
         if isinstance(dataset, IterableDataset):
@@ -782,7 +785,9 @@ class SoLoPOTrainer(DPOTrainer):
         collected.clear()
         return output
 
-    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
+    def _log_metrics(
+        self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor
+    ) -> None:
         """Batch means of the loss metrics (docs/objective.md) averaged over processes, and
         ``num_tokens`` (tokens of the training batches so far, like DPOTrainer's), with one
         gather for all."""

@@ -128,7 +128,11 @@ def test_precomputed_reference_with_context_parallelism_is_refused_naming_both_o
         r"precompute_ref_log_probs=False .*\(cp_size=1\)",
     ):
         SoLoPOTrainer(
-            model=policy, ref_model=ref, args=args, train_dataset=common.dataset(), processing_class=tok
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=common.dataset(),
+            processing_class=tok,
         )
     assert ParallelismConfig  # the real type the stand-in mirrors (cp_enabled, cp_size)
 
@@ -136,7 +140,12 @@ def test_precomputed_reference_with_context_parallelism_is_refused_naming_both_o
 def test_axolotl_precompute_with_context_parallelism_is_refused_naming_both_options():
     from solopo_kernels.integrations.axolotl import check_axolotl_config
 
-    cfg = {"rl": "dpo", "solopo": True, "context_parallel_size": 2, "precompute_ref_log_probs": True}
+    cfg = {
+        "rl": "dpo",
+        "solopo": True,
+        "context_parallel_size": 2,
+        "precompute_ref_log_probs": True,
+    }
     with pytest.raises(
         ValueError,
         match=r"precompute_ref_log_probs: not supported with context_parallel_size > 1.*"

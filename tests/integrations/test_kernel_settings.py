@@ -32,9 +32,21 @@ def test_the_field_takes_a_dict_its_json_or_a_head_kernel(tmp_path, given):
     [
         ({"backend": "cuda"}, ValueError, r"head_kernel.backend: expected one of .*'cuda'"),
         ({"chunk_size": 0}, ValueError, r"head_kernel.chunk_size: expected None, a positive int"),
-        ({"options": {"saved_bytes": 1}}, ValueError, r"head_kernel.options: unknown key 'saved_bytes'"),
-        ({"options": {"saved_logits_bytes": -1}}, ValueError, r"saved_logits_bytes: expected an int >= 0"),
-        ({"options": 3}, TypeError, r"head_kernel.options: expected a solopo_kernels.KernelOptions"),
+        (
+            {"options": {"saved_bytes": 1}},
+            ValueError,
+            r"head_kernel.options: unknown key 'saved_bytes'",
+        ),
+        (
+            {"options": {"saved_logits_bytes": -1}},
+            ValueError,
+            r"saved_logits_bytes: expected an int >= 0",
+        ),
+        (
+            {"options": 3},
+            TypeError,
+            r"head_kernel.options: expected a solopo_kernels.KernelOptions",
+        ),
         ({"chunks": 4}, ValueError, r"head_kernel: unknown key 'chunks'"),
         (7, TypeError, r"head_kernel: expected a HeadKernel, a dict"),
         ("{not json", ValueError, r"head_kernel: expected a JSON object"),

@@ -101,7 +101,9 @@ def test_the_trainer_checks_each_packed_models_attention_on_its_device(tmp_path,
 
     calls = []
     monkeypatch.setattr(
-        trl_integration, "warn_dense_packing", lambda model, device, cap: calls.append((device, cap))
+        trl_integration,
+        "warn_dense_packing",
+        lambda model, device, cap: calls.append((device, cap)),
     )
     trainer = common.trainer(tmp_path, padding_free=True, max_packed_length=512)
     assert calls == [(trainer.args.device, 512)] * 2  # the policy and the reference

@@ -152,7 +152,9 @@ def test_the_model_card_names_solopo(tmp_path):
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo", "cpo"])
-def test_reference_free_types_load_no_reference_and_read_no_weights(tmp_path, monkeypatch, loss_type):
+def test_reference_free_types_load_no_reference_and_read_no_weights(
+    tmp_path, monkeypatch, loss_type
+):
     import trl.trainer.dpo_trainer as dpo
 
     def forbidden(name):
