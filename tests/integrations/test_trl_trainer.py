@@ -380,3 +380,37 @@ def test_peft_under_zero3_with_checkpointing_needs_one_forward_per_step(tmp_path
             processing_class=tok,
             peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]),
         )
+
+
+def test_fsdp1_is_told_apart_from_fsdp2(monkeypatch):
+    # Under FSDP1 the reference-free stand-in is not used (FSDP1 takes its wrap policy from it).
+    from types import SimpleNamespace
+
+    from solopo_kernels.integrations.trl import _uses_fsdp1
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert _uses_fsdp1(SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 1}))
+    assert not _uses_fsdp1(SimpleNamespace(fsdp="full_shard", fsdp_config={}))  # transformers: 2
+    assert not _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert not _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+
+
+def test_precompute_under_deepspeed_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    args = common.config(tmp_path, precompute_ref_log_probs=True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets
+    with pytest.raises(
+        ValueError, match=r"precompute_ref_log_probs: not supported under DeepSpeed .*=False"
+    ):
+        SoLoPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
