@@ -90,3 +90,15 @@ def test_the_axolotl_key_is_checked_and_reaches_the_training_arguments():
     assert training_args_from_config(cfg)["head_kernel"] == SETTINGS
     with pytest.raises(ValueError, match=r"solopo_head_kernel.backend: expected one of"):
         check_axolotl_config({**cfg, "solopo_head_kernel": {"backend": "cuda"}})
+
+
+def test_the_command_line_takes_the_settings_as_json(tmp_path):
+    from transformers import HfArgumentParser
+
+    from solopo_kernels.integrations.trl import SoLoPOConfig
+
+    (args,) = HfArgumentParser(SoLoPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "False", "--report_to", "none"]
+        + ["--head_kernel", json.dumps(SETTINGS)]
+    )
+    assert args.head_kernel_settings == EXPECTED
