@@ -48,6 +48,8 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from solopo_kernels.ops import triton_configs as cfg  # noqa: E402
+from solopo_kernels.ops import triton_kernels as kern  # noqa: E402
 from solopo_kernels.ops import triton_tiles as tt  # noqa: E402
 from solopo_kernels.ops import triton_tma_tiles as tma  # noqa: E402
 from solopo_kernels.ops.tiles import Tiles  # noqa: E402
@@ -104,25 +106,25 @@ def captured_launches(dtype: torch.dtype) -> list[dict[str, Any]]:
     saved = torch.empty(N, 8192, dtype=torch.float32)
     launches = []
     jobs = [
-        ("forward", tt, "_forward_launcher", tt._forward_kernel, lambda: tt.forward(
+        ("forward", tt, "FORWARD_LAUNCHER", kern.forward_kernel, lambda: tt.forward(
             rows, weight, None, targets, temperature=1.0, tiles=tiles)),
-        ("forward+save", tt, "_forward_launcher", tt._forward_kernel, lambda: tt.forward(
+        ("forward+save", tt, "FORWARD_LAUNCHER", kern.forward_kernel, lambda: tt.forward(
             rows, weight, None, targets, temperature=1.0,
             tiles=Tiles(N, 8192, saved_columns=8192, splits=8, dot_precision=tiles.dot_precision),
             save_logits=True)),
-        ("dlogits", tt, "_dlogits_launcher", tt._dlogits_kernel, lambda: tt._fill_dlogits(
+        ("dlogits", tt, "DLOGITS_LAUNCHER", kern.dlogits_kernel, lambda: tt.launch_dlogits(
             tile, grad, rows, weight, None, targets, lse, 0, 0, temperature=1.0,
             block_max=None, dot_precision=tiles.dot_precision)),
-        ("tma_forward", tma, "_forward_launcher", tma._tma_forward_kernel, lambda: tma.forward(
+        ("tma_forward", tma, "FORWARD_LAUNCHER", tma._tma_forward_kernel, lambda: tma.forward(
             rows, weight, None, targets, temperature=1.0, tiles=tiles)),
-        ("tma_dlogits", tma, "_dlogits_launcher", tma._tma_dlogits_kernel, lambda: tma._fill_dlogits(
+        ("tma_dlogits", tma, "DLOGITS_LAUNCHER", tma._tma_dlogits_kernel, lambda: tma.launch_tma_dlogits(
             tile, grad, rows, weight, None, targets, lse, 0, 0, temperature=1.0,
             block_max=None, dot_precision=tiles.dot_precision)),
     ]  # fmt: skip
     if dtype != torch.float32:
         jobs.append(
-            ("saved_dlogits", tt, "_saved_dlogits_kernel", tt._saved_dlogits_kernel,
-             lambda: tt._fill_saved_dlogits(tile, saved, grad, targets, lse, 0, 0,
+            ("saved_dlogits", kern, "saved_dlogits_kernel", kern.saved_dlogits_kernel,
+             lambda: tt.launch_saved_dlogits(tile, saved, grad, targets, lse, 0, 0,
                                             temperature=1.0, block_max=None))
         )  # fmt: skip
     for name, module, attr, kernel, call in jobs:
@@ -143,7 +145,7 @@ def configs_for(launch: dict[str, Any], dtype_name: str) -> list[tuple[str, dict
     if launch["kernel"] == "saved_dlogits":  # fixed block, passed with the launch
         return [("used", {})]
     family = "fp32" if dtype_name == "fp32" else "half"
-    used = tt.FP32_CONFIGS if family == "fp32" else tt.HALF_CONFIGS
+    used = cfg.FP32_CONFIGS if family == "fp32" else cfg.HALF_CONFIGS
     out = [("used", c) for c in used] + [("dropped", c) for c in DROPPED[family]]
     return [
         (status, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})

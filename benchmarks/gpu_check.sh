@@ -3,8 +3,8 @@
 # benchmarks/README.md, "The GPU check"):
 #   1. install the carried wheels (.whl/*.whl: the peers and the test tools) into a target folder,
 #      next to the machine's own torch, triton and transformers (--no-deps: nothing else changes);
-#   2. benchmarks/gpu_check.py (correctness at real shapes, timings against the peers), bounded
-#      by CHECK_SECONDS;
+#   2. benchmarks/gpu_check.py, i.e. python -m solopo_kernels.doctor (dispatch, correctness against
+#      float64 at real shapes, timings against the peers), bounded by CHECK_SECONDS;
 #   3. with the time left (TESTS_SECONDS), `pytest tests/ops tests/test_losses.py -k triton` on
 #      the GPU.
 # Everything lands in OUT (default benchmarks/results/gpu_check): one folder per shape NxHxV with
@@ -36,7 +36,7 @@ fi
 # One process per shape: a peer that corrupts the CUDA context (or a hang) costs one shape, not
 # the run. The Triton cache on disk carries compiled kernels and tuned configs from one to the
 # next; the first shape gets the compilation time on top of its share.
-SHAPES=${SHAPES:-"2048x4096x128256 8192x4096x131072 8192x4096x128256"}
+SHAPES=${SHAPES:-"8192x4096x128256 8192x3584x152064 16384x4096x128256"}
 count=$(echo $SHAPES | wc -w)
 deadline=$(( started + CHECK_SECONDS ))
 check=0

@@ -39,6 +39,20 @@ def _triton_tests_on_the_gpu(request: pytest.FixtureRequest):
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _count_triton_launches():
+    """Session-wide launch totals (tests/instruments.py: launch_totals)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        yield
+        return
+    from tests.instruments import SESSION_LAUNCHES
+
+    with SESSION_LAUNCHES:
+        yield
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """The versions this run tested against (CI runs the integrations under two TRL versions)."""
     from importlib import metadata

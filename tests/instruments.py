@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import Counter
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -53,6 +55,56 @@ class AllocationRecorder(TorchDispatchMode):
         return max(self.sizes)
 
 
+class LaunchCounter:
+    """Counts the Triton kernel launches (and the tiles skipped by the opt-in filter) made while
+    it is entered, by wrapping the backends' launch functions: ``counter["forward"]``,
+    ``["dlogits"]``, ``["saved_dlogits"]``, ``["tma_forward"]``, ``["tma_dlogits"]``,
+    ``["tma_fallback"]`` and ``["skipped_tiles"]``. A kind that never ran reads 0."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._stack = contextlib.ExitStack()
+
+    def __getitem__(self, kind: str) -> int:
+        return self.counts[kind]
+
+    def _wrap(self, module: object, name: str, kind: str, when=None) -> None:
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if when is None or when(result):
+                self.counts[kind] += 1
+            return result
+
+        self._stack.enter_context(mock.patch.object(module, name, counted))
+
+    def __enter__(self) -> LaunchCounter:
+        from solopo_kernels.ops import triton_tiles, triton_tma_tiles
+
+        self._wrap(triton_tiles, "launch_forward", "forward")
+        self._wrap(triton_tiles, "launch_dlogits", "dlogits")
+        self._wrap(triton_tiles, "launch_saved_dlogits", "saved_dlogits")
+        self._wrap(triton_tiles, "tile_is_negligible", "skipped_tiles", when=bool)
+        self._wrap(triton_tma_tiles, "launch_tma_forward", "tma_forward")
+        self._wrap(triton_tma_tiles, "launch_tma_dlogits", "tma_dlogits")
+        self._wrap(triton_tma_tiles, "pointer_fallback", "tma_fallback")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+# Entered for the whole test session by tests/conftest.py (when triton imports): running totals
+# of every launch kind, for tests that compare counts before and after a call.
+SESSION_LAUNCHES = LaunchCounter()
+
+
+def launch_totals() -> Counter[str]:
+    """Launches by kind since the session started (all 0 when triton is absent)."""
+    return SESSION_LAUNCHES.counts
+
+
 @contextlib.contextmanager
 def expect_backend(backend: str, *, backward: bool = True) -> Iterator[None]:
     """Fails unless the Triton kernels launched inside the block when ``backend == "triton"``
@@ -60,10 +112,7 @@ def expect_backend(backend: str, *, backward: bool = True) -> Iterator[None]:
     if backend != "triton":
         yield
         return
-    from solopo_kernels.ops import triton_tiles
-
-    before = dict(triton_tiles.launch_counts)
-    yield
-    ran = {k: triton_tiles.launch_counts[k] - before.get(k, 0) for k in ("forward", "dlogits")}
+    with LaunchCounter() as ran:
+        yield
     assert ran["forward"] > 0, "the Triton forward kernel never ran"
     assert ran["dlogits"] > 0 or not backward, "the Triton backward kernel never ran"

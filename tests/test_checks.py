@@ -177,7 +177,7 @@ def test_reference_free_types_need_no_reference():
             r"labels: .*outside \[0, 16\)",
         ),
         (
-            (torch.randn(3, 4, 8).half(), torch.randn(16, 8), response_labels(3, 4, 16)),
+            (torch.randn(3, 4, 8), torch.randn(16, 8).half(), response_labels(3, 4, 16)),
             TypeError,
             r"hidden: expected the dtype of weight",
         ),

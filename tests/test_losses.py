@@ -22,7 +22,7 @@ from tests.inputs import (
     response_labels,
     skip_unless_backend_runs,
 )
-from tests.instruments import expect_backend
+from tests.instruments import expect_backend, launch_totals
 
 B, TS, TL, H, V = 2, 9, 15, 16, 80
 
@@ -155,11 +155,7 @@ def test_bf16_loss_and_grads(loss_type, backend):
 
 
 def _triton_forward_launches() -> int:
-    try:
-        from solopo_kernels.ops import triton_tiles
-    except ImportError:
-        return 0
-    return triton_tiles.launch_counts["forward"]
+    return launch_totals()["forward"]
 
 
 def test_metrics_names_and_values():

@@ -15,9 +15,14 @@ forward logits), or None to skip the tile. This module turns the tiles into the 
   buffer of at most :data:`WEIGHT_BUFFER_BYTES`; the first GEMM into an accumulator overwrites it
   (no separate zeroing pass); ``grad_bias`` is a float32 column sum.
 
-On CUDA, a GEMM of 16-bit operands adds into a float32 accumulator with
-``torch.addmm(..., out_dtype=torch.float32)``, which torch accepts from 2.10 on (the package's
-minimum; see :func:`addmm_route` for what older versions do).
+On CUDA, a GEMM of 16-bit operands adds into a float32 accumulator by the route that
+:mod:`.gemm_routes` probes on first use (one tensor-core GEMM with a float32 ``C`` where torch and
+the GPU do it right).
+
+Mixed dtypes (a float32 ``weight`` with bf16/fp16 ``rows``, as autocast training with float32
+master weights has): each weight tile is cast to the rows' dtype as it is used (the forward
+computed its logits from the rounded weight too), so no full-size copy of the weight exists; the
+weight gradient is written in float32, the weight's dtype.
 
 Deterministic: a fixed loop order, no atomics.
 """
@@ -27,8 +32,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.torch_version import TorchVersion
 
+from .gemm_routes import matmul_into
 from .tiles import Tiles, tile_bounds, vocab_bounds
 
 DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | None"]
@@ -36,68 +41,6 @@ DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | None"]
 # The float32 weight-gradient buffer (vocab_tile x H) of 16-bit weights when several token tiles
 # add into it: the vocabulary tile is narrowed so that the buffer stays under this size.
 WEIGHT_BUFFER_BYTES = 256 << 20
-
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def addmm_route(version: str, has_addmm_dtype: bool, has_mm_dtype: bool) -> str:
-    """How a CUDA GEMM of 16-bit operands ``a @ b`` adds into a float32 accumulator ``acc``.
-
-    * ``"addmm_out_dtype"``: ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)``, one
-      tensor-core GEMM with a float32 ``C``. torch >= 2.10 (the ``addmm.dtype`` overload exists
-      from 2.8, but 2.8 and 2.9 reject a float32 ``self`` with 16-bit ``mat1``/``mat2``).
-    * ``"mm_out_dtype"``: torch 2.8/2.9 (below the supported range): ``torch.mm(a, b,
-      out_dtype=torch.float32)`` into a scratch tile, then an add.
-    * ``"upcast"``: older torch: operands up-cast to float32 (exact, but float32 GEMMs).
-    """
-    release = TorchVersion(version)
-    if has_addmm_dtype and release >= (2, 10):
-        return "addmm_out_dtype"
-    if has_mm_dtype:
-        return "mm_out_dtype"
-    return "upcast"
-
-
-_CUDA_ROUTE = addmm_route(
-    torch.__version__,
-    hasattr(torch.ops.aten.addmm, "dtype_out"),
-    hasattr(torch.ops.aten.mm, "dtype_out"),
-)
-
-
-def matmul_into(
-    out: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    accumulate: bool,
-    route: str | None = None,
-) -> None:
-    """``out += a @ b`` (``accumulate``) or ``out = a @ b``, summed in ``out``'s dtype or wider.
-
-    ``a`` and ``b`` of ``out``'s dtype: one GEMM (a 16-bit ``out`` is only ever written, never
-    accumulated into: the GEMM sums in float32 inside and rounds once). 16-bit ``a``/``b`` into a
-    float32 ``out`` on CUDA: a tensor-core GEMM with a float32 output (see :func:`addmm_route`;
-    ``route`` overrides the detected one, for tests). Anything else: operands up-cast to ``out``'s
-    dtype (exact: 16-bit values are exact in float32).
-    """
-    beta = 1 if accumulate else 0
-    if a.dtype == b.dtype == out.dtype:
-        torch.addmm(out, a, b, beta=beta, out=out)
-        return
-    route = route or (_CUDA_ROUTE if out.is_cuda else "upcast")
-    if a.dtype == b.dtype and a.dtype in _HALF_DTYPES and out.dtype == torch.float32:
-        if route == "addmm_out_dtype":
-            torch.addmm(out, a, b, beta=beta, out_dtype=torch.float32, out=out)
-            return
-        if route == "mm_out_dtype":
-            if accumulate:
-                out.add_(torch.mm(a, b, out_dtype=torch.float32))
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-    torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, out=out)
-
 
 def accumulate_gradients(
     rows: torch.Tensor,
@@ -156,7 +99,7 @@ def accumulate_gradients(
         weight_buffer = torch.empty((width, hidden), dtype=acc_dtype, device=device)
 
     for v0, v1 in v_bounds if n_rows and (need_rows or need_weight or need_bias) else []:
-        weight_tile = weight[v0:v1]
+        weight_tile = weight[v0:v1].to(rows.dtype)  # a float32 weight meets 16-bit rows per tile
         weight_grad_tile = None
         if need_weight:
             weight_grad_tile = (

@@ -35,6 +35,7 @@ from ..checks import (
     check_shape,
     check_tensor,
 )
+from . import self_check
 from .tiles import KernelOptions, check_kernel_options
 
 # "triton_tma": the persistent TMA variant of the Triton backend (opt-in; see triton_tma_tiles).
@@ -52,20 +53,24 @@ def triton_available() -> bool:
     return True
 
 
+def auto_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What ``backend="auto"`` names on ``device`` for inputs of ``dtype``: ``"triton"`` on CUDA
+    devices when Triton is installed, ``"torch"`` otherwise (and always for float64, which only
+    the torch backend computes, e.g. for gradcheck). The interpreter (``TRITON_INTERPRET=1``) is
+    never chosen automatically: ask for ``"triton"``."""
+    use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+    return "triton" if use_triton else "torch"
+
+
 def resolve_backend(
     backend: str, device: torch.device, dtype: torch.dtype | None = None
 ) -> ModuleType:
-    """The backend module for ``backend`` on ``device`` for inputs of ``dtype``.
-
-    ``"auto"`` is ``"triton"`` on CUDA devices when Triton is installed and ``"torch"`` otherwise
-    (and always for float64, which only the torch backend computes, e.g. for gradcheck); the
-    interpreter (``TRITON_INTERPRET=1``) is never chosen automatically: ask for ``"triton"``.
-    ``"triton_tma"`` (opt-in) is the persistent TMA variant of the Triton backend.
-    """
+    """The backend module for ``backend`` on ``device`` for inputs of ``dtype`` (``"auto"``:
+    :func:`auto_backend`). ``"triton_tma"`` (opt-in) is the persistent TMA variant of the Triton
+    backend. Raises ``ValueError`` naming the fix when the backend cannot run here."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
-        backend = "triton" if use_triton else "torch"
+        backend = auto_backend(device, dtype)
     if backend.startswith("triton"):
         if not triton_available():
             raise ValueError(
@@ -77,6 +82,19 @@ def resolve_backend(
                 'TRITON_INTERPRET=1 (slow, for tests) or use backend="torch"'
             )
     return importlib.import_module(f"{__package__}.{backend}_tiles")
+
+
+def checked_backend(backend: str, rows: torch.Tensor, weight: torch.Tensor) -> ModuleType:
+    """:func:`resolve_backend`, then, for a Triton backend on CUDA, its first-use self-check
+    (:mod:`.self_check`): with ``"auto"`` a failed check means the torch backend (after one
+    warning); a Triton backend asked for by name raises instead."""
+    module = resolve_backend(backend, rows.device, rows.dtype)
+    name = auto_backend(rows.device, rows.dtype) if backend == "auto" else backend
+    if name.startswith("triton") and not self_check.triton_passes(
+        module, name, rows.device, rows.dtype, weight.dtype, explicit=backend != "auto"
+    ):
+        return resolve_backend("torch", rows.device, rows.dtype)
+    return module
 
 
 def check_chunk_size(chunk_size: ChunkSize) -> None:
@@ -119,6 +137,15 @@ def check_head(weight: object, bias: object, hidden_size: int | None = None) -> 
     return vocab, hidden
 
 
+def head_dtypes_match(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether hidden states of ``hidden_dtype`` can meet a head of ``weight_dtype``: the same
+    dtype, or 16-bit hidden states with a float32 weight (autocast with float32 master weights;
+    the head is then rounded to the hidden dtype tile by tile, never copied whole)."""
+    return hidden_dtype == weight_dtype or (
+        weight_dtype == torch.float32 and hidden_dtype in (torch.bfloat16, torch.float16)
+    )
+
+
 def check_hidden_and_labels(
     hidden_name: str, hidden: object, labels_name: str, labels: object, weight: torch.Tensor
 ) -> None:
@@ -129,10 +156,11 @@ def check_hidden_and_labels(
     check_integer(labels_name, labels)
     if hidden.dim() < 1:
         raise ValueError(f"{hidden_name}: expected shape (..., H), got a scalar")
-    if hidden.dtype != weight.dtype:
+    if not head_dtypes_match(hidden.dtype, weight.dtype):
         raise TypeError(
-            f"{hidden_name}: expected the dtype of weight ({weight.dtype}), got {hidden.dtype}; "
-            "cast one of them (the kernels accumulate in float32 either way)"
+            f"{hidden_name}: expected the dtype of weight ({weight.dtype}), or bfloat16/float16 "
+            f"with a float32 weight, got {hidden.dtype}; cast one of them (the kernels accumulate "
+            "in float32 either way)"
         )
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -224,7 +252,8 @@ def response_logprobs(
     """Log-probs of ``targets`` for already gathered rows; no input checks (callers check).
 
     Args:
-        rows: ``(N, H)`` response hidden states, same dtype as ``weight``.
+        rows: ``(N, H)`` response hidden states, the dtype of ``weight`` (or 16-bit with a
+            float32 ``weight``).
         weight: ``(V, H)``; bias: ``(V,)`` or None.
         targets: ``(N,)`` integer ids in ``[0, V)``.
         kernel_options: opt-in kernel knobs (:class:`.tiles.KernelOptions`), or None.
@@ -233,8 +262,10 @@ def response_logprobs(
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
         forward runs alone and nothing is saved.
     """
-    module = resolve_backend(backend, rows.device, rows.dtype)
+    module = checked_backend(backend, rows, weight)
     rows = rows.contiguous()
+    # The kernels read the bias as contiguous (V elements: the copy, if any, is cheap).
+    bias = bias.contiguous() if bias is not None else None
     n_rows, hidden = rows.shape
     tiles = module.default_tiles(
         n_rows, hidden, weight.shape[0], rows.device, chunk_size, kernel_options, rows.dtype
@@ -267,8 +298,11 @@ def fused_linear_logprobs(
 
     Args:
         hidden: ``(..., H)`` last hidden states (the lm_head input); float32, bfloat16, float16
-            (or float64, for gradcheck). Same dtype as ``weight``.
-        weight: ``(V, H)`` lm_head weight.
+            (or float64, for gradcheck). Same dtype as ``weight``, or 16-bit with a float32
+            ``weight``.
+        weight: ``(V, H)`` lm_head weight. A float32 weight (and bias) with bf16/fp16 ``hidden``
+            is rounded to ``hidden``'s dtype tile by tile inside the kernels, as autocast would
+            round it, without a full-size copy; its gradient is float32.
         labels: ``(...)`` integer token ids, already shifted (``hidden[..., t, :]`` predicts
             ``labels[..., t]``); ``ignore_index`` marks prompt and padding positions.
         bias: ``(V,)`` lm_head bias, or None.

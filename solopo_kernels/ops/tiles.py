@@ -12,6 +12,7 @@ fits. Saved tiles hold the forward's float32 logits, so the result is as exact e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Saved logits are float32 whatever the input dtype: a 16-bit logit would put an error of
@@ -31,14 +32,26 @@ class KernelOptions:
             recompute of those tiles, trading ``4 N`` bytes per vocabulary column for ``2 N H``
             FLOPs; ``4 * N * V`` bytes (``N`` response tokens) saves all of them. Values and
             gradients are the same either way, to the kernels' tolerances. Both backends.
+        skip_threshold: CCE-style gradient filtering (default 0.0: off, exact). The Triton
+            backward skips the two gradient GEMMs of every ``[token_tile, vocab_tile]`` tile whose
+            largest ``|dlogits| = |g * (onehot - softmax)| / temperature`` is below it (one host
+            sync per tile). Values are exact; each gradient entry is off by at most what was
+            dropped: ``eps * (skipped columns) * max|W|`` for the hidden states, ``eps * N *
+            max|rows|`` for the weight and ``eps * N`` for the bias. Pays only with tiles small
+            enough to be uniformly negligible (``chunk_size``). The torch backend computes every
+            tile.
     """
 
     saved_logits_bytes: int = 0
+    skip_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         value = self.saved_logits_bytes
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"saved_logits_bytes: expected an int >= 0 (bytes), got {value!r}")
+        eps = self.skip_threshold
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"skip_threshold: expected a finite number >= 0, got {eps!r}")
 
 
 def check_kernel_options(options: object) -> KernelOptions:
@@ -76,7 +89,8 @@ class Tiles:
         saved_token_tile: token rows of a backward tile inside the saved columns, when a backend
             can take taller tiles there at no memory cost (0: ``token_tile``).
         splits: vocabulary splits of the Triton forward grid (1 for the torch backend).
-        skip_threshold: opt-in gradient filter of the Triton backend; 0 = exact.
+        skip_threshold: opt-in gradient filter of the Triton backend (:class:`KernelOptions`);
+            0 = exact.
         dot_precision: ``tl.dot`` input precision of the Triton kernels, chosen at forward time
             so that the backward recomputes the same logits (``"ieee"`` for the torch backend).
     """

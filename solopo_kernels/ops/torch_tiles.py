@@ -89,6 +89,23 @@ def _logits_tile(
     return logits
 
 
+def _head_tile(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    v0: int,
+    v1: int,
+    rows_dtype: torch.dtype,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (and bias) columns ``[v0, v1)`` up-cast to ``acc``. A float32 head with 16-bit rows
+    is first rounded to the rows' dtype, tile by tile, as autocast would round it for the GEMM:
+    the logits are those of the 16-bit head, and no full-size copy of the weight is made."""
+    w, b = weight[v0:v1], bias[v0:v1] if bias is not None else None
+    if weight.dtype != rows_dtype:
+        w, b = w.to(rows_dtype), b.to(rows_dtype) if b is not None else None
+    return w.to(acc), b.to(acc) if b is not None else None
+
+
 def _target_columns(
     targets: torch.Tensor, start: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +143,8 @@ def forward(
 
     Args:
         rows: ``(N, H)`` gathered response hidden states (any float dtype).
-        weight: ``(V, H)`` lm_head weight, same dtype as ``rows``.
+        weight: ``(V, H)`` lm_head weight, the dtype of ``rows``, or float32 with 16-bit ``rows``
+            (then rounded to their dtype tile by tile).
         bias: ``(V,)`` or None.
         targets: ``(N,)`` integer target ids in ``[0, V)``.
         tiles: from :func:`default_tiles`.
@@ -148,8 +166,7 @@ def forward(
         acc, rows.device
     )  # one tile, reused: no allocation (nor page faults) per tile
     for v0, v1 in bounds:
-        w = weight[v0:v1].to(acc)
-        b = bias[v0:v1].to(acc) if bias is not None else None
+        w, b = _head_tile(weight, bias, v0, v1, rows.dtype, acc)
         if v1 <= edge:  # one GEMM of all rows, straight into the saved logits
             _logits_tile(rows.to(acc), w, b, temperature, out=saved[:, v0:v1])
         for t0, t1 in token_bounds:
@@ -208,10 +225,7 @@ def backward(
         else:
             if (v0, v1) not in cached:  # up-cast each weight tile once, not once per token tile
                 cached.clear()
-                cached[v0, v1] = (
-                    weight[v0:v1].to(acc),
-                    bias[v0:v1].to(acc) if bias is not None else None,
-                )
+                cached[v0, v1] = _head_tile(weight, bias, v0, v1, rows.dtype, acc)
             w, b = cached[v0, v1]
             out = scratch.tile(t1 - t0, v1 - v0)
             dlogits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature, out=out)

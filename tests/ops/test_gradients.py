@@ -1,7 +1,6 @@
-"""The shared backward tile loop (``solopo_kernels.ops.gradients``): which GEMM route each torch
-version gets on CUDA (checked with mocked versions and a mocked ``torch.addmm``/``torch.mm``, as
-the CPU has no ``out_dtype`` GEMMs), and the weight-gradient accumulator: written straight into the
-gradient when one token tile covers every row, else a float32 buffer under its byte cap.
+"""The shared backward tile loop (``solopo_kernels.ops.gradients``): the weight-gradient
+accumulator, written straight into the gradient when one token tile covers every row, else a
+float32 buffer under its byte cap. (The GEMM routes are tests/ops/test_gemm_routes.py.)
 
 Tolerances: float32 gradients <= 1e-6 relative to float64; 16-bit gradients within one rounding
 (``2**-8`` relative, elementwise) of the float64 product, i.e. summed in float32 and rounded once.
@@ -9,8 +8,6 @@ Tolerances: float32 gradients <= 1e-6 relative to float64; 16-bit gradients with
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -20,66 +17,6 @@ from solopo_kernels.ops import gradients
 from solopo_kernels.ops.tiles import Tiles
 from tests import reference
 from tests.instruments import AllocationRecorder
-
-
-@pytest.mark.parametrize(
-    "version, has_addmm, has_mm, route",
-    [
-        ("2.7.1", False, False, "upcast"),
-        ("2.8.0", True, True, "mm_out_dtype"),  # addmm.dtype exists but rejects a float32 self
-        ("2.9.1+cu128", True, True, "mm_out_dtype"),
-        ("2.10.0a0+git1234", True, True, "mm_out_dtype"),  # a 2.10 nightly may predate the fix
-        ("2.10.0", True, True, "addmm_out_dtype"),
-        ("2.11.0+cu130", True, True, "addmm_out_dtype"),
-        ("2.14.1", True, True, "addmm_out_dtype"),
-    ],
-)
-def test_addmm_route_by_torch_version(version, has_addmm, has_mm, route):
-    assert gradients.addmm_route(version, has_addmm, has_mm) == route
-
-
-def test_declared_torch_range_gets_the_full_speed_route():
-    """Every torch the package accepts takes one tensor-core GEMM into float32 on CUDA."""
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    (lowest,) = re.findall(r'"torch>=([0-9.]+)', pyproject.read_text())
-    assert gradients.addmm_route(lowest, True, True) == "addmm_out_dtype"
-
-
-def _half_operands(dtype=torch.bfloat16):
-    return torch.randn(6, 5).to(dtype), torch.randn(5, 4).to(dtype), torch.randn(6, 4)
-
-
-@pytest.mark.parametrize("accumulate", [True, False])
-def test_addmm_out_dtype_route_is_one_float32_output_gemm(accumulate):
-    a, b, acc = _half_operands()
-    with mock.patch.object(torch, "addmm") as addmm:
-        gradients.matmul_into(acc, a, b, accumulate=accumulate, route="addmm_out_dtype")
-    (call,) = addmm.call_args_list
-    assert call.args[1] is a and call.args[2] is b
-    assert call.kwargs == {"beta": int(accumulate), "out_dtype": torch.float32, "out": acc}
-
-
-def test_mm_out_dtype_route_adds_a_float32_product():
-    a, b, acc = _half_operands(torch.float16)
-    start = acc.clone()
-    product = torch.randn(6, 4)
-    with mock.patch.object(torch, "mm", return_value=product) as mm:
-        gradients.matmul_into(acc, a, b, accumulate=True, route="mm_out_dtype")
-    assert mm.call_args.kwargs == {"out_dtype": torch.float32}
-    torch.testing.assert_close(acc, start + product, rtol=0, atol=0)
-    with mock.patch.object(torch, "mm") as mm:
-        gradients.matmul_into(acc, a, b, accumulate=False, route="mm_out_dtype")
-    assert mm.call_args.kwargs == {"out_dtype": torch.float32, "out": acc}
-
-
-@pytest.mark.parametrize("accumulate", [True, False])
-def test_upcast_route_is_exact(accumulate):
-    """The CPU (and interpreter) route: 16-bit operands up-cast, summed in float32."""
-    a, b, acc = _half_operands()
-    start = acc.clone()
-    gradients.matmul_into(acc, a, b, accumulate=accumulate)
-    expected = a.double() @ b.double() + (start.double() if accumulate else 0)
-    reference.assert_close_rel(acc, expected, 1e-6, "upcast matmul")
 
 
 def _gradient_problem(n_rows, vocab, hidden, dtype):

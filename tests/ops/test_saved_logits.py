@@ -25,7 +25,7 @@ from tests.inputs import (
     response_labels,
     skip_unless_backend_runs,
 )
-from tests.instruments import AllocationRecorder, expect_backend
+from tests.instruments import AllocationRecorder, expect_backend, launch_totals
 
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 V, H = 150, 24
@@ -38,19 +38,11 @@ def _budgets(n_rows: int) -> dict[str, int]:
 
 
 def _saved_launches() -> int:
-    try:
-        from solopo_kernels.ops import triton_tiles
-    except ImportError:
-        return 0
-    return triton_tiles.launch_counts["saved_dlogits"]
+    return launch_totals()["saved_dlogits"]
 
 
 def _recompute_launches() -> int:
-    try:
-        from solopo_kernels.ops import triton_tiles
-    except ImportError:
-        return 0
-    return triton_tiles.launch_counts["dlogits"]
+    return launch_totals()["dlogits"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

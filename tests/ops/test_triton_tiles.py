@@ -4,7 +4,7 @@ CUDA machine (where tests/conftest.py makes the GPU the default device of these 
 
 Tolerances (max |ours - reference| / max |reference|, reference in float64 from the same inputs):
 float32: values and gradients <= 1e-5; bfloat16/float16: values <= 1e-5, gradients <= 1e-2.
-Every test checks :data:`triton_tiles.launch_counts`, so a silent fallback to torch fails.
+Every test counts the kernel launches (tests/instruments.py), so a silent fallback to torch fails.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from solopo_kernels import fused_linear_logprobs  # noqa: E402
 from solopo_kernels.checks import value_checks_disabled  # noqa: E402
 from solopo_kernels.ops import logprobs as dispatch  # noqa: E402
-from solopo_kernels.ops import torch_tiles, triton_tiles  # noqa: E402
+from solopo_kernels.ops import (  # noqa: E402
+    torch_tiles,
+    triton_configs,  # noqa: E402
+    triton_tiles,
+)
+from solopo_kernels.ops.tiles import KernelOptions  # noqa: E402
 from tests import reference  # noqa: E402
 from tests.inputs import IGNORE, Head, float64_leaf, random_hidden, response_labels  # noqa: E402
-from tests.instruments import AllocationRecorder  # noqa: E402
+from tests.instruments import AllocationRecorder, LaunchCounter  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -37,26 +42,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 V, H = 150, 40
 # Wide enough for five real vocabulary splits at the column alignment of the machine (32 in the
 # interpreter, 256 on a GPU): 150 or 1046.
-V_SPLITS = 4 * triton_tiles.SPLIT_ALIGN + 22
-
-
-class Launches:
-    """Triton kernel launches since the test started, by kind (``launches["forward"]``)."""
-
-    def __init__(self) -> None:
-        self.before = dict(triton_tiles.launch_counts)
-        self.expect_none = False
-
-    def __getitem__(self, kind: str) -> int:
-        return triton_tiles.launch_counts[kind] - self.before.get(kind, 0)
+V_SPLITS = 4 * triton_configs.SPLIT_ALIGN + 22
 
 
 @pytest.fixture
 def launches():
-    """Asserts after the test that the Triton forward really ran (unless the test expects no
-    launch, and then that none happened)."""
-    counts = Launches()
-    yield counts
+    """Triton kernel launches during the test, by kind (``launches["forward"]``); asserts after
+    the test that the Triton forward really ran (unless the test sets ``expect_none``, and then
+    that none happened)."""
+    with LaunchCounter() as counts:
+        counts.expect_none = False
+        yield counts
     if counts.expect_none:
         assert counts["forward"] == 0 and counts["dlogits"] == 0
     else:
@@ -131,7 +127,7 @@ def test_triton_matches_torch_backend(dtype, launches):
 def test_triton_vocab_splits_merge_exactly(splits, dtype, launches):
     """Split-V (the GPU's path when rows alone don't fill it): equal to one split and to the
     reference, with targets in every split including the last vocabulary id."""
-    n, vocab, align = 21, V_SPLITS, triton_tiles.SPLIT_ALIGN
+    n, vocab, align = 21, V_SPLITS, triton_configs.SPLIT_ALIGN
     assert triton_tiles.split_columns(vocab, splits)[1] == splits  # really that many splits
     rows = torch.randn(n, H).to(dtype)
     head = Head.random(vocab, H, bias=True, dtype=dtype)
@@ -285,18 +281,14 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
     tiles = (n, 64)  # one token tile, four vocabulary tiles
 
     def grads(threshold):
-        before = triton_tiles.launch_counts["skipped_tiles"]
-        if threshold is None:
+        options = KernelOptions(skip_threshold=threshold or 0.0)
+        with LaunchCounter() as ran:
             logp = dispatch.response_logprobs(
-                rows, weight, targets, bias, chunk_size=tiles, backend="triton"
-            )
-        else:
-            with triton_tiles.skip_negligible_tiles(threshold):
-                logp = dispatch.response_logprobs(
-                    rows, weight, targets, bias, chunk_size=tiles, backend="triton"
-                )
-        out = torch.autograd.grad((logp * g).sum(), [rows, weight, bias])
-        return logp.detach(), out, triton_tiles.launch_counts["skipped_tiles"] - before
+                rows, weight, targets, bias, chunk_size=tiles, backend="triton",
+                kernel_options=options,
+            )  # fmt: skip
+            out = torch.autograd.grad((logp * g).sum(), [rows, weight, bias])
+        return logp.detach(), out, ran["skipped_tiles"]
 
     exact_logp, exact, skipped_default = grads(None)
     eps = 1e-4
@@ -310,85 +302,16 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
     assert err_weight <= eps * n * rows.abs().max().item()
     assert err_bias <= eps * n
     assert max(err_rows, err_weight, err_bias) > 0  # something was really dropped
-    with pytest.raises(ValueError, match="threshold"):
-        with triton_tiles.skip_negligible_tiles(-1.0):
-            pass
-
-
-def _load_gpu_check():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    return gpu_check
-
-
-def _gpu_check_args(tmp_path, *peers):
-    device = ["--device", "cuda"] if DEVICE.type == "cuda" else ["--device", "cpu", "--interpret"]
-    shape = ["--hidden", "24", "--vocab", "70", "--tokens", "20", "--warmup", "0", "--iters", "1"]
-    return [*device, *shape, "--peers", *peers, "--out", str(tmp_path)]
-
-
-def test_triton_gpu_check_script_runs_end_to_end(tmp_path, launches):
-    """``benchmarks/gpu_check.py`` at a tiny shape: correctness of our three Triton methods
-    passes, a JSON and a markdown table are written, and an unknown peer is reported rather than
-    crashing the run."""
-    import json
-
-    gpu_check = _load_gpu_check()
-    args = _gpu_check_args(tmp_path, "solopo-triton", "solopo-triton-saved", "no-such-peer")
-    assert gpu_check.main(args) == 0
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    (shape_report,) = report["shapes"]
-    assert set(shape_report["correctness"]) == set(gpu_check.OURS_TRITON)
-    for name, check in shape_report["correctness"].items():
-        assert check["pass"] and check["triton_ran"], name
-    assert shape_report["results"]["solopo-triton"]["status"] == "ok"
-    assert shape_report["results"]["no-such-peer"]["status"].startswith("unavailable")
-    assert "| solopo-triton | ok |" in (tmp_path / "gpu_check.md").read_text()
-
-
-def test_triton_gpu_check_survives_broken_peers_and_a_failing_method(tmp_path, launches):
-    """A peer whose import raises anything (not just ImportError) is "unavailable"; one of our
-    methods raising is a failed correctness entry; the JSON is written either way (exit 1)."""
-    import json
-    import sys
-    import types
-
-    class Broken(types.ModuleType):
-        def __getattr__(self, name):
-            raise RuntimeError("CUDA driver too old")
-
-    gpu_check = _load_gpu_check()
-    original = gpu_check.methods
-
-    def methods(torch, n, vocab, wanted):
-        table = original(torch, n, vocab, wanted)
-        table["solopo-triton-tma"] = lambda r, w, t: (_ for _ in ()).throw(ValueError("boom"))
-        return table
-
-    broken = Broken("cut_cross_entropy")
-    with mock.patch.dict(sys.modules, {"cut_cross_entropy": broken}):
-        with mock.patch.object(gpu_check, "methods", methods):
-            code = gpu_check.main(_gpu_check_args(tmp_path, "solopo-triton", "cce"))
-    assert code == 1
-    (shape_report,) = json.loads((tmp_path / "gpu_check.json").read_text())["shapes"]
-    assert shape_report["correctness"]["solopo-triton-tma"] == {
-        "pass": False,
-        "error": "ValueError: boom",
-    }
-    assert shape_report["correctness"]["solopo-triton"]["pass"]
-    assert shape_report["results"]["cce"]["status"].startswith("unavailable: RuntimeError")
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="skip_threshold"):
+            KernelOptions(skip_threshold=bad)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch geometry on a GPU, from the same pure functions the launcher uses, with mocked SM counts.
 
 GPU_GEOMETRY = dict(
-    max_block_n=triton_tiles.GPU_MAX_BLOCK_N, split_align=triton_tiles.GPU_SPLIT_ALIGN
+    max_block_n=triton_configs.GPU_MAX_BLOCK_N, split_align=triton_configs.GPU_SPLIT_ALIGN
 )
 
 
@@ -402,47 +325,47 @@ def test_forward_grid_fills_the_gpu_at_any_n(sm_count, n_rows, launches):
     vocab = 128256
     splits = triton_tiles.vocab_splits(n_rows, vocab, sm_count, **GPU_GEOMETRY)
     columns, splits = triton_tiles.split_columns(
-        vocab, splits, split_align=triton_tiles.GPU_SPLIT_ALIGN
+        vocab, splits, split_align=triton_configs.GPU_SPLIT_ALIGN
     )
-    row_blocks = -(-n_rows // triton_tiles.GPU_MAX_BLOCK_N)
-    narrowest = vocab // (triton_tiles.MIN_SPLIT_TILES * triton_tiles.GPU_SPLIT_ALIGN)
+    row_blocks = -(-n_rows // triton_configs.GPU_MAX_BLOCK_N)
+    narrowest = vocab // (triton_tiles.MIN_SPLIT_TILES * triton_configs.GPU_SPLIT_ALIGN)
     programs = row_blocks * splits
     assert programs >= min(triton_tiles.PROGRAMS_PER_SM * sm_count, row_blocks * narrowest)
     assert programs >= sm_count  # at least one full wave, whatever N
     wanted = -(-triton_tiles.PROGRAMS_PER_SM * sm_count // row_blocks)
     assert splits <= max(1, 2 * wanted)  # no needless splitting
-    assert columns >= triton_tiles.MIN_SPLIT_TILES * triton_tiles.GPU_SPLIT_ALIGN
-    assert columns % triton_tiles.GPU_SPLIT_ALIGN == 0 and (splits - 1) * columns < vocab
+    assert columns >= triton_tiles.MIN_SPLIT_TILES * triton_configs.GPU_SPLIT_ALIGN
+    assert columns % triton_configs.GPU_SPLIT_ALIGN == 0 and (splits - 1) * columns < vocab
 
 
 def test_a_vocabulary_of_one_tile_gets_one_split(launches):
     launches.expect_none = True
-    assert triton_tiles.vocab_splits(16, triton_tiles.GPU_SPLIT_ALIGN, 132, **GPU_GEOMETRY) == 1
+    assert triton_tiles.vocab_splits(16, triton_configs.GPU_SPLIT_ALIGN, 132, **GPU_GEOMETRY) == 1
 
 
 def test_autotuning_buckets_are_few_and_capped(launches):
     launches.expect_none = True
-    buckets = {triton_tiles.rows_bucket(n) for n in range(1, 200000, 97)}
-    assert buckets == {64, 256, 1024, 4096, triton_tiles.TUNE_ROWS_CAP}
-    assert triton_tiles.rows_bucket(10**9) == triton_tiles.TUNE_ROWS_CAP
-    assert all(triton_tiles.rows_bucket(n) >= min(n, triton_tiles.TUNE_ROWS_CAP) for n in (1, 65))
+    buckets = {triton_configs.rows_bucket(n) for n in range(1, 200000, 97)}
+    assert buckets == {64, 256, 1024, 4096, triton_configs.TUNE_ROWS_CAP}
+    assert triton_configs.rows_bucket(10**9) == triton_configs.TUNE_ROWS_CAP
+    assert all(triton_configs.rows_bucket(n) >= min(n, triton_configs.TUNE_ROWS_CAP) for n in (1, 65))
 
 
 def test_gpu_configs_are_split_by_operand_dtype(launches):
     """float32 operands get their own (spill-free) configs; 16-bit ones the rest."""
     launches.expect_none = True
-    prune = triton_tiles._configs_for_dtype
-    configs = triton_tiles._CONFIGS
+    prune = triton_configs.configs_for_call
+    configs = triton_configs.CONFIGS
     fp32 = prune(configs, {"rows_ptr": torch.empty(1, dtype=torch.float32)})
     half = prune(configs, {"rows_ptr": torch.empty(1, dtype=torch.bfloat16)})
-    assert fp32 == triton_tiles.FP32_CONFIGS and half == triton_tiles.HALF_CONFIGS
+    assert fp32 == triton_configs.FP32_CONFIGS and half == triton_configs.HALF_CONFIGS
     assert any(c.kwargs["BLOCK_N"] == 64 for c in half)  # small N
     saving = prune(configs, {"rows_ptr": torch.empty(1)}, SAVE_LOGITS=True)
     assert saving and all(c.kwargs["BLOCK_V"] <= 64 for c in saving)  # 128-wide spills there
     from solopo_kernels.ops import triton_tma_tiles as tma
 
     descriptor = mock.Mock(base=torch.empty(1, dtype=torch.bfloat16))
-    tma_half = tma._configs_for_dtype(tma._CONFIGS, {"rows_desc": descriptor})
+    tma_half = prune(tma.TMA_CONFIGS, {"rows_desc": descriptor}, originals=configs)
     assert [c.kwargs for c in tma_half] == [c.kwargs for c in half]
     assert all(c.pre_hook is tma._set_block_shapes for c in tma_half)
 
@@ -462,7 +385,7 @@ def test_float32_dot_precision_is_fixed_at_forward_time(launches):
         logp = dispatch.response_logprobs(rows, head.weight, targets, backend="triton")
         torch.set_float32_matmul_precision("high")
         with mock.patch.object(
-            triton_tiles, "_fill_dlogits", wraps=triton_tiles._fill_dlogits
+            triton_tiles, "launch_dlogits", wraps=triton_tiles.launch_dlogits
         ) as fill:
             logp.sum().backward()
         assert {c.kwargs["dot_precision"] for c in fill.call_args_list} == {"tf32x3"}
@@ -474,7 +397,6 @@ def test_dlogits_rows_past_2_to_31_elements_land_in_place():
     """A user tile (chunk_size tuple) with tokens x columns >= 2**31: the tile kernel's row
     offsets are int64. Here a 3-row bf16 tile view with a row stride of 2**30 + 64 elements (its
     third row starts past 2**31; only 3 x 32 elements are ever touched)."""
-    before = triton_tiles.launch_counts["dlogits"]
     n, cols = 3, 32
     stride = 2**30 + 64
     storage = torch.empty((n - 1) * stride + cols, dtype=torch.bfloat16)
@@ -485,16 +407,17 @@ def test_dlogits_rows_past_2_to_31_elements_land_in_place():
     logits = rows.double() @ weight.double().T
     lse = torch.logsumexp(logits, 1).float()
     grad = torch.randn(n)
-    triton_tiles._fill_dlogits(
-        tile, grad, rows, weight, None, targets, lse, 0, 0,
-        temperature=1.0, block_max=None, dot_precision="tf32",
-    )  # fmt: skip
+    with LaunchCounter() as ran:
+        triton_tiles.launch_dlogits(
+            tile, grad, rows, weight, None, targets, lse, 0, 0,
+            temperature=1.0, block_max=None, dot_precision="tf32",
+        )  # fmt: skip
     expected = grad.double()[:, None] * (
         torch.nn.functional.one_hot(targets, cols).double()
         - torch.exp(logits - lse.double()[:, None])
     )
     reference.assert_close_rel(tile, expected, 1e-2, "dlogits")
-    assert triton_tiles.launch_counts["dlogits"] == before + 1
+    assert ran["dlogits"] == 1
 
 
 def test_a_huge_first_call_tunes_on_a_prefix():
@@ -513,15 +436,15 @@ def test_a_huge_first_call_tunes_on_a_prefix():
     targets = torch.randint(0, V, (n,))
     tiles = triton_tiles.default_tiles(n, H, V, rows.device, None, dtype=rows.dtype)
     with (
-        mock.patch.object(triton_tiles, "_INTERPRET", False),
-        mock.patch.object(triton_tiles, "_LAUNCH_CONFIG", {}),
-        mock.patch.object(triton_tiles, "TUNE_ROWS_CAP", cap),
-        mock.patch.object(triton_tiles, "_forward_launcher", Recorder()),
-        mock.patch.object(triton_tiles, "_tuned_on_prefix", set()),
+        mock.patch.object(triton_configs, "INTERPRET", False),
+        mock.patch.object(triton_configs, "LAUNCH_CONFIG", {}),
+        mock.patch.object(triton_configs, "TUNE_ROWS_CAP", cap),
+        mock.patch.object(triton_tiles, "FORWARD_LAUNCHER", Recorder()),
+        mock.patch.object(triton_configs, "_tuned_on_prefix", set()),
     ):
         for _ in range(2):
             triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
-    n_arg, rows_arg = 6, 9  # positions of N and ROWS in _forward_kernel's arguments
+    n_arg, rows_arg = 6, 9  # positions of N and ROWS in forward_kernel's arguments
     assert [c[n_arg] for c in calls] == [cap, n, n]
     assert {c[rows_arg] for c in calls} == {cap}  # one tuning key for all three launches
 
@@ -544,7 +467,7 @@ def test_no_autotuning_candidate_spills_in_the_compile_report():
             c.num_warps,
             c.num_stages,
         ): c
-        for c in triton_tiles._CONFIGS
+        for c in triton_configs.CONFIGS
     }
     checked, excluded_cases, spilled_cases = 0, set(), set()
     for path in reports:
@@ -553,7 +476,7 @@ def test_no_autotuning_candidate_spills_in_the_compile_report():
                 continue
             block = tuple(int(x) for x in row["block"].split("x"))
             config = by_shape[(*block, row["num_warps"], row["num_stages"])]
-            excluded = triton_tiles.spills(
+            excluded = triton_configs.spills(
                 config, row["dtype"] == "fp32", row["kernel"].endswith("+save"), int(row["arch"][3])
             )
             spilled = row["spill_stores"] > 0 or row["spill_loads"] > 0
@@ -566,3 +489,20 @@ def test_no_autotuning_candidate_spills_in_the_compile_report():
             checked += 1
     assert checked > 100
     assert excluded_cases <= spilled_cases  # each exclusion spilled with at least one Triton
+
+
+def test_weight_offsets_past_2_to_31_elements_are_read_in_place(launches):
+    """A weight whose ``k * stride`` passes 2**31 (a transposed tied embedding with V * H >=
+    2**31 has stride V along H): the kernels' weight offsets are int64. Here a (32, 40) bf16
+    weight view with an H-stride of 2**26 elements (row 32 of H starts past 2**31; only 32 x 40
+    elements are ever touched, the rest of the storage is never paged in)."""
+    vocab, hidden, stride = 32, H, 2**26
+    storage = torch.empty((hidden - 1) * stride + vocab, dtype=torch.bfloat16)
+    weight = storage.as_strided((vocab, hidden), (1, stride))
+    weight.copy_(torch.randn(vocab, hidden))
+    rows = torch.randn(5, hidden).bfloat16()
+    targets = torch.tensor([0, 3, 31, 7, 12])
+    tiles = triton_tiles.default_tiles(5, hidden, vocab, rows.device, None, dtype=rows.dtype)
+    logp, _, _ = triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
+    expected = torch.log_softmax(rows.double() @ weight.double().T, 1)[torch.arange(5), targets]
+    reference.assert_close_rel(logp, expected, 1e-5, "logp")

@@ -20,9 +20,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from solopo_kernels import fused_linear_logprobs  # noqa: E402
-from solopo_kernels.ops import KernelOptions, triton_tiles, triton_tma_tiles  # noqa: E402
-from tests import reference  # noqa: E402
+from solopo_kernels.ops import KernelOptions, triton_tma_tiles  # noqa: E402
+from tests import reference
 from tests.inputs import IGNORE, Head, float64_leaf, random_hidden, response_labels  # noqa: E402
+from tests.instruments import launch_totals  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -34,11 +35,11 @@ V, H = 150, 48  # H * 2 bytes and H * 4 bytes are multiples of 16: TMA can addre
 
 
 def _counts() -> dict[str, int]:
-    return dict(triton_tiles.launch_counts)
+    return dict(launch_totals())
 
 
 def _ran(before: dict[str, int], kind: str) -> int:
-    return triton_tiles.launch_counts[kind] - before.get(kind, 0)
+    return launch_totals()[kind] - before.get(kind, 0)
 
 
 def _check(dtype, bias, temperature, options=None, weight_transform=None):

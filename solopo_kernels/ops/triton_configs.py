@@ -1,0 +1,161 @@
+"""Which block sizes the Triton kernels try, which of them are known to spill, and how the tuner
+keys and remembers its choice. Shared by :mod:`.triton_tiles` and :mod:`.triton_tma_tiles`.
+
+On a GPU the kernels are autotuned (:func:`autotuned`) over short lists of matmul-shaped configs,
+one per operand dtype (:data:`HALF_CONFIGS`, :data:`FP32_CONFIGS`), less those the compile report
+(``benchmarks/results/compile/``, Triton 3.6 and 3.9, sm_90 and sm_80) found spilling for the case
+at hand (:func:`spills`). The tuning key holds every argument that changes which config is fit or
+fastest: ``H``, ``V``, a bucket of the row count (:func:`rows_bucket`), the flags
+``HAS_BIAS``/``SAVE_LOGITS``/``TRACK_MAX`` and ``DOT_PRECISION``, and (added by Triton) the dtype
+of every tensor argument. So a config pruned for one case (say, spilling with saved logits) is
+never reused for another from the tuner's cache. Under ``TRITON_INTERPRET=1`` there is no tuning:
+one fixed small config (:data:`INTERPRETER_CONFIG`). ``TRITON_INTERPRET`` must be set before this
+module (and Triton) is imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+
+__all__ = [
+    "FP32_CONFIGS",
+    "HALF_CONFIGS",
+    "INTERPRET",
+    "autotuned",
+    "configs_for_call",
+    "rows_bucket",
+    "spills",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Matmul-shaped configs (the kernels are GEMMs with a reduction epilogue). The compile report
+# lists what was dropped and why: 128x256x64, and 128-row blocks with 4 warps, spill (on sm_80
+# with both Triton versions, on sm_90 with 3.9); float32 operands spill or need 1 CTA/SM in
+# 64-deep K-blocks. BLOCK_N=64 configs serve small N; 4-warp configs fit two or three CTAs per SM,
+# 8-warp ones one.
+HALF_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+FP32_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+CONFIGS = HALF_CONFIGS + FP32_CONFIGS
+INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
+# Block of the saved-logits dlogits kernel (elementwise, no tuning needed).
+SAVED_BLOCK = {"BLOCK_N": 16, "BLOCK_V": 32} if INTERPRET else {"BLOCK_N": 64, "BLOCK_V": 128}
+# The explicit blocks of every launch under the interpreter ({} on a GPU: the tuner picks).
+LAUNCH_CONFIG = INTERPRETER_CONFIG if INTERPRET else {}
+
+# Geometry constants of the GPU configs, and of this machine's (the interpreter has one config).
+GPU_MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)
+# Vocabulary splits are whole multiples of every BLOCK_V, so no tile straddles two splits.
+GPU_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in CONFIGS)
+MAX_BLOCK_N = INTERPRETER_CONFIG["BLOCK_N"] if INTERPRET else GPU_MAX_BLOCK_N
+SPLIT_ALIGN = INTERPRETER_CONFIG["BLOCK_V"] if INTERPRET else GPU_SPLIT_ALIGN
+# The smallest block edge of any launch: sizes the per-block max buffer of tile skipping.
+MIN_BLOCK = min(
+    *SAVED_BLOCK.values(),
+    *(
+        [min(INTERPRETER_CONFIG["BLOCK_N"], INTERPRETER_CONFIG["BLOCK_V"])]
+        if INTERPRET
+        else [min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in CONFIGS]
+    ),
+)
+
+# Autotuning keys on a row-count bucket (powers of 4 from 64) capped here; a call with more rows
+# tunes on its first TUNE_ROWS_CAP rows (see :func:`tune_on_prefix`).
+TUNE_ROWS_CAP = 16384
+
+# Tuning-key arguments besides H, V and ROWS, when the kernel has them: the flags change register
+# pressure (and so the spill exclusions and the fastest config), the dot precision changes the
+# instruction mix.
+_FLAG_KEYS = ("HAS_BIAS", "SAVE_LOGITS", "TRACK_MAX", "DOT_PRECISION")
+
+
+def rows_bucket(n_rows: int) -> int:
+    """The autotuning bucket of a row count: the power of 4 (from 64) at or above it, capped at
+    :data:`TUNE_ROWS_CAP`. Configs tuned at one size serve every size of its bucket."""
+    bucket = 64
+    while bucket < min(n_rows, TUNE_ROWS_CAP):
+        bucket *= 4
+    return min(bucket, TUNE_ROWS_CAP)
+
+
+def spills(config: triton.Config, fp32: bool, save: bool, major: int) -> bool:
+    """Whether ``config`` spills registers for these operands on this architecture, per the
+    compile report (Triton 3.6 and 3.9): float32 operands in 128-wide blocks on sm_80, and with
+    saved logits anywhere; 16-bit operands with saved logits in the 4-warp 64x128 block on sm_80."""
+    wide = config.kwargs["BLOCK_V"] >= 128
+    if fp32:
+        return wide and (save or major < 9)
+    return save and major < 9 and wide and config.num_warps == 4
+
+
+def configs_for_call(
+    configs: list, named_args: dict, *, originals: list | None = None, **kwargs: object
+) -> list:
+    """Autotuning candidates for one call: the operand dtype's list (float32 operands, 3xTF32 or
+    TF32 dots, need smaller K-blocks than 16-bit ones), less the configs that spill for it
+    (:func:`spills`). ``originals``: the configs of :data:`CONFIGS` that ``configs`` were made
+    from, position by position (the TMA kernels' copies carry a pre-hook)."""
+    rows = named_args.get("rows_ptr", named_args.get("rows_desc"))
+    tensor = getattr(rows, "base", rows)  # a TMA descriptor holds its tensor as .base
+    fp32 = tensor.dtype == torch.float32
+    major = torch.cuda.get_device_capability(tensor.device)[0] if tensor.is_cuda else 9
+    save = bool(kwargs.get("SAVE_LOGITS"))
+    wanted = [
+        c for c in (FP32_CONFIGS if fp32 else HALF_CONFIGS) if not spills(c, fp32, save, major)
+    ]
+    return [c for c, o in zip(configs, originals or configs) if any(o is w for w in wanted)]
+
+
+def autotuned(
+    kernel: triton.JITFunction, configs: list, originals: list | None = None
+) -> triton.JITFunction:
+    """``kernel`` autotuned over ``configs`` (pruned per call by :func:`configs_for_call`),
+    keyed on ``H``, ``V``, ``ROWS`` and the flags of ``_FLAG_KEYS`` it takes; the choice persists
+    in Triton's on-disk cache where the installed Triton can (Triton skips the disk cache for
+    configs with a pre-hook: the TMA kernels tune again in each new process). Under the
+    interpreter, the kernel itself (launched with :data:`LAUNCH_CONFIG`)."""
+    if INTERPRET:
+        return kernel
+    names = getattr(kernel, "arg_names", None) or getattr(kernel.fn, "arg_names", [])
+    key = ["H", "V", "ROWS", *(k for k in _FLAG_KEYS if k in names)]
+    extra = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        extra["cache_results"] = True
+
+    def prune(candidates: list, named_args: dict, **kwargs: object) -> list:
+        return configs_for_call(candidates, named_args, originals=originals, **kwargs)
+
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra
+    )(kernel)
+
+
+# (backend, H, V, dtypes, weight strides, bias, dot precision) of the shapes already tuned on a
+# prefix. A cache, like the tuner's own: one entry per shape and process.
+_tuned_on_prefix: set[tuple] = set()
+
+
+def tune_on_prefix(
+    n_rows: int, shape_key: tuple, run_prefix: Callable[[int], object]
+) -> None:
+    """Before a call with more than :data:`TUNE_ROWS_CAP` rows (all in the capped bucket), run it
+    once on its first ``TUNE_ROWS_CAP`` rows (``run_prefix(TUNE_ROWS_CAP)``), so that the tuner
+    times its candidates at that size and not at the call's full size."""
+    if INTERPRET or n_rows <= TUNE_ROWS_CAP or shape_key in _tuned_on_prefix:
+        return
+    run_prefix(TUNE_ROWS_CAP)
+    _tuned_on_prefix.add(shape_key)
