@@ -52,3 +52,29 @@ def test_an_ungathered_partition_raises(model_and_batch):
     model.lm_head.weight.data = torch.empty(0)
     with pytest.raises(RuntimeError, match=r"lm_head.weight has shape \(0,\).*ZeRO-3"):
         model(input_ids=ids, solopo_labels=labels)
+
+
+def test_patching_again_replaces_the_kernel_settings(model_and_batch):
+    from solopo_kernels.integrations.args import HeadKernel
+
+    model, ids, labels = model_and_batch
+    seen = []
+    kernel = model_patch.response_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_size"])
+        return kernel(*args, **kwargs)
+
+    with mock.patch.object(model_patch, "response_logprobs", spy):
+        model(input_ids=ids, solopo_labels=labels)
+        model_patch.patch_solopo_forward(model, HeadKernel(backend="torch", chunk_size=4))
+        model(input_ids=ids, solopo_labels=labels)
+    assert seen == [None, 4]
+    with pytest.raises(TypeError, match="kernel: expected a HeadKernel or None, got dict"):
+        model_patch.patch_solopo_forward(model, {"backend": "torch"})
+
+
+def test_shift_labels_without_solopo_logps_is_refused(model_and_batch):
+    model, ids, labels = model_and_batch
+    with pytest.raises(ValueError, match="shift_labels: only read with solopo_logps=True"):
+        model(input_ids=ids, solopo_labels=labels, shift_labels=labels)
