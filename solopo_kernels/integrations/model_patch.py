@@ -27,7 +27,12 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from ..ops.logprobs import response_logprobs, response_positions, scatter_to_positions
+from ..ops.logprobs import (
+    head_dtypes_match,
+    response_logprobs,
+    response_positions,
+    scatter_to_positions,
+)
 from .args import HeadKernel
 
 IGNORE_INDEX = -100
@@ -314,13 +319,19 @@ def _score(
             "that deepspeed.initialize wrapped (the trainer's model), not a module inside it."
         )
     positions = response_positions(labels, IGNORE_INDEX)
-    # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
-    # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
-    # so a float32 master weight does not turn the projection into a float32 GEMM.
+    # Under autocast the lm_head would have run in the autocast dtype: so do the rows, and a
+    # float32 (master) weight stays as it is: the kernel rounds it to the rows' dtype tile by
+    # tile, so no whole 16-bit copy of the head is made and kept for the backward (1.1 GB at
+    # Qwen2.5-7B's head). Only a 16-bit weight of another dtype is cast. Without autocast the
+    # rows take the weight's dtype, as nn.Linear would need.
     device_type = weight.device.type
+    rows = hidden[positions].to(device=weight.device)
     if torch.is_autocast_enabled(device_type):
-        weight = weight.to(torch.get_autocast_dtype(device_type))
-    rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
+        rows = rows.to(torch.get_autocast_dtype(device_type))
+        if not head_dtypes_match(rows.dtype, weight.dtype):
+            weight = weight.to(rows.dtype)
+    else:
+        rows = rows.to(weight.dtype)
     token_logps = response_logprobs(
         rows,
         weight,
