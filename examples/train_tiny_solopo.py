@@ -134,20 +134,21 @@ def verdict(
             "faster (the margin is what must grow)."
         )
     if n_held_out < MIN_HELD_OUT:
-        lines.append(
+        # Said first and in the headline: these moves are not evidence either way.
+        lines.insert(
+            0,
             f"  Only {n_held_out} held-out pairs: too few for these numbers to mean much (one "
             f"pair moves the accuracy by {1 / n_held_out:.2f}); use a file with at least "
-            f"{4 * MIN_HELD_OUT} pairs."
+            f"{4 * MIN_HELD_OUT} pairs. For the record:",
         )
-    ok = not missed and n_held_out >= MIN_HELD_OUT
-    summary = (
-        "Verdict: the run did what SoLoPO should"
-        if ok
-        else "Verdict: too few held-out pairs to judge"
-        if not missed
-        else f"Verdict: {len(missed)} of the expected moves did not happen"
-    )
-    return [f"{summary} ({n_held_out} held-out pairs):", *lines]
+        summary = f"none: {n_held_out} held-out pairs are too few to judge ({MIN_HELD_OUT} or more)"
+    elif missed:
+        summary = (
+            f"{len(missed)} of the expected moves did not happen ({n_held_out} held-out pairs)"
+        )
+    else:
+        summary = f"the run did what SoLoPO should ({n_held_out} held-out pairs)"
+    return [f"Verdict: {summary}:", *lines]
 
 
 def load_pairs(path: str) -> list[dict[str, Any]]:

@@ -50,15 +50,17 @@ def test_verdict_says_what_moved_and_explains_a_falling_chosen_reward():
 
     # A run where the margin shrank while the loss fell (the 3-pair --data run of the issue).
     worse = AFTER | {"eval_rewards/margins": 0.5, "eval_rewards/chosen": -0.1}
-    lines = example.verdict(BEFORE, worse, "dpo", 3)
+    lines = example.verdict(BEFORE, worse, "dpo", 32)
     text = "\n".join(lines)
-    assert lines[0].startswith("Verdict: 1 of the expected moves did not happen")
+    assert lines[0] == "Verdict: 1 of the expected moves did not happen (32 held-out pairs):"
     assert "did NOT move as expected: rewards/margins 0.6592 -> 0.5000" in text
-    assert "Only 3 held-out pairs: too few" in text
     assert "rewards/chosen fell" not in text  # it rose here
 
-    # Everything moved, but too few pairs to say so.
-    assert example.verdict(BEFORE, AFTER, "simpo", 7)[0].startswith("Verdict: too few held-out")
+    # Too few pairs: no verdict either way, whatever moved, and the headline says so.
+    for after in (AFTER, worse):
+        lines = example.verdict(BEFORE, after, "dpo", 3)
+        assert lines[0] == "Verdict: none: 3 held-out pairs are too few to judge (16 or more):"
+        assert lines[1].startswith("  Only 3 held-out pairs: too few")
 
 
 def test_held_out_pairs_are_enough_or_said_to_be_too_few():
