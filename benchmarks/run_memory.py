@@ -537,10 +537,13 @@ def summary(
                 text = format_figure(
                     read(ours), full[best_peer], fmt, floor=floor if noisy else None
                 ).strip("*")
-                if full[best_peer] == read(ours):
-                    text += ", the best"
-                else:
-                    text += f"; best: {PEERS[best_peer].label}, {fmt(full[best_peer])}"
+                best = (
+                    "the best"
+                    if full[best_peer] == read(ours)
+                    else f"the best: {PEERS[best_peer].label}, {fmt(full[best_peer])}"
+                )
+                # "55 MiB (1.00x)" -> "55 MiB (1.00x, the best)"
+                text = text[:-1] + f", {best})" if text.endswith(")") else f"{text} ({best})"
                 parts.append(f"{what} {text}")
             lines.append(
                 f"- largest {kind} cell ({w.label()}), {PEERS[name].label}: " + "; ".join(parts)
@@ -579,6 +582,13 @@ def line_style(peer: str) -> dict[str, Any]:
     if peer in OURS:
         return {"linestyle": "-", "linewidth": 2.8, "zorder": 3, "markersize": 6}
     return {"linestyle": "--", "linewidth": 1.2, "zorder": 2, "markersize": 4}
+
+
+def log_tick_label(value: float) -> str:
+    """A minor tick's label on a log axis: ``20``, ``0.5``, ``5000`` at leading digits 2 and 5,
+    nothing elsewhere."""
+    text = f"{value:g}"
+    return text if text.lstrip("0.")[:1] in ("2", "5") else ""
 
 
 def plot_specs(cells: list[Workload]) -> list[tuple[str, str, str]]:
@@ -659,10 +669,10 @@ def plots(
         w = cells[indices[0]]
         set_length_axis(ax, sorted({cells[i].long_len for i in indices}))
         ax.set_yscale("log")
-        # Plain numbers (30, 300) on the log axis instead of 3 x 10^1.
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # Plain numbers (20, 50, 100) on the log axis instead of 2 x 10^1; minor ticks labelled
+        # at 2 and 5 only, so that the labels do not overlap.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: log_tick_label(value)))
         ax.set_xlabel(
             "long-context length Tl (tokens)"
             if kind != "logprobs"
@@ -762,7 +772,8 @@ class Progress:
             self.started.add(peer)
             self.bar.update()
             if len(self.started) == len(self.peers):
-                self.bar.set_description("measuring")
+                # Name and unit first, so that the restarted bar is the first thing drawn.
+                self.bar.set_description("measuring", refresh=False)
                 self.bar.unit = "cell"
                 self.bar.reset(total=len(self.cells) * len(self.peers))
                 self.bar.set_postfix_str(f"timed runs of {self.cells[index].label()}")

@@ -122,8 +122,8 @@ def test_summary_uses_the_tables_direction_and_names_the_best():
     solopo = lines[0]
     # Ours: best memory; time 0.184 / 0.143 = 1.29x the best (CCE). The opposite direction
     # (best / ours = 0.78x) must not appear.
-    assert "peak memory 55 MiB (1.00x), the best" in solopo
-    assert "time 184 ms (1.29x); best: CCE, 143 ms" in solopo
+    assert "peak memory 55 MiB (1.00x, the best)" in solopo
+    assert "time 184 ms (1.29x, the best: CCE, 143 ms)" in solopo
     assert "0.78x" not in solopo and "peer / solopo" not in solopo
     assert all(float(r) >= 1.0 for line in lines for r in RATIO.findall(line))
 
