@@ -31,6 +31,7 @@ import json
 import os
 import random
 import tempfile
+import textwrap
 from typing import Any
 
 # Nothing here comes from a hub; say so before transformers/datasets are imported.
@@ -313,7 +314,8 @@ def main() -> None:
     for key in keys:
         print(f"  {key:22s}{before[f'eval_{key}']:10.4f}{after[f'eval_{key}']:10.4f}")
     print()
-    print("\n".join(verdict(before, after, args.loss_type, len(held_out))))
+    for line in verdict(before, after, args.loss_type, len(held_out)):
+        print(textwrap.fill(line, 100, subsequent_indent="    "))
 
 
 if __name__ == "__main__":
