@@ -71,6 +71,8 @@ class CellResult:
         status: ``ok``, ``OOM``, ``error``, ``timeout`` or ``unavailable``.
         peak_bytes: peak memory of one forward+backward above the pre-run baseline (max over the
             timed runs).
+        peaks_bytes: that peak in each timed run (their spread is the measurement's noise, which
+            the report prints).
         baseline_bytes: memory in use before the run (inputs, weights, libraries).
         grad_bytes: size of the gradients the step returns (``dW``, ``dhidden``): the same for
             every peer, and the floor of ``peak_bytes``.
@@ -81,6 +83,7 @@ class CellResult:
 
     status: str
     peak_bytes: int | None = None
+    peaks_bytes: list[int] = field(default_factory=list)
     baseline_bytes: int | None = None
     grad_bytes: int | None = None
     times_s: list[float] = field(default_factory=list)
@@ -214,13 +217,18 @@ class ChildState:
         except Unavailable as reason:
             return {"status": "unavailable", "reason": str(reason)}
         self.step, self.grads, signature = built.step, built.grads, built.signature
-        if signature not in self.warmed:
+        warmed_up = signature not in self.warmed
+        if warmed_up:
             for _ in range(self.warmup):
                 self.clear()
                 self.step()
             self.sync()
             self.warmed.add(signature)
-        return {"status": "ok", "grad_bytes": sum(t.numel() * t.element_size() for t in self.grads)}
+        return {
+            "status": "ok",
+            "grad_bytes": sum(t.numel() * t.element_size() for t in self.grads),
+            "warmed_up": warmed_up,  # for the parent's progress report
+        }
 
     def run(self) -> dict[str, Any]:
         self.clear()
@@ -381,9 +389,16 @@ def run_grid(
     timeout_s: float,
     seed: int = 0,
     on_result: Callable[[int, str, CellResult], None] | None = None,
+    on_setup: Callable[[int, str, dict[str, Any] | None], None] | None = None,
 ) -> dict[tuple[int, str], CellResult]:
     """Measure every implementation in ``peers`` of ``registry`` on every cell (JSON-able dicts
-    with the sizes :func:`dominates` reads), side by side; results by (cell index, name)."""
+    with the sizes :func:`dominates` reads), side by side; results by (cell index, name).
+
+    ``on_result(index, name, result)`` is called when a cell is done; ``on_setup(index, name,
+    reply)`` before each setup (``reply`` None) and after it (the child's reply, whose
+    ``warmed_up`` says whether the untimed warm-up ran), so that a progress report can show the
+    start-up and warm-up, which take most of the first minute, as steps of their own.
+    """
     config = {
         "registry": registry,
         "device": device,
@@ -415,7 +430,11 @@ def run_grid(
                         CellResult("OOM", reason="skipped: out of memory at a smaller shape"),
                     )
                     continue
+                if on_setup is not None:
+                    on_setup(index, peer, None)
                 reply = workers[peer].call("setup", cell)
+                if on_setup is not None:
+                    on_setup(index, peer, reply)
                 if reply["status"] == "ok":
                     active.append(peer)
                     grad_bytes[peer] = reply["grad_bytes"]
@@ -438,7 +457,7 @@ def run_grid(
                     peaks[peer].append(reply["peak_bytes"])
                     result.baseline_bytes, result.loss = reply["baseline_bytes"], reply["loss"]
             for peer, result in partial.items():
-                result.peak_bytes = max(peaks[peer])
+                result.peak_bytes, result.peaks_bytes = max(peaks[peer]), peaks[peer]
                 workers[peer].call("teardown")
                 finish(index, peer, result)
     finally:

@@ -1,6 +1,6 @@
 """Peak memory and wall time of the loss head, against every peer, side by side.
 
-    python benchmarks/run_memory.py            # --quick: a few minutes on a 2-core CPU
+    python benchmarks/run_memory.py            # the quick preset (the default): ~5 min on 2 CPU cores
     python benchmarks/run_memory.py --full     # the larger grid (tens of minutes on a CPU)
     python benchmarks/run_memory.py --kinds logprobs --long 16384 --response 4096 \\
         --hidden 1024 --vocab 32768 --peers plain,ours     # one cell of your choice
@@ -28,8 +28,9 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     size.add_argument(
         "--full", action="store_const", dest="preset", const="full", help="larger grid"
     )
-    parser.set_defaults(preset="quick")
+    # None until parsed: the report says whether the preset was asked for or is the default.
+    parser.set_defaults(preset=None)
     parser.add_argument(
         "--device", default="auto", help="auto (cuda when available), cpu or cuda[:i]"
     )
@@ -159,7 +161,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    args.preset_flag = args.preset is not None
+    args.preset = args.preset or "quick"
     preset = PRESETS["cuda" if args.device.startswith("cuda") else "cpu", args.preset]
+    # The preset's sizes that the command line replaced (named in the report's header).
+    args.overrides = [key for key in PRESETS["cpu", "quick"] if getattr(args, key) is not None]
     for key in ("kinds", "long", "response"):
         value = getattr(args, key)
         setattr(
@@ -298,7 +304,28 @@ def environment(device: str, threads: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reporting.
+# Reporting. Small pure functions, so that the tests can check the report's conventions (one
+# ratio direction, no ratio on a noise-level figure, the preset in the header) without running
+# a benchmark.
+
+#: How every ratio of the report reads; said once, above the tables.
+RATIO_CONVENTION = (
+    "Every ratio is value / best of its row, for memory and time alike: 1.00x is the best, "
+    "2.00x twice the best's figure. Lower is better."
+)
+
+#: The smallest memory figure the CPU report gives as a number. Below 256 pages, peak RSS holds
+#: as much bookkeeping (the autograd graph, Python objects, glibc's small allocations under the
+#: 128 KiB mmap threshold, which are not returned between runs) as tensors, and RSS cannot tell
+#: them apart. For scale, on the 2-core CI machine after a warm-up: a 64 MiB step's peak moved by
+#: 0.1 MiB between runs; a 4x4 autograd step read 0 B, but 5.3 MiB on its very first run.
+NOISE_MIN_BYTES = MIB
+
+#: The CUDA caching allocator counts bytes, rounded to 512-byte blocks.
+CUDA_RESOLUTION_BYTES = 512
+
+# Peers that are solopo-kernels (drawn apart in the plots, reported in the summary).
+OURS = ("ours", "ours-saved")
 
 
 def _fmt_mem(value: float) -> str:
@@ -316,12 +343,19 @@ def _fmt_time(value: float) -> str:
     return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
 
 
-# Table metrics: how to read a figure off a result, and how to print it.
-METRICS: dict[str, tuple[Any, Any]] = {
-    "peak": (lambda r: r.peak_bytes, _fmt_mem),
-    # At least one page, so that ratios stay finite when a head adds nothing beyond its gradients.
-    "extra": (lambda r: max(r.peak_bytes - r.grad_bytes, 4096), _fmt_mem),
-    "time": (lambda r: r.median_s, _fmt_time),
+def format_ratio(ratio: float) -> str:
+    """``1.28x``, ``39.4x``, ``3586x``: two significant decimals where they carry information."""
+    return f"{ratio:.0f}x" if ratio >= 100 else f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
+# Table metrics: how to read a figure off a result, how to print it, and whether the memory
+# noise floor applies to it.
+METRICS: dict[str, tuple[Any, Any, bool]] = {
+    "peak": (lambda r: r.peak_bytes, _fmt_mem, True),
+    # Never negative: the peak RSS can stay under the gradients' nominal bytes when some of
+    # their pages are never touched. Such figures are under the noise floor anyway.
+    "extra": (lambda r: max(r.peak_bytes - r.grad_bytes, 0), _fmt_mem, True),
+    "time": (lambda r: r.median_s, _fmt_time, False),
 }
 
 
@@ -330,12 +364,58 @@ def partial(peer: str, workload: Workload) -> bool:
     return peer == "liger" and workload.kind == "solopo"
 
 
+def peak_spread_bytes(results: dict[tuple[int, str], CellResult]) -> int:
+    """The largest spread (max - min) of one cell's peak between its timed runs."""
+    return max(
+        (max(r.peaks_bytes) - min(r.peaks_bytes) for r in results.values() if r.peaks_bytes),
+        default=0,
+    )
+
+
+def noise_floor_bytes(device: str, spread_bytes: int) -> int:
+    """The memory figure under which the report prints "noise" instead of a number and a ratio:
+    the measurement's resolution (:data:`NOISE_MIN_BYTES` of RSS on the CPU, 512-byte blocks on
+    CUDA) or the spread it measured between repeated runs, whichever is larger."""
+    resolution = CUDA_RESOLUTION_BYTES if device.startswith("cuda") else NOISE_MIN_BYTES
+    return max(resolution, spread_bytes)
+
+
+def format_figure(
+    value: float,
+    best: float | None,
+    fmt: Callable[[float], str],
+    *,
+    floor: float | None = None,
+    less_work: bool = False,
+) -> str:
+    """One table entry: the figure and its ratio ``value / best`` (the report's one convention).
+
+    A figure under ``floor`` prints as ``< floor`` without a ratio, and a row whose ``best`` is
+    under ``floor`` gets no ratios at all (they would divide by noise). ``less_work`` (a peer
+    that computes less than the row) adds †; the row's best is bold.
+    """
+    if floor is not None and value < floor:
+        return f"< {fmt(floor)} (noise)" + (" †" if less_work else "")
+    if best is None or best <= 0 or (floor is not None and best < floor):
+        text = fmt(value)
+    else:
+        text = f"{fmt(value)} ({format_ratio(value / best)})"
+    if less_work:
+        return text + " †"
+    return f"**{text}**" if value == best else text
+
+
 def table(
-    cells: list[Workload], peers: list[str], results: dict[tuple[int, str], CellResult], metric: str
+    cells: list[Workload],
+    peers: list[str],
+    results: dict[tuple[int, str], CellResult],
+    metric: str,
+    floor: float | None = None,
 ) -> str:
     """Markdown table of one metric of :data:`METRICS`: rows = cells, columns = peers, each
-    figure with its ratio to the best full-work peer of the row; other cells say why not."""
-    read, fmt = METRICS[metric]
+    figure with its ratio to the best full-work peer of the row (:func:`format_figure`; the
+    memory metrics with the noise ``floor``); other cells say why not."""
+    read, fmt, noisy = METRICS[metric]
     lines = [
         "| workload | " + " | ".join(PEERS[p].label for p in peers) + " |",
         "|" + "---|" * (len(peers) + 1),
@@ -354,12 +434,15 @@ def table(
                 r = results.get((index, p))
                 row.append("n/a" if r is None else r.status)
                 continue
-            text = fmt(values[p]) + (f" ({values[p] / best:.2f}x)" if best else "")
-            if partial(p, w):
-                text += " †"
-            elif values[p] == best:
-                text = f"**{text}**"
-            row.append(text)
+            row.append(
+                format_figure(
+                    values[p],
+                    best,
+                    fmt,
+                    floor=floor if noisy else None,
+                    less_work=partial(p, w),
+                )
+            )
         lines.append(f"| {w.label(head=False)} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -378,33 +461,93 @@ def legend(cells: list[Workload], peers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def preset_label(preset: str, flag_given: bool, overrides: Sequence[str] = ()) -> str:
+    """The grid actually run: ``quick preset (the default)``, ``full preset (--full)``, plus the
+    preset's sizes that the command line replaced."""
+    text = f"{preset} preset ({f'--{preset}' if flag_given else 'the default'})"
+    if overrides:
+        flags = ["--" + key.removesuffix("_s").replace("_", "-") for key in overrides]
+        text += " with " + ", ".join(flags) + " from the command line"
+    return text
+
+
+def header(args: argparse.Namespace) -> str:
+    """The report's title line: device, shapes, loss and the preset actually run."""
+    return (
+        f"## Loss-head peak memory and time: {args.device}, {args.dtype}, H={args.hidden}, "
+        f"V={args.vocab}, {args.pairs} pair(s) per batch, {args.loss_type}; "
+        + preset_label(args.preset, args.preset_flag, args.overrides)
+    )
+
+
+def reading_notes(device: str, floor: int, spread: int) -> list[str]:
+    """How to read the tables, said once above them: the ratio convention, the marks, and the
+    memory noise floor with its definition."""
+    if device.startswith("cuda"):
+        source = (
+            f"the larger of the allocator's {CUDA_RESOLUTION_BYTES}-byte blocks and the largest "
+            "spread of one cell's peak between its timed runs in this run"
+        )
+    else:
+        source = (
+            f"the larger of {_fmt_mem(NOISE_MIN_BYTES)} (256 pages: below that, peak RSS holds "
+            "as much bookkeeping, such as the autograd graph and small allocations, as tensors) "
+            "and the largest spread of one cell's peak between its timed runs in this run"
+        )
+    return [
+        f"**How to read the tables.** {RATIO_CONVENTION} Bold: the best of the row. "
+        "†: the peer computes less than the row asks (see the last table); its ratio is to the "
+        "best full-work peer, and it is never counted as the best.",
+        "",
+        f"**Noise floor of the memory figures: {_fmt_mem(floor)}**, {source} "
+        f"({_fmt_mem(spread)}). A figure under it prints as `< {_fmt_mem(floor)} (noise)` "
+        "without a ratio, and a row whose best figure is under it has no ratios.",
+    ]
+
+
 def summary(
-    cells: list[Workload], peers: list[str], results: dict[tuple[int, str], CellResult]
+    cells: list[Workload],
+    peers: list[str],
+    results: dict[tuple[int, str], CellResult],
+    floor: float | None = None,
 ) -> list[str]:
-    """Plain-language checks of the memory and time budgets (docs/kernels.md) at the largest cell of each kind."""
+    """At the largest cell of each kind, solopo-kernels' peak memory and time in the tables'
+    convention (value / best of the row) and which peer is the best."""
     lines = []
-    if "ours" not in peers:
-        return lines
     for kind in dict.fromkeys(w.kind for w in cells):
         index = max(
             (i for i, w in enumerate(cells) if w.kind == kind),
             key=lambda i: (cells[i].positions, cells[i].response_tokens),
         )
-        w, ours = cells[index], results.get((index, "ours"))
-        if ours is None or ours.status != "ok":
-            lines.append(f"- {w.label()}: solopo-kernels {ours.status if ours else 'not run'}")
-            continue
-        parts = []
-        for p in peers:
-            r = results.get((index, p))
-            if p == "ours" or r is None or r.status != "ok":
+        w = cells[index]
+        ok = {
+            p: r for p in peers if (r := results.get((index, p))) is not None and r.status == "ok"
+        }
+        for name in (p for p in OURS if p in peers):
+            ours = ok.get(name)
+            if ours is None:
+                r = results.get((index, name))
+                lines.append(f"- {w.label()}: {PEERS[name].label} {r.status if r else 'not run'}")
                 continue
-            tag = " (less work: †)" if partial(p, w) else ""
-            peak, time_ = r.peak_bytes / ours.peak_bytes, r.median_s / ours.median_s
-            parts.append(f"{PEERS[p].label}{tag}: peak memory {peak:.1f}x, time {time_:.2f}x")
-        lines.append(
-            f"- largest {kind} cell ({w.label()}): peer / solopo-kernels = " + "; ".join(parts)
-        )
+            parts = []
+            for what, metric in (("peak memory", "peak"), ("time", "time")):
+                read, fmt, noisy = METRICS[metric]
+                full = {p: read(r) for p, r in ok.items() if not partial(p, w)}
+                best_peer = min(full, key=full.get)
+                text = format_figure(
+                    read(ours), full[best_peer], fmt, floor=floor if noisy else None
+                ).strip("*")
+                best = (
+                    "the best"
+                    if full[best_peer] == read(ours)
+                    else f"the best: {PEERS[best_peer].label}, {fmt(full[best_peer])}"
+                )
+                # "55 MiB (1.00x)" -> "55 MiB (1.00x, the best)"
+                text = text[:-1] + f", {best})" if text.endswith(")") else f"{text} ({best})"
+                parts.append(f"{what} {text}")
+            lines.append(
+                f"- largest {kind} cell ({w.label()}), {PEERS[name].label}: " + "; ".join(parts)
+            )
     return lines
 
 
@@ -427,11 +570,49 @@ def loss_check(
     return f"Loss cross-check: the largest relative difference to solopo-kernels' loss is {worst:.1e}{where}."
 
 
-def set_length_axis(ax: Any, lengths: list[int]) -> None:
-    """Log-2 x axis with the measured lengths as ticks, written 4K, 8K, ..."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
-    ax.minorticks_off()
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+#: Marker of each group of cells that share a kind but not a response length (and so on).
+GROUP_MARKERS = "osD^v"
+
+
+def line_style(peer: str) -> dict[str, Any]:
+    """solopo-kernels' lines solid and thick, on top; every peer's dashed and thin."""
+    if peer in OURS:
+        return {"linestyle": "-", "linewidth": 2.8, "zorder": 3, "markersize": 6}
+    return {"linestyle": "--", "linewidth": 1.2, "zorder": 2, "markersize": 4}
+
+
+def log_tick_label(value: float) -> str:
+    """A minor tick's label on a log axis: ``20``, ``0.5``, ``5000`` at leading digits 2 and 5,
+    nothing elsewhere."""
+    text = f"{value:g}"
+    return text if text.lstrip("0.")[:1] in ("2", "5") else ""
+
+
+def plot_specs(cells: list[Workload]) -> list[tuple[str, str, str]]:
+    """``(kind, metric, file name)`` of each plot: one per kind with two lengths or more, for
+    peak memory and for time."""
+    specs = []
+    for kind in dict.fromkeys(w.kind for w in cells):
+        if len({w.long_len for w in cells if w.kind == kind}) < 2:
+            continue  # a curve needs two lengths
+        for metric in ("peak", "time"):
+            specs.append((kind, metric, f"{'memory' if metric == 'peak' else 'time'}_{kind}.png"))
+    return specs
+
+
+def legend_notes(cells: list[Workload], peers: list[str], grouped: bool) -> list[str]:
+    """Legend lines that explain the plot's marks: the line styles, the markers of the
+    response-length groups, and † for every peer so marked in ``cells`` (one kind)."""
+    notes = ["solid, thick: solopo-kernels; dashed: peers"]
+    if grouped:
+        notes.append("markers: response length R")
+    for p in peers:
+        if any(partial(p, w) for w in cells):
+            notes.append(f"† {PEERS[p].label} computes less: {PEERS[p].computes(cells[0])}")
+    return notes
 
 
 def plots(
@@ -440,80 +621,173 @@ def plots(
     results: dict[tuple[int, str], CellResult],
     folder: Path,
 ) -> list[Path]:
-    """Peak memory and time against the long-context length, one PNG per kind and metric."""
+    """Peak memory and time against the long-context length (:func:`plot_specs`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    styles = ["-", "--", ":", "-."]
-    for kind in dict.fromkeys(w.kind for w in cells):
+    for kind, metric, name in plot_specs(cells):
         indices = [i for i, w in enumerate(cells) if w.kind == kind]
-        if len({cells[i].long_len for i in indices}) < 2:
-            continue  # a curve needs two lengths
         groups = list(
             dict.fromkeys(
                 (cells[i].response_len, cells[i].short_len, cells[i].hidden, cells[i].vocab)
                 for i in indices
             )
         )
-        for metric in ("peak", "time"):
-            fig, ax = plt.subplots(figsize=(9, 4.5))
-            for p_index, p in enumerate(peers):
-                for g_index, group in enumerate(groups):
-                    xs, ys = [], []
-                    for i in indices:
-                        w, r = cells[i], results.get((i, p))
-                        if (
-                            (w.response_len, w.short_len, w.hidden, w.vocab) != group
-                            or r is None
-                            or r.status != "ok"
-                        ):
-                            continue
-                        xs.append(w.long_len)
-                        ys.append(r.peak_bytes / MIB if metric == "peak" else r.median_s)
-                    if not xs:
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        for p_index, p in enumerate(peers):
+            for g_index, group in enumerate(groups):
+                xs, ys = [], []
+                for i in indices:
+                    w, r = cells[i], results.get((i, p))
+                    if (
+                        (w.response_len, w.short_len, w.hidden, w.vocab) != group
+                        or r is None
+                        or r.status != "ok"
+                    ):
                         continue
-                    label = PEERS[p].label + (" †" if partial(p, cells[indices[0]]) else "")
-                    if len(groups) > 1:
-                        label += f" (R={group[0]})"
-                    ax.plot(
-                        xs,
-                        ys,
-                        styles[g_index % len(styles)],
-                        marker="o",
-                        color=f"C{p_index}",
-                        label=label,
-                    )
-            w = cells[indices[0]]
-            set_length_axis(ax, sorted({cells[i].long_len for i in indices}))
-            ax.set_yscale("log")
-            ax.set_xlabel(
-                "long-context length Tl (tokens)"
-                if kind != "logprobs"
-                else "sequence length T (tokens)"
-            )
-            ax.set_ylabel(
-                "peak loss-head memory (MiB)" if metric == "peak" else "forward+backward time (s)"
-            )
-            shape = f"H={w.hidden}, V={w.vocab}, {w.dtype}" + (
-                f", Ts={w.short_len}" if kind == "solopo" else ""
-            )
-            if len(groups) == 1:
-                shape += f", R={w.response_len}"
-            ax.set_title(
-                f"{kind}: {'peak memory' if metric == 'peak' else 'time'} ({shape})", fontsize=10
-            )
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-            fig.tight_layout()
-            path = folder / f"{'memory' if metric == 'peak' else 'time'}_{kind}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+                    xs.append(w.long_len)
+                    ys.append(r.peak_bytes / MIB if metric == "peak" else r.median_s)
+                if not xs:
+                    continue
+                label = PEERS[p].label + (" †" if partial(p, cells[indices[0]]) else "")
+                if len(groups) > 1:
+                    label += f" (R={group[0]})"
+                ax.plot(
+                    xs,
+                    ys,
+                    marker=GROUP_MARKERS[g_index % len(GROUP_MARKERS)],
+                    color=f"C{p_index}",
+                    label=label,
+                    **line_style(p),
+                )
+        w = cells[indices[0]]
+        set_length_axis(ax, sorted({cells[i].long_len for i in indices}))
+        ax.set_yscale("log")
+        # Plain numbers (20, 50, 100) on the log axis instead of 2 x 10^1; minor ticks labelled
+        # at 2 and 5 only, so that the labels do not overlap.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: log_tick_label(value)))
+        ax.set_xlabel(
+            "long-context length Tl (tokens)"
+            if kind != "logprobs"
+            else "sequence length T (tokens)"
+        )
+        ax.set_ylabel(
+            "peak loss-head memory (MiB)" if metric == "peak" else "forward+backward time (s)"
+        )
+        shape = f"H={w.hidden}, V={w.vocab}, {w.dtype}" + (
+            f", Ts={w.short_len}" if kind == "solopo" else ""
+        )
+        if len(groups) == 1:
+            shape += f", R={w.response_len}"
+        ax.set_title(
+            f"{kind}: {'peak memory' if metric == 'peak' else 'time'} ({shape}); lower is better",
+            fontsize=10,
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        # Notes as entries without a line, so that every mark on the plot is explained there.
+        for note in legend_notes([cells[i] for i in indices], peers, len(groups) > 1):
+            handles.append(Line2D([], [], linestyle="none"))
+            labels.append(textwrap.fill(note, 44, subsequent_indent="  "))
+        ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        path = folder / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
     return written
+
+
+def set_length_axis(ax: Any, lengths: list[int]) -> None:
+    """Log-2 x axis with the measured lengths as ticks, written 4K, 8K, ..."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.minorticks_off()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run writes, and its progress.
+
+
+def output_files(
+    cells: list[Workload], out: Path, json_path: Path, plot_folder: Path | None
+) -> list[tuple[Path, str]]:
+    """Every file the run writes, with one line on what it shows."""
+    files = [
+        (out / "run_memory.md", "this report: the tables, the summary and the loss cross-check"),
+        (json_path, "every raw figure (each timed run's time and peak), the settings, the machine"),
+    ]
+    if plot_folder is not None:
+        for kind, metric, name in plot_specs(cells):
+            what = "peak memory" if metric == "peak" else "forward+backward time"
+            files.append(
+                (plot_folder / name, f"{what} of the {kind} rows against the length, log-log")
+            )
+    return files
+
+
+def files_section(files: list[tuple[Path, str]]) -> list[str]:
+    """The report's closing list of files, paths relative to the working directory when inside it."""
+    lines = ["Files written:"]
+    for path, what in files:
+        try:
+            shown = path.resolve().relative_to(Path.cwd())
+        except ValueError:
+            shown = path
+        lines.append(f"- `{shown}`: {what}")
+    return lines
+
+
+class Progress:
+    """One progress bar on stderr, in two stages.
+
+    First the start of each peer: its process, ``import torch``, its cell built and its untimed
+    warm-up (``torch.compile`` for CCE and Liger), most of the first minute. Then the measured
+    cells. The bar restarts between the two, so that its estimate counts measured cells only
+    instead of extrapolating the start-up (which made the first estimate 44 minutes). A later
+    warm-up (a new kind of cell) shows in the bar's text.
+    """
+
+    def __init__(self, cells: list[Workload], peers: list[str]) -> None:
+        self.cells, self.peers = cells, peers
+        self.started: set[str] = set()
+        self.bar = tqdm(
+            total=len(peers), desc="start + warm-up (untimed)", unit="peer", file=sys.stderr
+        )
+
+    def on_setup(self, index: int, peer: str, reply: dict[str, Any] | None) -> None:
+        label = PEERS[peer].label
+        if reply is None:
+            doing = "starting" if peer not in self.started else "setting up"
+            self.bar.set_postfix_str(f"{doing} {label} for {self.cells[index].label()}")
+            return
+        if peer not in self.started:
+            self.started.add(peer)
+            self.bar.update()
+            if len(self.started) == len(self.peers):
+                # Name and unit first, so that the restarted bar is the first thing drawn.
+                self.bar.set_description("measuring", refresh=False)
+                self.bar.unit = "cell"
+                self.bar.reset(total=len(self.cells) * len(self.peers))
+                self.bar.set_postfix_str(f"timed runs of {self.cells[index].label()}")
+        elif reply.get("warmed_up"):
+            self.bar.set_postfix_str(f"{label} warmed up for {self.cells[index].kind}")
+
+    def on_result(self, index: int, peer: str, result: CellResult) -> None:
+        self.bar.set_postfix_str(
+            f"{self.cells[index].label()} | {PEERS[peer].label}: {result.status}", refresh=False
+        )
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -524,12 +798,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    bar = tqdm(total=len(cells) * len(args.peers), desc="loss heads", unit="cell", file=sys.stderr)
-
-    def progress(index: int, peer: str, result: CellResult) -> None:
-        bar.set_postfix_str(f"{cells[index].label()} | {peer}: {result.status}", refresh=False)
-        bar.update()
-
+    print(
+        f"{len(cells)} cells x {len(args.peers)} peers, "
+        f"{preset_label(args.preset, args.preset_flag, args.overrides)}. First each peer's "
+        "process starts and warms up (imports, torch.compile; untimed), then the cells are "
+        "measured, the peers taking turns.",
+        file=sys.stderr,
+    )
+    progress = Progress(cells, args.peers)
     results = run_grid(
         "peers",
         args.peers,
@@ -541,9 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_budget_s=args.time_budget_s,
         mem_limit_bytes=int(args.mem_limit_gb * 2**30) if args.mem_limit_gb else None,
         timeout_s=args.timeout,
-        on_result=progress,
+        on_result=progress.on_result,
+        on_setup=progress.on_setup,
     )
-    bar.close()
+    progress.close()
     elapsed = time.perf_counter() - started
 
     env = environment(args.device, args.threads) | {"load_average_1min_at_start": load_before}
@@ -555,25 +832,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine += (
             f"; load average {load_before:.1f} at start, {env['load_average_1min']:.1f} at end"
         )
+    spread = peak_spread_bytes(results)
+    floor = noise_floor_bytes(args.device, spread)
+    files = output_files(cells, args.out, args.json, args.plot)
     report = [
-        f"## Loss-head peak memory and time: {args.device}, {args.dtype}, H={args.hidden}, V={args.vocab}, "
-        f"{args.pairs} pair(s) per batch, {args.loss_type} (--{args.preset})",
+        header(args),
         "",
         f"Machine: {machine}; {env['date']}. Peak memory: one forward+backward above its inputs "
         f"({'peak RSS, fresh mark per run' if args.device == 'cpu' else 'max_memory_allocated'}); time: median of up to "
-        f"{args.repeats} runs after warm-up, peers interleaved. Ratios: to the best peer of the row; "
-        "† = computes less than the row (not counted as best). Ts, Tl: short and long context "
+        f"{args.repeats} runs after warm-up, peers interleaved. Ts, Tl: short and long context "
         "lengths, each row being a context followed by R response tokens (T, N for logprobs).",
+        "",
+        *reading_notes(args.device, floor, spread),
         "",
         "### Peak memory",
         "",
-        table(cells, args.peers, results, "peak"),
+        table(cells, args.peers, results, "peak", floor),
         "",
         "### Extra memory: peak minus the gradients every peer returns (dW, dhidden)",
         "",
-        "Figures of a few MiB and below are within the page-level noise of RSS.",
-        "",
-        table(cells, args.peers, results, "extra"),
+        table(cells, args.peers, results, "extra", floor),
         "",
         "### Time (forward + backward)",
         "",
@@ -583,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         legend(cells, args.peers),
         "",
-        *summary(cells, args.peers, results),
+        *summary(cells, args.peers, results, floor),
         "",
         loss_check(cells, args.peers, results),
     ]
@@ -594,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if problems:
         report += ["", "Cells that did not run:", *problems]
-    report += ["", f"Measured in {elapsed / 60:.1f} min."]
+    report += ["", f"Measured in {elapsed / 60:.1f} min.", "", *files_section(files)]
     text = "\n".join(report)
     print(text)
 
@@ -604,6 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": env,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "elapsed_s": elapsed,
+        "noise_floor_bytes": floor,
+        "peak_spread_bytes": spread,
         "cells": [
             {
                 "workload": cells[i].as_dict(),
@@ -617,10 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.json.write_text(json.dumps(payload, indent=1))
     (args.out / "run_memory.md").write_text(text + "\n")
-    written = [args.json, args.out / "run_memory.md"]
     if args.plot is not None:
-        written += plots(cells, args.peers, results, args.plot)
-    print("\nWrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+        plots(cells, args.peers, results, args.plot)
     return 0
 
 

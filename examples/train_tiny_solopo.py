@@ -9,7 +9,8 @@ The model is built in code and first gets a few steps of plain supervised fine-t
 differently with and without the distractors. SoLoPO then trains the preference on the short
 prompts and, through the SoLo-RA term, pulls the reward of the chosen answer under the long prompt
 towards its reward under the short one. The script prints the objective on held-out pairs before
-and after: the loss and the SoLo-RA distance go down.
+and after, then a verdict: which quantities moved the way training should move them (the loss and
+the SoLo-RA distance down, the reward margin and accuracy up) and which did not.
 
     python examples/train_tiny_solopo.py                     # SoLo-SimPO, alpha 0.5, 60 steps
     python examples/train_tiny_solopo.py --loss-type dpo --alpha 1 --steps 60
@@ -17,8 +18,9 @@ and after: the loss and the SoLo-RA distance go down.
 
 With ``--data`` it trains on a JSONL file of ``prompt``, ``long_prompt``, ``chosen`` and
 ``rejected`` rows (standard or conversational, e.g. from ``solopo-data sample-pairs``) instead of
-the synthetic task, with a word-level tokenizer over the file's words; a tenth of the rows (at
-least 2) is held out.
+the synthetic task, with a word-level tokenizer over the file's words. A tenth of the rows is
+held out, but at least 16 where that leaves three quarters for training (at least 2 in any case);
+under 16 held-out pairs the verdict says the numbers are too few to mean much.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import random
 import tempfile
+import textwrap
 from typing import Any
 
 # Nothing here comes from a hub; say so before transformers/datasets are imported.
@@ -81,6 +84,72 @@ def make_pairs(n: int, distractors: int, rng: random.Random) -> list[dict[str, s
             }
         )
     return rows
+
+
+#: Held-out pairs under which the verdict calls its numbers too few: with N pairs one pair moves
+#: the accuracy by 1/N, and the means of the rewards are as noisy.
+MIN_HELD_OUT = 16
+
+#: What training should do to each evaluated quantity: +1 up, -1 down.
+EXPECTED = {
+    "loss": -1,
+    "solo_ra/distance": -1,
+    "rewards/margins": +1,
+    "rewards/accuracies": +1,
+}
+
+
+def held_out_count(n_rows: int) -> int:
+    """Rows of a ``--data`` file to hold out: a tenth, raised to :data:`MIN_HELD_OUT` where
+    three quarters are left for training, and at least 2."""
+    return max(2, min(max(n_rows // 10, MIN_HELD_OUT), n_rows // 4))
+
+
+def verdict(
+    before: dict[str, float], after: dict[str, float], loss_type: str, n_held_out: int
+) -> list[str]:
+    """Lines that say whether the run did what it should, from the held-out metrics before and
+    after training (``trainer.evaluate()``'s ``eval_*`` keys)."""
+    moved, missed, lines = [], [], []
+    for key, sign in EXPECTED.items():
+        start, end = before[f"eval_{key}"], after[f"eval_{key}"]
+        if key == "rewards/accuracies" and start >= 1.0 and end >= 1.0:
+            lines.append(
+                "  rewards/accuracies was already 1.00 at the start (the warm-up already ranks "
+                "every held-out chosen answer above its rejected one): nothing left to gain."
+            )
+            continue
+        word = "down" if sign < 0 else "up"
+        text = f"{key} {start:.4f} -> {end:.4f}"
+        (moved if (end - start) * sign > 0 else missed).append(f"{text} (expected {word})")
+    if moved:
+        lines.insert(0, "  moved as expected: " + "; ".join(moved))
+    if missed:
+        lines.insert(int(bool(moved)), "  did NOT move as expected: " + "; ".join(missed))
+    start, end = before["eval_rewards/chosen"], after["eval_rewards/chosen"]
+    if end < start:
+        lines.append(
+            f"  rewards/chosen fell ({start:.4f} -> {end:.4f}), which is allowed: "
+            f"{loss_type.upper()}'s preference term only asks the chosen reward to beat the "
+            "rejected one, so training can lower both as long as the rejected reward falls "
+            "faster (the margin is what must grow)."
+        )
+    if n_held_out < MIN_HELD_OUT:
+        # Said first and in the headline: these moves are not evidence either way.
+        lines.insert(
+            0,
+            f"  Only {n_held_out} held-out pairs: too few for these numbers to mean much (one "
+            f"pair moves the accuracy by {1 / n_held_out:.2f}); use a file with at least "
+            f"{4 * MIN_HELD_OUT} pairs. For the record:",
+        )
+        summary = f"none: {n_held_out} held-out pairs are too few to judge ({MIN_HELD_OUT} or more)"
+    elif missed:
+        summary = (
+            f"{len(missed)} of the expected moves did not happen ({n_held_out} held-out pairs)"
+        )
+    else:
+        summary = f"the run did what SoLoPO should ({n_held_out} held-out pairs)"
+    return [f"Verdict: {summary}:", *lines]
 
 
 def load_pairs(path: str) -> list[dict[str, Any]]:
@@ -163,7 +232,7 @@ def main() -> None:
 
         rows = load_pairs(args.data)
         rng.shuffle(rows)
-        n_held_out = max(2, len(rows) // 10)
+        n_held_out = held_out_count(len(rows))
         train, held_out = rows[n_held_out:], rows[:n_held_out]
         texts = [
             m["content"] if isinstance(m, dict) else m
@@ -244,6 +313,9 @@ def main() -> None:
     print(f"  {'':22s}{'start':>10s}{'end':>10s}")
     for key in keys:
         print(f"  {key:22s}{before[f'eval_{key}']:10.4f}{after[f'eval_{key}']:10.4f}")
+    print()
+    for line in verdict(before, after, args.loss_type, len(held_out)):
+        print(textwrap.fill(line, 100, subsequent_indent="    "))
 
 
 if __name__ == "__main__":

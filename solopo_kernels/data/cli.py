@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .contexts import TEMPLATES, TargetLengths, build_contexts, format_summary, summarize_lengths
-from .judge import DEFAULT_ANSWER_MARKER, load_judge, make_sub_em_judge
+from .judge import BUILTIN_JUDGES, DEFAULT_ANSWER_MARKER, load_judge
 from .readers import read_examples
 from .sampler import (
     SamplingConfig,
@@ -129,7 +129,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         include_gold=args.include_gold,
     )
     rows = read_context_rows(args.input)[: args.limit]
-    judge = load_judge(args.judge) if args.judge else make_sub_em_judge(args.answer_marker)
+    judge = load_judge(args.judge, args.answer_marker)
     tokenizer_name = args.tokenizer or args.model
     texts = ["The answer is"]
     for row in rows:
@@ -157,7 +157,10 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
     settings = {
         "model": args.model,
         "tokenizer": tokenizer_name,
-        "judge": args.judge or f"sub-em after {args.answer_marker!r}",
+        # Unchanged for the default ("sub-em after 'answer is'"), so older runs still resume.
+        "judge": f"{args.judge} after {args.answer_marker!r}"
+        if args.judge in BUILTIN_JUDGES
+        else args.judge,
         "input": str(Path(args.input).resolve()),
     }
     try:
@@ -342,15 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--judge",
-        default=None,
-        metavar="MODULE:FUNCTION",
-        help="your own judge, called as FUNCTION(response, answers) -> bool. Default: sub-exact-"
-        "match (normalised gold answer or alias found as whole words in the response)",
+        default="sub-em",
+        metavar="{sub-em,final-span,MODULE:FUNCTION}",
+        help="sub-em: sub-exact-match, a normalised gold answer or alias found as "
+        "whole words in the response, which a random model's word salad can pass by chance; "
+        "final-span: stricter, the answer must also be the response's final words; or your own "
+        "judge, called as FUNCTION(response, answers) -> bool",
     )
     sample.add_argument(
         "--answer-marker",
         default=DEFAULT_ANSWER_MARKER,
-        help="the default judge only reads what follows the last occurrence of this phrase "
+        help="the built-in judges only read what follows the last occurrence of this phrase "
         "(the final answer of a chain of thought), or the whole response when it is absent; "
         "'' judges the whole response",
     )

@@ -4,6 +4,12 @@ A response is judged correct when, after normalisation, one of the gold answers 
 one of its aliases) appears in it as a whole-word span. This is the sub-EM of the paper's recipe
 (as in the SoLoPO paper's data pipeline), made stricter than a raw substring test so that the gold answer ``"3"`` does not match
 a response that says ``"1934"``.
+
+Sub-EM looks for the answer anywhere in what it reads, so a response that merely contains the
+answer word passes: a randomly initialised model, whose samples are strings of words drawn from
+a vocabulary that holds the answers, passes now and then by chance. The stricter
+:func:`final_span_match` (``solopo-data sample-pairs --judge final-span``) also asks the answer
+to be the response's final words, as in ``"... The answer is Paris."``.
 """
 
 from __future__ import annotations
@@ -55,6 +61,19 @@ def sub_exact_match(response: str, answers: Sequence[str]) -> bool:
     return any((gold := normalize_answer(answer)) and f" {gold} " in padded for answer in answers)
 
 
+def final_span_match(response: str, answers: Sequence[str]) -> bool:
+    """Return whether the normalised ``response`` ends with a normalised gold answer.
+
+    Stricter than :func:`sub_exact_match`: ``"Paris"`` matches ``"... so it is Paris."`` but not
+    ``"Paris or Lyon"``. Normalisation (:func:`normalize_answer`) drops the final punctuation and
+    articles, so ``"the Netherlands."`` ends with ``"Netherlands"``.
+    """
+    padded = f" {normalize_answer(response)}"
+    return any(
+        (gold := normalize_answer(answer)) and padded.endswith(f" {gold}") for answer in answers
+    )
+
+
 def extract_final_answer(response: str, marker: str | None = DEFAULT_ANSWER_MARKER) -> str:
     """Return the text after the last (case-insensitive) ``marker`` in ``response``.
 
@@ -78,14 +97,35 @@ def make_sub_em_judge(marker: str | None = DEFAULT_ANSWER_MARKER) -> Judge:
     return judge
 
 
-def load_judge(spec: str) -> Judge:
-    """Import a user judge from ``"package.module:function"`` and return the function.
+def make_final_span_judge(marker: str | None = DEFAULT_ANSWER_MARKER) -> Judge:
+    """Return the strict judge: :func:`final_span_match` on :func:`extract_final_answer`."""
 
-    The function is called as ``function(response: str, answers: list[str]) -> bool``.
+    def judge(response: str, answers: Sequence[str]) -> bool:
+        return final_span_match(extract_final_answer(response, marker), answers)
+
+    return judge
+
+
+#: Judges known by name (``--judge NAME``), each built with the answer marker.
+BUILTIN_JUDGES: dict[str, Callable[[str | None], Judge]] = {
+    "sub-em": make_sub_em_judge,
+    "final-span": make_final_span_judge,
+}
+
+
+def load_judge(spec: str, marker: str | None = DEFAULT_ANSWER_MARKER) -> Judge:
+    """Return the judge named ``spec``: a name of :data:`BUILTIN_JUDGES` (built with ``marker``)
+    or a user judge imported from ``"package.module:function"``.
+
+    A user function is called as ``function(response: str, answers: list[str]) -> bool``.
     """
+    if spec in BUILTIN_JUDGES:
+        return BUILTIN_JUDGES[spec](marker)
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"judge: expected 'module:function', got {spec!r}")
+        raise ValueError(
+            f"judge: expected {' or '.join(BUILTIN_JUDGES)} or 'module:function', got {spec!r}"
+        )
     judge = getattr(importlib.import_module(module_name), attribute, None)
     if not callable(judge):
         raise ValueError(f"judge: {spec!r} is not a callable in module {module_name!r}")

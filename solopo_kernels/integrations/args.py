@@ -7,10 +7,109 @@ training arguments by the Axolotl plugin.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..losses import SoLoPOOptions
+from ..ops.logprobs import BACKENDS, ChunkSize, check_chunk_size
+from ..ops.tiles import KernelOptions
+
+
+@dataclass(frozen=True)
+class HeadKernel:
+    """The log-prob kernel's settings as one value, from the trainer config to the kernel.
+
+    The patched forward (:mod:`.model_patch`) passes them unchanged to the kernel as
+    ``backend=``, ``chunk_size=`` and ``kernel_options=`` (see
+    :func:`solopo_kernels.fused_linear_logprobs`); a new kernel knob is a field of
+    :class:`~solopo_kernels.KernelOptions`, not a new trainer option.
+
+    Attributes:
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"triton_tma"``.
+        chunk_size: None (derived from H, V and the device), an int (tokens per tile) or a pair
+            ``(tokens, vocabulary columns)``.
+        options: the opt-in knobs, e.g. ``KernelOptions(saved_logits_bytes=2**30)``.
+    """
+
+    backend: str = "auto"
+    chunk_size: ChunkSize = None
+    options: KernelOptions = field(default_factory=KernelOptions)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"head_kernel.backend: expected one of {BACKENDS}, got {self.backend!r}"
+            )
+        try:
+            check_chunk_size(self.chunk_size)
+        except ValueError as error:
+            raise ValueError(f"head_kernel.{error}") from None
+        if not isinstance(self.options, KernelOptions):
+            raise TypeError(
+                f"head_kernel.options: expected a solopo_kernels.KernelOptions (or a dict of its "
+                f"fields), got {type(self.options).__name__}"
+            )
+
+    @classmethod
+    def coerce(cls, value: Any, name: str = "head_kernel") -> HeadKernel:
+        """``value`` as a :class:`HeadKernel`: None (the defaults), a HeadKernel, a dict of its
+        fields (``options`` a dict of KernelOptions' fields; a list ``chunk_size`` becomes a pair,
+        as YAML gives it), or that dict as a JSON string (the command line). Errors name ``name``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(f"{name}: expected a JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"{name}: expected a HeadKernel, a dict with keys backend/chunk_size/options, or None; "
+                f"got {type(value).__name__}"
+            )
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"{name}: unknown key {unknown[0]!r} (expected {sorted(allowed)})")
+        kwargs = dict(value)
+        if isinstance(kwargs.get("chunk_size"), list):
+            kwargs["chunk_size"] = tuple(kwargs["chunk_size"])
+        options = kwargs.get("options")
+        if isinstance(options, dict):
+            known = {f.name for f in fields(KernelOptions)}
+            bad = sorted(set(options) - known)
+            if bad:
+                raise ValueError(
+                    f"{name}.options: unknown key {bad[0]!r} (KernelOptions fields: {sorted(known)})"
+                )
+            kwargs["options"] = KernelOptions(**options)
+        elif options is None:
+            kwargs.pop("options", None)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise type(error)(str(error).replace("head_kernel", name, 1)) from None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The kernel's keyword arguments: ``backend``, ``chunk_size``, ``kernel_options``."""
+        return {
+            "backend": self.backend,
+            "chunk_size": self.chunk_size,
+            "kernel_options": self.options,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (what the config keeps, so that ``to_json_string`` works)."""
+        chunk = list(self.chunk_size) if isinstance(self.chunk_size, tuple) else self.chunk_size
+        return {
+            "backend": self.backend,
+            "chunk_size": chunk,
+            "options": dataclasses.asdict(self.options),
+        }
 
 
 @dataclass
@@ -55,6 +154,14 @@ class SoLoPOArguments:
         },
     )
     gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    head_kernel: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "The log-prob kernel's settings as one value: a HeadKernel, or a dict (JSON on the "
+            'command line) like {"backend": "auto", "chunk_size": null, "options": '
+            '{"saved_logits_bytes": 0}}. None: the defaults.'
+        },
+    )
     max_packed_length: int | None = field(
         default=None,
         metadata={
@@ -97,6 +204,11 @@ def solopo_options(args: Any) -> SoLoPOOptions:
     )
 
 
+def head_kernel(args: Any) -> HeadKernel:
+    """The validated :class:`HeadKernel` of a config's ``head_kernel`` field (None: defaults)."""
+    return HeadKernel.coerce(getattr(args, "head_kernel", None))
+
+
 def check_solopo_args(args: Any) -> SoLoPOOptions:
     """Validate a DPOConfig carrying :class:`SoLoPOArguments`; returns its loss options.
 
@@ -106,6 +218,7 @@ def check_solopo_args(args: Any) -> SoLoPOOptions:
     reentrant gradient checkpointing (two policy forwards per step break it under DDP).
     """
     options = solopo_options(args)
+    head_kernel(args)
     for name, default in _DPO_DEFAULTS.items():
         value = getattr(args, name, default)
         if value != default:

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, model_validator
 
 from ..losses import SoLoPOOptions
+from .args import HeadKernel
 
 try:
     from axolotl.integrations.base import BasePlugin
@@ -53,6 +54,7 @@ YAML_TO_TRAINING_ARGS = {
     "solopo_max_long_length": "max_long_length",
     "solopo_gamma": "gamma",
     "solopo_max_packed_length": "max_packed_length",
+    "solopo_head_kernel": "head_kernel",
 }
 
 
@@ -69,6 +71,9 @@ class SoLoPOArgs(BaseModel):
     solopo_max_long_length: int | None = None
     solopo_gamma: float | None = None
     solopo_max_packed_length: int | None = None
+    # The log-prob kernel's settings as one mapping: backend, chunk_size, options (KernelOptions'
+    # fields), e.g. {backend: triton, options: {saved_logits_bytes: 1073741824}}.
+    solopo_head_kernel: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +113,14 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
             "ring attention is causal over the whole row and would let packed sequences see each "
             "other); set dpo_padding_free: false"
         )
+    if (cfg.get("context_parallel_size") or 1) > 1 and cfg.get("precompute_ref_log_probs"):
+        raise ValueError(
+            "precompute_ref_log_probs: not supported with context_parallel_size > 1 (the reference "
+            "pass would run on full rows on every GPU before the context-parallel setup); either set "
+            "precompute_ref_log_probs: false (the reference then runs in context-parallel slices "
+            "every step) or context_parallel_size: 1"
+        )
+    HeadKernel.coerce(cfg.get("solopo_head_kernel"), "solopo_head_kernel")
     max_long = cfg.get("solopo_max_long_length")
     if max_long is not None and (not isinstance(max_long, int) or max_long < 2):
         raise ValueError(f"solopo_max_long_length: expected an int >= 2, got {max_long!r}")

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from ..ops.logprobs import response_logprobs, response_positions, scatter_to_positions
+from ..ops.logprobs import (
+    head_dtypes_match,
+    response_logprobs,
+    response_positions,
+    scatter_to_positions,
+)
+from .args import HeadKernel
 
 IGNORE_INDEX = -100
 _PATCHED_FLAG = "_solopo_forward_patched"
@@ -54,22 +60,63 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _check_plain_head(config: Any) -> None:
-    """The kernel computes ``log_softmax(h @ W.T + b)``; heads that rescale or cap logits differ."""
+# How each family transforms the logits after the lm_head projection, read from its modeling code
+# (transformers 5.24): (config attribute, "multiply" or "divide"). The kernel computes
+# log_softmax(z / temperature), so a multiplier s is temperature 1 / s and a divisor d is
+# temperature d: both exact. The same attribute name means opposite things in different families
+# (Granite divides by logits_scaling, HyperCLOVA X multiplies by it), so it is keyed on model_type.
+_LOGIT_SCALES = {
+    "cohere": ("logit_scale", "multiply"),
+    "cohere2": ("logit_scale", "multiply"),
+    "cohere2_moe": ("logit_scale", "multiply"),
+    "granite": ("logits_scaling", "divide"),
+    "granite_swa": ("logits_scaling", "divide"),
+    "granitemoe": ("logits_scaling", "divide"),
+    "granitemoe_swa": ("logits_scaling", "divide"),
+    "granitemoeshared": ("logits_scaling", "divide"),
+    "granitemoehybrid": ("logits_scaling", "divide"),
+    "hyperclovax": ("logits_scaling", "multiply"),
+}
+# Config attributes through which some family rescales or caps its logits.
+_HEAD_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def head_temperature(config: Any) -> float:
+    """The kernel ``temperature`` that reproduces a model's head from its config, or a
+    ``ValueError`` naming the config option the kernel cannot compute.
+
+    Plain heads give 1.0; Cohere's ``logit_scale`` s (logits multiplied by s) gives ``1 / s``;
+    Granite's ``logits_scaling`` d (logits divided by d) gives ``d``. Soft-capping
+    (``final_logit_softcapping``, Gemma-2) is refused, and so is a scaling attribute on a family
+    not in the table above (its direction is not known).
+    """
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in (
-        "final_logit_softcapping",
-        "logit_scale",
-        "output_multiplier",
-        "lm_head_multiplier",
-        "logits_scaling",
-    ):
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1.0:
+    name = type(config).__name__
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(
+            f"{name}.final_logit_softcapping={cap}: this model soft-caps its logits "
+            "(cap * tanh(logits / cap)), which solopo_kernels' log-prob kernel does not compute; "
+            "set final_logit_softcapping=None in the model config only if you mean to train without it"
+        )
+    model_type = getattr(text_config, "model_type", None)
+    known = _LOGIT_SCALES.get(model_type)
+    temperature = 1.0
+    for attribute in _HEAD_TRANSFORMS:
+        value = getattr(text_config, attribute, None)
+        if value is None:
+            continue
+        if known is not None and attribute == known[0]:
+            value = float(value)
+            if not value > 0:
+                raise ValueError(f"{name}.{attribute}: expected a positive scale, got {value}")
+            temperature = 1.0 / value if known[1] == "multiply" else value
+        elif value != 1.0:
             raise ValueError(
-                f"{type(config).__name__}.{name}={value}: this model transforms its logits after the "
-                "lm_head projection, which solopo_kernels' log-prob kernel does not implement"
+                f"{name}.{attribute}={value}: this model transforms its logits after the lm_head "
+                f"projection in a way solopo_kernels does not know for model_type={model_type!r}"
             )
+    return temperature
 
 
 def sums_per_sequence(
@@ -103,11 +150,17 @@ def patch_target(model: torch.nn.Module) -> torch.nn.Module:
     return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
 
 
-def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
+def patch_solopo_forward(
+    model: torch.nn.Module, kernel: HeadKernel | None = None
+) -> torch.nn.Module:
     """Add the ``solopo_labels`` path to ``model``'s forward (idempotent); returns ``model``.
 
     ``model`` is a causal LM (or a PEFT model around one) that is not wrapped by DDP/FSDP/DeepSpeed
-    (unwrap it first; the wrapper keeps calling the patched instance forward). After patching::
+    (unwrap it first; the wrapper keeps calling the patched instance forward). ``kernel`` (a
+    :class:`~.args.HeadKernel`; None: the defaults) is passed unchanged to the kernel on every call;
+    patching again replaces it. The head's logit scale, if any, becomes the kernel's
+    ``temperature`` (:func:`head_temperature`; a head the kernel cannot compute raises here).
+    After patching::
 
         out = model(input_ids=ids, attention_mask=mask, solopo_labels=labels)
         out.logps    # (B,) float32: sum over t of log p(labels[:, t] | ids[:, :t]), labels != -100
@@ -123,7 +176,8 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
         out.lengths  # (S,) int64 response-token counts per sequence id
 
     where ``seq (B, T)`` holds each position's sequence index (-1: padding). The prediction from
-    one sequence's last token to the next sequence's first token is never scored.
+    one sequence's last token to the next sequence's first token is never scored. Other keyword
+    arguments (``cu_seq_lens_q``, ``max_length_q``, ...) go to the backbone.
 
     Already shifted labels (context parallelism: the labels are shifted on the whole row, then
     the row is split over the ranks, so a slice's last position keeps its target)::
@@ -135,14 +189,17 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
     split the row (Axolotl's ringmaster).
     """
     target = patch_target(model)
-    if getattr(target, _PATCHED_FLAG, False):
-        return model
     if not hasattr(target, "base_model") or not hasattr(target, "get_output_embeddings"):
         raise TypeError(
             f"model: expected a transformers causal LM with a backbone (base_model) and an lm_head, "
             f"got {type(target).__name__}"
         )
-    _check_plain_head(target.config)
+    if kernel is not None and not isinstance(kernel, HeadKernel):
+        raise TypeError(f"kernel: expected a HeadKernel or None, got {type(kernel).__name__}")
+    # Read per call, so that patching again (another trainer on the same model) takes effect.
+    target._solopo_head = (head_temperature(target.config), kernel or HeadKernel())
+    if getattr(target, _PATCHED_FLAG, False):
+        return model
     original_forward = target.forward
 
     # Keep the original signature visible: generate() and Trainer inspect it.
@@ -163,71 +220,124 @@ def patch_solopo_forward(model: torch.nn.Module) -> torch.nn.Module:
             raise ValueError(
                 "labels: pass either labels (the model's own loss) or solopo_labels, not both"
             )
-        shifted = kwargs.pop("shift_labels", None)
-        if solopo_logps and (shifted is None or solopo_labels is not None):
-            raise ValueError(
-                "shift_labels: solopo_logps=True scores shift_labels (already shifted, the shape of "
-                "input_ids) and takes no solopo_labels"
-            )
-        if shifted is not None and solopo_sequence_ids is not None:
-            raise ValueError(
-                "solopo_sequence_ids: packed rows take solopo_labels, not shift_labels"
-            )
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        if shifted is not None:  # position t already carries the label of token t + 1
-            labels = shifted
-        else:
-            hidden, labels = hidden[:, :-1], solopo_labels[:, 1:]
+        if solopo_logps:
+            return _sliced_forward(self, args, kwargs, solopo_labels, solopo_sequence_ids)
+        if "shift_labels" in kwargs:
+            raise ValueError("shift_labels: only read with solopo_logps=True (context parallelism)")
         if solopo_sequence_ids is not None:
-            if solopo_sequence_ids.shape != solopo_labels.shape:
-                raise ValueError(
-                    f"solopo_sequence_ids: expected the shape of solopo_labels "
-                    f"{tuple(solopo_labels.shape)}, got {tuple(solopo_sequence_ids.shape)}"
-                )
-            # In a packed row the last token of a sequence does not predict the first token of the
-            # next one (the padded layout never scores that position either), and padding (-1)
-            # belongs to no sequence.
-            targets_sequence = solopo_sequence_ids[:, 1:]
-            labels = labels.masked_fill(
-                (targets_sequence != solopo_sequence_ids[:, :-1]) | (targets_sequence < 0),
-                IGNORE_INDEX,
-            )
-        # Looked up per call: FSDP and PEFT swap modules after patching.
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if _is_dtensor(weight):
-            raise RuntimeError(
-                "lm_head.weight is a sharded DTensor inside the forward: its FSDP unit was not unsharded "
-                "by this forward. Shard lm_head together with the root module (or with the final norm, "
-                "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
-            )
-        if weight.dim() != 2 or weight.numel() == 0:
-            # What a DeepSpeed ZeRO-3 partition looks like when nothing gathered it: DeepSpeed only
-            # gathers parameters read inside the forward of the module it wraps.
-            raise RuntimeError(
-                f"lm_head.weight has shape {tuple(weight.shape)} inside the forward, expected "
-                "(vocab, hidden): a DeepSpeed ZeRO-3 partition that was not gathered. Call the model "
-                "that deepspeed.initialize wrapped (the trainer's model), not a module inside it."
-            )
-        positions = response_positions(labels, IGNORE_INDEX)
-        # The kernel wants one dtype for hidden and weight (it accumulates in float32 either
-        # way). Under autocast the lm_head would have run in the autocast dtype: do the same,
-        # so a float32 master weight does not turn the projection into a float32 GEMM.
-        device_type = weight.device.type
-        if torch.is_autocast_enabled(device_type):
-            weight = weight.to(torch.get_autocast_dtype(device_type))
-        rows = hidden[positions].to(device=weight.device, dtype=weight.dtype)
-        token_logps = response_logprobs(rows, weight, labels[positions].to(weight.device), bias)
-        if solopo_sequence_ids is None:
-            logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
-            lengths = (labels != IGNORE_INDEX).sum(-1)
-        else:
-            logps, lengths = sums_per_sequence(
-                token_logps, positions, targets_sequence, int(solopo_sequence_ids.max()) + 1
-            )
-        return SoLoPOLogProbsOutput(logps=logps, lengths=lengths)
+            return _packed_forward(self, args, kwargs, solopo_labels, solopo_sequence_ids)
+        return _padded_forward(self, args, kwargs, solopo_labels)
 
     target.forward = types.MethodType(forward, target)
     setattr(target, _PATCHED_FLAG, True)
     return model
+
+
+# --------------------------------------------------------------- one function per convention
+def _padded_forward(
+    model: torch.nn.Module, args: tuple, kwargs: dict, labels: torch.Tensor
+) -> SoLoPOLogProbsOutput:
+    """Padded rows ``(B, T)``, unshifted labels: position ``t`` predicts ``labels[:, t + 1]``."""
+    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    labels = labels[:, 1:]
+    token_logps, positions = _score(model, hidden, labels)
+    logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
+    return SoLoPOLogProbsOutput(logps=logps, lengths=(labels != IGNORE_INDEX).sum(-1))
+
+
+def _packed_forward(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    labels: torch.Tensor,
+    sequence_ids: torch.Tensor,
+) -> SoLoPOLogProbsOutput:
+    """Packed rows: unshifted labels and the sequence id of each position (-1: padding); sums
+    per sequence id."""
+    if sequence_ids.shape != labels.shape:
+        raise ValueError(
+            f"solopo_sequence_ids: expected the shape of solopo_labels {tuple(labels.shape)}, got "
+            f"{tuple(sequence_ids.shape)}"
+        )
+    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    targets_sequence = sequence_ids[:, 1:]
+    # The last token of a sequence does not predict the first token of the next one (the padded
+    # layout never scores that position either), and padding (-1) belongs to no sequence.
+    labels = labels[:, 1:].masked_fill(
+        (targets_sequence != sequence_ids[:, :-1]) | (targets_sequence < 0), IGNORE_INDEX
+    )
+    token_logps, positions = _score(model, hidden, labels)
+    logps, lengths = sums_per_sequence(
+        token_logps, positions, targets_sequence, int(sequence_ids.max()) + 1
+    )
+    return SoLoPOLogProbsOutput(logps=logps, lengths=lengths)
+
+
+def _sliced_forward(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    labels: torch.Tensor | None,
+    sequence_ids: torch.Tensor | None,
+) -> SoLoPOLogProbsOutput:
+    """A context-parallel slice: ``shift_labels`` already shifted on the whole row, scored at
+    every position of the slice (partial sums; the loss all-reduces them)."""
+    shifted = kwargs.pop("shift_labels", None)
+    if shifted is None or labels is not None or sequence_ids is not None:
+        raise ValueError(
+            "shift_labels: solopo_logps=True scores shift_labels (already shifted, the shape of "
+            "input_ids) and takes neither solopo_labels nor solopo_sequence_ids"
+        )
+    hidden = model.base_model(*args, **kwargs).last_hidden_state
+    token_logps, positions = _score(model, hidden, shifted)
+    logps = scatter_to_positions(token_logps, positions, shifted.shape).sum(-1)
+    return SoLoPOLogProbsOutput(logps=logps, lengths=(shifted != IGNORE_INDEX).sum(-1))
+
+
+def _score(
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Log-probs ``(N,)`` of the ``labels (B, T)`` that are not -100, from ``hidden (B, T, H)``
+    and the model's lm_head, and the positions they were found at."""
+    temperature, kernel = model._solopo_head
+    # Looked up per call: FSDP and PEFT swap modules after patching.
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if _is_dtensor(weight):
+        raise RuntimeError(
+            "lm_head.weight is a sharded DTensor inside the forward: its FSDP unit was not unsharded "
+            "by this forward. Shard lm_head together with the root module (or with the final norm, "
+            "as accelerate's FSDP2 layout does) so that it is gathered when the kernel reads it."
+        )
+    if weight.dim() != 2 or weight.numel() == 0:
+        # What a DeepSpeed ZeRO-3 partition looks like when nothing gathered it: DeepSpeed only
+        # gathers parameters read inside the forward of the module it wraps.
+        raise RuntimeError(
+            f"lm_head.weight has shape {tuple(weight.shape)} inside the forward, expected "
+            "(vocab, hidden): a DeepSpeed ZeRO-3 partition that was not gathered. Call the model "
+            "that deepspeed.initialize wrapped (the trainer's model), not a module inside it."
+        )
+    positions = response_positions(labels, IGNORE_INDEX)
+    # Under autocast the lm_head would have run in the autocast dtype: so do the rows, and a
+    # float32 (master) weight stays as it is: the kernel rounds it to the rows' dtype tile by
+    # tile, so no whole 16-bit copy of the head is made and kept for the backward (1.1 GB at
+    # Qwen2.5-7B's head). Only a 16-bit weight of another dtype is cast. Without autocast the
+    # rows take the weight's dtype, as nn.Linear would need.
+    device_type = weight.device.type
+    rows = hidden[positions].to(device=weight.device)
+    if torch.is_autocast_enabled(device_type):
+        rows = rows.to(torch.get_autocast_dtype(device_type))
+        if not head_dtypes_match(rows.dtype, weight.dtype):
+            weight = weight.to(rows.dtype)
+    else:
+        rows = rows.to(weight.dtype)
+    token_logps = response_logprobs(
+        rows,
+        weight,
+        labels[positions].to(weight.device),
+        bias,
+        temperature=temperature,
+        **kernel.as_kwargs(),
+    )
+    return token_logps, positions

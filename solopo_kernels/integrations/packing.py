@@ -12,7 +12,19 @@ can double the tokens the model processes. Packed, they are concatenated into on
   ``flash-attn`` package, CUDA) run their varlen kernels on the sequence boundaries they imply;
 * ``sequence_ids``: the index of the sequence each token belongs to, so that the fused log-prob
   kernel's per-token log-probs are summed per sequence (and the prediction from one sequence's last
-  token to the next sequence's first token is never scored).
+  token to the next sequence's first token is never scored);
+* the row's sequence boundaries as the flash-attention varlen kernels take them, computed once
+  by the collator on the host: ``cu_seq_lens`` (``[0, n_1, n_1 + n_2, ...]``) and ``max_length``
+  (the longest sequence), passed to the model as ``cu_seq_lens_q``/``cu_seq_lens_k`` and
+  ``max_length_q``/``max_length_k``, as TRL's padding-free collator does. Without them
+  transformers derives the same values from ``position_ids`` on the device, with a host sync.
+
+Which attention to use: ``flash_attention_2``/``3`` on CUDA (attention costs the sum of the
+per-sequence ``n_i^2``). ``sdpa``/``eager``/``flex_attention`` keep the sequences apart through a
+block-diagonal mask that transformers builds dense, ``(1, 1, L, L)`` for a row of ``L`` tokens:
+``L^2`` bytes (boolean, sdpa) or ``L^2`` elements of the model's dtype (eager), per layer call,
+and no flash kernel. Right for the CPU and for tests; on CUDA the trainer warns with the size
+(:func:`warn_dense_packing`).
 
 An optional cap (``max_tokens``) splits a step into several packed rows, each run by its own
 forward: a sequence is never split, consecutive sequences fill a row until the next one would pass
@@ -25,17 +37,26 @@ for SoLoPO is: short chosen, short rejected, long chosen, long rejected.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 PACKED_INPUT_IDS = "packed_input_ids"
 PACKED_POSITION_IDS = "packed_position_ids"
 PACKED_COMPLETION_MASK = "packed_completion_mask"
 PACKED_SEQUENCE_IDS = "packed_sequence_ids"
 PACKED_KEYS = (PACKED_INPUT_IDS, PACKED_POSITION_IDS, PACKED_COMPLETION_MASK, PACKED_SEQUENCE_IDS)
+# Per packed row, host-side Python values (lists of ints survive the move of a batch to the
+# device unchanged): the cumulative sequence lengths and the longest sequence of the row.
+PACKED_CU_SEQ_LENS = "packed_cu_seq_lens"
+PACKED_MAX_LENGTH = "packed_max_length"
+# Attention implementations that build a dense (1, 1, L, L) mask for packed rows.
+DENSE_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 # Attention implementations that keep packed sequences apart when they get position_ids restarting
 # at 0, no attention mask and no cache (transformers' masking utilities build the block-diagonal
@@ -46,12 +67,16 @@ PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", 
 
 @dataclass(frozen=True)
 class Pack:
-    """One packed row, ready for a forward: every tensor is ``(1, n)`` (int64)."""
+    """One packed row, ready for a forward: the first four tensors are ``(1, n)`` (int64);
+    ``cu_seq_lens`` is ``(S + 1,)`` int32 for the row's ``S`` sequences, on the row's device, and
+    ``max_length`` a Python int (the keyword arguments of transformers' flash-attention path)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     completion_mask: torch.Tensor
     sequence_ids: torch.Tensor
+    cu_seq_lens: torch.Tensor
+    max_length: int
 
 
 def split_into_rows(lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
@@ -84,11 +109,15 @@ def pack_sequences(
         max_tokens: optional cap on the tokens of one row (see the module docstring).
     Returns:
         ``{"packed_input_ids", "packed_position_ids", "packed_completion_mask",
-        "packed_sequence_ids"}``, each ``(P, L)`` int64; ``sequence_ids`` is -1 past a row's end.
+        "packed_sequence_ids"}``, each ``(P, L)`` int64 (``sequence_ids`` is -1 past a row's
+        end), plus ``"packed_cu_seq_lens"`` (one list of ints per row: 0 and the cumulative
+        lengths of its sequences) and ``"packed_max_length"`` (one int per row: its longest
+        sequence).
 
     Example: sequences ``[5, 6, 7]`` (response ``7``) and ``[8, 9]`` (response ``9``) give one row
     ``input_ids [[5, 6, 7, 8, 9]]``, ``position_ids [[0, 1, 2, 0, 1]]``,
-    ``completion_mask [[0, 0, 1, 0, 1]]``, ``sequence_ids [[0, 0, 0, 1, 1]]``.
+    ``completion_mask [[0, 0, 1, 0, 1]]``, ``sequence_ids [[0, 0, 0, 1, 1]]``,
+    ``cu_seq_lens [[0, 3, 5]]``, ``max_length [3]``.
     """
     if len(input_ids) != len(completion_masks) or not input_ids:
         raise ValueError(
@@ -106,6 +135,8 @@ def pack_sequences(
         PACKED_COMPLETION_MASK: torch.zeros((len(rows), width), dtype=torch.long),
         PACKED_SEQUENCE_IDS: torch.full((len(rows), width), -1, dtype=torch.long),
     }
+    out[PACKED_CU_SEQ_LENS] = [[0] for _ in rows]
+    out[PACKED_MAX_LENGTH] = [max(lengths[i] for i in row) for row in rows]
     for r, row in enumerate(rows):
         start = 0
         for index in row:
@@ -114,6 +145,7 @@ def pack_sequences(
             out[PACKED_POSITION_IDS][r, start:stop] = torch.arange(lengths[index])
             out[PACKED_COMPLETION_MASK][r, start:stop] = completion_masks[index]
             out[PACKED_SEQUENCE_IDS][r, start:stop] = index
+            out[PACKED_CU_SEQ_LENS][r].append(stop)
             start = stop
     return out
 
@@ -141,7 +173,12 @@ def iter_packs(batch: dict[str, Any], *, sequences: int | None = None) -> Iterat
     for row, n in enumerate(keep.sum(-1).tolist()):
         if n == 0:
             continue
-        yield Pack(*(batch[key][row : row + 1, :n] for key in PACKED_KEYS))
+        # The kept tokens end on a sequence boundary: the boundaries up to n are the row's.
+        bounds = [b for b in batch[PACKED_CU_SEQ_LENS][row] if b <= n]
+        tensors = [batch[key][row : row + 1, :n] for key in PACKED_KEYS]
+        cu_seq_lens = torch.tensor(bounds, dtype=torch.int32, device=sequence_ids.device)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        yield Pack(*tensors, cu_seq_lens=cu_seq_lens, max_length=longest)
 
 
 def attention_implementation(model: torch.nn.Module) -> str | None:
@@ -164,3 +201,27 @@ def check_packing_attention(model: torch.nn.Module) -> None:
             "Load the model with attn_implementation='flash_attention_2' (CUDA, the flash-attn "
             "package), 'sdpa' or 'eager', or set padding_free=False"
         )
+
+
+def warn_dense_packing(
+    model: torch.nn.Module, device: torch.device, max_packed_length: int | None
+) -> None:
+    """On CUDA, warn once that ``model``'s attention packs through a dense mask, with its size,
+    and name the fix (``attn_implementation="flash_attention_2"``)."""
+    implementation = attention_implementation(model)
+    if torch.device(device).type != "cuda" or implementation not in DENSE_MASK_ATTENTION:
+        return
+    size = "L^2 bytes (L: the tokens of the packed row" + (
+        f", at most max_packed_length={max_packed_length}: {max_packed_length**2 / 2**30:.2f} GiB)"
+        if max_packed_length
+        else ", the whole step: 32K tokens is 1 GiB, 128K is 16 GiB)"
+    )
+    logger.warning(
+        "padding_free: attn_implementation=%r keeps the packed sequences apart with a dense "
+        "(1, 1, L, L) block-diagonal mask (%s%s) and attention over all L^2 positions, without a "
+        "flash kernel. On CUDA load the model with attn_implementation='flash_attention_2' (the "
+        "flash-attn package): varlen kernels on the sequence boundaries, no mask.",
+        implementation,
+        size,
+        "; eager keeps it in the model's dtype" if implementation == "eager" else "",
+    )

@@ -25,6 +25,8 @@ import contextlib
 import copy
 import functools
 import logging
+import os
+import textwrap
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,14 +38,14 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..context_parallel import scale_gradient, sum_over_group
 from ..losses import SoLoPOOptions, solopo_loss
-from .args import SoLoPOArguments, check_solopo_args, solopo_options
+from .args import HeadKernel, SoLoPOArguments, check_solopo_args, head_kernel, solopo_options
 from .context_parallel import (
     ContextParallelPlan,
     accelerate_plan,
@@ -53,8 +55,15 @@ from .context_parallel import (
     torch_context,
 )
 from .liger import check_liger
-from .model_patch import IGNORE_INDEX, patch_solopo_forward
-from .packing import check_packing_attention, count_sequences, is_packed, iter_packs
+from .model_patch import IGNORE_INDEX, head_temperature, patch_solopo_forward
+from .packing import (
+    PACKED_SEQUENCE_IDS,
+    check_packing_attention,
+    count_sequences,
+    is_packed,
+    iter_packs,
+    warn_dense_packing,
+)
 from .trl_data import (
     LONG_KEYS,
     LONG_PROMPT_IDS,
@@ -64,7 +73,13 @@ from .trl_data import (
     tokenize_long_prompt,
 )
 
-__all__ = ["DataCollatorForSoLoPO", "SoLoPOConfig", "SoLoPOTrainer", "tokenize_long_prompt"]
+__all__ = [
+    "DataCollatorForSoLoPO",
+    "HeadKernel",
+    "SoLoPOConfig",
+    "SoLoPOTrainer",
+    "tokenize_long_prompt",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +111,88 @@ class SoLoPOConfig(SoLoPOArguments, DPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_solopo_args(self)
+        if self.head_kernel is not None:
+            # Kept as plain values (a dict), so that to_dict()/to_json_string() keep working.
+            self.head_kernel = head_kernel(self).to_dict()
 
     @property
     def solopo_options(self) -> SoLoPOOptions:
         """The validated loss options passed to :func:`solopo_kernels.solopo_loss`."""
         return solopo_options(self)
+
+    @property
+    def head_kernel_settings(self) -> HeadKernel:
+        """The validated kernel settings passed to the log-prob kernel (``head_kernel``)."""
+        return head_kernel(self)
+
+
+_SOLOPO_PAPER = {
+    "title": "SoLoPO: Unlocking Long-Context Capabilities in LLMs via Short-to-Long Preference "
+    "Optimization",
+    "id": "2505.11166",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @misc{solopo2025,
+            title         = {{SoLoPO: Unlocking Long-Context Capabilities in LLMs via Short-to-Long Preference Optimization}},
+            year          = 2025,
+            eprint        = {2505.11166},
+            archivePrefix = {arXiv},
+            url           = {https://arxiv.org/abs/2505.11166},
+        }"""),
+}
+
+
+class _NoReference(torch.nn.Module):
+    """What DPOTrainer receives as ``ref_model`` for a reference-free loss type (simpo, orpo, cpo).
+
+    Given no reference, DPOTrainer loads one from the model's path (under FSDP even when it is
+    told to precompute), and its precompute route hashes every weight of the policy. This
+    stand-in, with a single one-element frozen parameter, is prepared like a reference (DDP, FSDP2,
+    DeepSpeed) at no cost, is never run, and is dropped as soon as DPOTrainer's ``__init__``
+    returns.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config  # read by TRL's fused-head patch and DeepSpeed preparation
+        # DeepSpeed's ZeRO-3 engine reads the dtype of the module's first parameter.
+        self.placeholder = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("reference-free loss type: there is no reference model to run")
+
+
+class _DropPaddingFreeWarning(logging.Filter):
+    """DPOTrainer logs that it turns ``padding_free`` off; this trainer packs itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "padding_free=True` is temporarily unavailable" not in record.getMessage()
+
+
+def _model_config(model: Any, args: Any) -> Any:
+    """The config of ``model`` (an instance, or a path DPOTrainer will load), read without
+    loading any weights."""
+    if isinstance(model, str):
+        return AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+    return model.config
+
+
+def _uses_fsdp1(args: Any) -> bool:
+    """Whether the run is set up for FSDP version 1 (``fsdp_config={"version": 1}``, or an
+    accelerate launch with ``FSDP_VERSION=1``, accelerate's default there)."""
+    if getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2)) == 1
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return os.environ.get("FSDP_VERSION", "1") == "1"
+    return False
+
+
+def _context_parallel_size(args: Any) -> int:
+    """The context-parallel size the arguments ask for (accelerate's ``parallelism_config``)."""
+    config = getattr(args, "parallelism_config", None)
+    if config is None or not getattr(config, "cp_enabled", False):
+        return 1
+    return int(config.cp_size)
 
 
 class SoLoPOTrainer(DPOTrainer):
@@ -111,24 +203,44 @@ class SoLoPOTrainer(DPOTrainer):
     loaded; it is checked by :func:`~.args.check_solopo_args`). The train/eval datasets
     are in TRL's preference format plus ``args.long_prompt_column``.
 
+    Checked while the trainer is built, before any tokenization: the options, the model's head
+    (:func:`~.model_patch.head_temperature`: a logit scale becomes the kernel's temperature,
+    soft-capping is refused) and the kernel settings (``head_kernel``).
+
     * Reference: with a reference-free loss type (simpo, orpo, cpo) no reference model is loaded,
-      kept or run (a passed ``ref_model`` is released with a warning). For dpo/ipo without a
-      ``ref_model``: PEFT models use the base with the adapter disabled; a full model built in
-      memory (no path in ``config._name_or_path`` to reload it from) is copied, frozen, as the
-      reference, and the log says so.
+      kept or run, and no pass over the policy's weights is made (a passed ``ref_model`` is
+      released with a warning). For dpo/ipo without a ``ref_model``: PEFT models use the base
+      with the adapter disabled; a full model built in memory (no path in
+      ``config._name_or_path`` to reload it from) is copied, frozen, as the reference, and the
+      log says so.
     * ``padding_free=True`` (``DPOConfig``'s field, which TRL's DPOTrainer ignores with a warning;
       honoured here) packs each step into one row: one policy forward and one reference forward
-      per step (``max_packed_length`` caps the tokens per row, at the price of more forwards). The
-      model's attention must keep packed sequences apart (``flash_attention_2`` on CUDA,
-      ``sdpa``/``eager``); any other ``attn_implementation`` raises.
+      per step (``max_packed_length`` caps the tokens per row, at the price of more forwards).
+      The model's attention must keep packed sequences apart (``flash_attention_2`` on CUDA,
+      ``sdpa``/``eager``); any other ``attn_implementation`` raises, and the dense-mask ones warn
+      on CUDA.
     * Context parallelism (accelerate's ``ParallelismConfig(cp_size=N)`` with FSDP2, or Axolotl's
       ``context_parallel_size``): every row is split along its length over the group, the
       per-sequence sums are all-reduced and the gradient scaled for the engine's averaging (see
-      :mod:`.context_parallel`). Not combined with ``padding_free``.
+      :mod:`.context_parallel`), in training, evaluation and prediction alike. Not combined with
+      ``padding_free`` or ``precompute_ref_log_probs``.
+
+    Overrides (each for one feature; everything else is DPOTrainer's):
+
+    * ``_prepare_dataset``: tokenize the long-prompt column after TRL's own tokenization.
+    * ``_set_signature_columns_if_needed``: keep the long and reference columns through
+      ``remove_unused_columns``.
+    * ``_precompute_ref_logps``: the long-input reference columns (TRL's computes two).
+    * ``compute_loss``: the SoLoPO objective (TRL's DPO loss does not apply).
+    * ``prediction_step`` / ``predict``: evaluation in the training step's context-parallel
+      context, the loss without logits (none exist), the metrics returned.
+    * ``_prepare_context_parallel_inputs``: the trainer cuts its own slices (two batches of
+      different lengths per step).
     """
 
     _tag_names = ["trl", "dpo", "solopo"]
     _name = "SoLoPO"
+    _paper = _SOLOPO_PAPER
     # Who cuts the context-parallel slices: accelerate's PyTorch context parallelism through this
     # trainer ("accelerate"), or an engine hook on the model (the Axolotl subclass: "engine").
     _context_parallel_engine = "accelerate"
@@ -147,8 +259,12 @@ class SoLoPOTrainer(DPOTrainer):
         if kwargs.get("compute_metrics") is not None:
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
         self._solopo = check_solopo_args(args)
+        self._head_kernel = head_kernel(args)
+        model_config = _model_config(model, args)
+        head_temperature(model_config)  # a head the kernel cannot compute fails here, not at step 1
         check_liger(args, model, ref_model)
         self._check_peft_zero3_checkpointing(model, args, kwargs.get("peft_config"))
+        self._check_precompute(args)
         if processing_class is None:  # what DPOTrainer would load, needed here for the collator
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
@@ -165,25 +281,21 @@ class SoLoPOTrainer(DPOTrainer):
                 f"{type(data_collator).__name__}; leave it None for the default"
             )
         reference_free = not self._solopo.needs_reference
-        if reference_free and ref_model is not None:
-            logger.warning(
-                "ref_model: not used by solopo_loss_type=%r (reference-free); released",
-                args.solopo_loss_type,
-            )
-            ref_model = None
-        if ref_model is None and not reference_free:
-            ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
-        user_precompute, user_padding_free = args.precompute_ref_log_probs, args.padding_free
         if reference_free:
-            # DPOTrainer keeps no reference model when it precomputes reference log-probs (outside
-            # FSDP); our _precompute_ref_logps is a no-op for reference-free types, so this route
-            # loads, keeps and runs no reference at all. The flag is restored right after. Costs:
-            # TRL 1.16 hashes the policy's weights once (its precompute cache key), and under FSDP
-            # it still loads a reference from the model path, freed below.
-            args.precompute_ref_log_probs = True
-        # DPOTrainer turns padding_free off with a warning ("temporarily unavailable"); the
-        # collator here packs, so the flag is hidden from it and restored right after.
-        args.padding_free = False
+            if ref_model is not None:
+                logger.warning(
+                    "ref_model: not used by solopo_loss_type=%r (reference-free); released",
+                    args.solopo_loss_type,
+                )
+            # FSDP1 sets its auto-wrap policy from the first model it prepares, the reference: a
+            # stand-in with no layers would leave the policy unwrapped. There DPOTrainer loads a
+            # reference from the model's path, released below (FSDP2 has no such policy).
+            ref_model = None if _uses_fsdp1(args) else _NoReference(model_config)
+        elif ref_model is None:
+            ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
+        dpo_logger = logging.getLogger("trl.trainer.dpo_trainer")
+        quiet = _DropPaddingFreeWarning()
+        dpo_logger.addFilter(quiet)
         try:
             super().__init__(
                 model,
@@ -196,12 +308,12 @@ class SoLoPOTrainer(DPOTrainer):
                 **kwargs,
             )
         finally:
-            args.precompute_ref_log_probs = user_precompute
-            args.padding_free = user_padding_free
-        self.padding_free = user_padding_free
-        self.precompute_ref_logps = user_precompute and not reference_free
+            dpo_logger.removeFilter(quiet)
+        self.padding_free = args.padding_free  # DPOTrainer set it False; the collator packs
+        self.precompute_ref_logps = args.precompute_ref_log_probs and not reference_free
         if reference_free:
-            self.ref_model = None  # under FSDP, TRL 1.16 loaded one for the precompute
+            self.ref_model = None
+        self._total_tokens = 0
         if (
             is_peft_model(self.model)
             and self.model.peft_config[self.model.active_adapter].is_prompt_learning
@@ -220,19 +332,41 @@ class SoLoPOTrainer(DPOTrainer):
                 "fused log-prob kernel reads lm_head.weight; leave lm_head out of target_modules and "
                 "modules_to_save"
             )
-        if user_padding_free:
-            check_packing_attention(self.model)
-            if self.ref_model is not None:
-                check_packing_attention(self.ref_model)
+        if args.padding_free:
+            for packed_model in (self.model, self.ref_model):
+                if packed_model is not None:
+                    check_packing_attention(packed_model)
+                    warn_dense_packing(packed_model, self.args.device, args.max_packed_length)
             if not getattr(self.data_collator, "padding_free", False):
                 raise ValueError(
                     "padding_free: the data_collator does not pack; pass a DataCollatorForSoLoPO with "
                     "padding_free=True, or leave data_collator None"
                 )
-        check_combination(self.accelerator, padding_free=user_padding_free)
+        check_combination(self.accelerator, padding_free=args.padding_free)
         if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
             prepare_torch_models(self.model, self.ref_model)
-        self._cp_plan_cache: list[ContextParallelPlan | None] = []
+
+    def _check_precompute(self, args: Any) -> None:
+        """Refuse, before anything is loaded, the precompute setups this trainer cannot run right."""
+        if not (args.precompute_ref_log_probs and self._solopo.needs_reference):
+            return
+        cp_size = _context_parallel_size(args)
+        if cp_size > 1:
+            # DPOTrainer precomputes while it is built, before the context-parallel setup: every
+            # GPU would score full rows, and the results would be gathered over the whole world.
+            raise ValueError(
+                f"precompute_ref_log_probs: not supported with context parallelism "
+                f"(parallelism_config.cp_size={cp_size}); either set precompute_ref_log_probs=False "
+                "(the reference then runs in context-parallel slices every step) or turn context "
+                "parallelism off (cp_size=1)"
+            )
+        if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+            raise ValueError(
+                "precompute_ref_log_probs: not supported under DeepSpeed by SoLoPOTrainer (the "
+                "policy is not wrapped by DeepSpeed yet when the reference pass runs, so its ZeRO-3 "
+                "partitions cannot be read); set precompute_ref_log_probs=False (the reference then "
+                "runs every step, partitioned like the policy)"
+            )
 
     def _check_peft_zero3_checkpointing(self, model: Any, args: Any, peft_config: Any) -> None:
         """DPOTrainer forces reentrant gradient checkpointing for PEFT under DeepSpeed ZeRO-3, and
@@ -311,6 +445,7 @@ class SoLoPOTrainer(DPOTrainer):
     def _prepare_dataset(
         self, dataset: Any, processing_class: Any, args: SoLoPOConfig, dataset_name: str
     ) -> Any:
+        # DPOTrainer's hook: the long-prompt column is tokenized after TRL's own tokenization.
         # Runs inside DPOTrainer.__init__ before Trainer.__init__: use `args`, not `self.args`.
         options = solopo_options(args)
         column = args.long_prompt_column
@@ -345,6 +480,7 @@ class SoLoPOTrainer(DPOTrainer):
         )
 
     def _set_signature_columns_if_needed(self) -> None:
+        # Trainer's hook: without it remove_unused_columns drops the long and reference columns.
         super()._set_signature_columns_if_needed()
         for name in (LONG_PROMPT_IDS, *REF_COLUMNS):
             if name not in self._signature_columns:
@@ -361,8 +497,9 @@ class SoLoPOTrainer(DPOTrainer):
     ) -> SequenceLogps:
         """Per-sequence sums and counts of the short rows and, ``with_long``, of the long rows,
         computed inside ``model``'s forward: two forwards for a padded batch (short, then long),
-        one per packed row for a packed batch (one in all without ``max_packed_length``)."""
-        patch_solopo_forward(self.accelerator.unwrap_model(model))
+        one per packed row for a packed batch (one in all without ``max_packed_length``), two
+        context-parallel slices under context parallelism."""
+        patch_solopo_forward(self.accelerator.unwrap_model(model), self._head_kernel)
         if is_packed(inputs):
             return self._packed_logps(model, inputs, with_long=with_long)
         plan = self._cp_plan
@@ -372,30 +509,32 @@ class SoLoPOTrainer(DPOTrainer):
         return SequenceLogps(*short, *long)
 
     # -------------------------------------------------------- context parallelism
-    @property
+    @functools.cached_property
     def _cp_plan(self) -> ContextParallelPlan | None:
-        """The context-parallel plan, resolved on first use (engines register their group late)
-        and kept; None without context parallelism."""
-        cache = getattr(self, "_cp_plan_cache", None)
-        if cache is None:  # DPOTrainer.__init__ (e.g. its reference precompute) runs before ours
-            return None
-        if not cache:
-            cache.append(self._context_parallel_plan())
-        return cache[0]
+        """The context-parallel plan, resolved on first use (engines register their group after
+        the trainer is built) and kept; None without context parallelism."""
+        return self._context_parallel_plan()
 
     def _context_parallel_plan(self) -> ContextParallelPlan | None:
         """Where the plan comes from: accelerate's ``parallelism_config`` here; the Axolotl
         trainer overrides it with Axolotl's context-parallel group."""
         return accelerate_plan(self.accelerator)
 
+    def _context_parallel_context(self, plan: ContextParallelPlan) -> Any:
+        """A factory of the context every step's forwards (and backward) run in when this trainer
+        cuts the slices: accelerate's context-parallel context (ring attention; see
+        :func:`.context_parallel.torch_context`)."""
+        if accelerate_plan(self.accelerator) is None:
+            return contextlib.nullcontext
+        return torch_context(self.accelerator, plan)
+
     def _prepare_context_parallel_inputs(self, model: Any, inputs: dict[str, Any]) -> tuple:
-        """Trainer's hook around a training/eval step: accelerate's context-parallel context
-        (ring attention for the step's forwards and backward), with the slices cut by this trainer
-        (see :func:`.context_parallel.torch_context`)."""
+        # Trainer's hook around a training step (and, through prediction_step, an eval step): the
+        # slices are cut by this trainer, so only the context is returned, the inputs unchanged.
         plan = self._cp_plan
-        if plan is None or not plan.shard_inputs or accelerate_plan(self.accelerator) is None:
+        if plan is None or not plan.shard_inputs:
             return contextlib.nullcontext, inputs
-        return torch_context(self.accelerator, plan), inputs
+        return self._context_parallel_context(plan), inputs
 
     def _sliced_logps(
         self,
@@ -431,7 +570,10 @@ class SoLoPOTrainer(DPOTrainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], *, with_long: bool
     ) -> SequenceLogps:
         """The packed rows of ``inputs``, one forward each (only their short prefix when the long
-        sequences are not needed), summed per sequence and split into short and long."""
+        sequences are not needed), summed per sequence and split into short and long. Each
+        forward gets the row's sequence boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``), so
+        the flash-attention varlen kernels need not derive them from the positions in every
+        layer."""
         n_sequences = count_sequences(inputs)
         n_pairs = n_sequences // (2 + self._long_rows_in_batch())
         wanted = n_sequences if with_long else 2 * n_pairs
@@ -441,6 +583,10 @@ class SoLoPOTrainer(DPOTrainer):
             out = model(
                 input_ids=pack.input_ids,
                 position_ids=pack.position_ids,
+                cu_seq_lens_q=pack.cu_seq_lens,
+                cu_seq_lens_k=pack.cu_seq_lens,
+                max_length_q=pack.max_length,
+                max_length_k=pack.max_length,
                 solopo_labels=labels,
                 solopo_sequence_ids=pack.sequence_ids,
                 use_cache=False,
@@ -497,13 +643,21 @@ class SoLoPOTrainer(DPOTrainer):
         """Adds the reference columns the loss needs (``ref_chosen_logps``, ``ref_rejected_logps``
         and, with a long reference, ``ref_long_chosen_logps`` / ``ref_long_rejected_logps``) in one
         pass; reference-free loss types add nothing. Not cached across runs."""
+        # DPOTrainer's hook: TRL's precompute returns two columns; SoLoPO needs the long ones too.
         if not self._solopo.needs_reference:
             return dataset
         if isinstance(dataset, IterableDataset):
             raise ValueError("precompute_ref_log_probs: not supported with an IterableDataset")
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "precompute_ref_log_probs: not supported with DeepSpeed by SoLoPOTrainer"
+        self._check_precompute(self.args)
+        if self.is_deepspeed_enabled:  # a DeepSpeed launch the arguments did not show
+            raise ValueError(
+                "precompute_ref_log_probs: not supported under DeepSpeed by SoLoPOTrainer; set "
+                "precompute_ref_log_probs=False"
+            )
+        if self._cp_plan is not None:  # evaluate(dataset) under an engine's context parallelism
+            raise ValueError(
+                "precompute_ref_log_probs: not supported with context parallelism; set "
+                "precompute_ref_log_probs=False or turn context parallelism off"
             )
         loader = self.accelerator.prepare(
             DataLoader(
@@ -531,9 +685,16 @@ class SoLoPOTrainer(DPOTrainer):
             dataset = dataset.add_column(key, torch.cat(parts).tolist())
         return dataset
 
-    def _compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ) -> torch.Tensor:
+        # Trainer's hook: the SoLoPO objective replaces DPOTrainer's loss (the loss is a per-batch
+        # mean, scaled for gradient accumulation by Trainer, as DPOTrainer's is).
         if return_outputs:
             raise ValueError(
                 "return_outputs: SoLoPOTrainer computes no logits (use prediction_loss_only)"
@@ -573,15 +734,87 @@ class SoLoPOTrainer(DPOTrainer):
             context_parallel_group=plan.group if plan is not None else None,
             **options.as_kwargs(),
         )
-        self._log_metrics(mode, out.metrics)
+        metrics = {
+            "preference_loss": out.preference_loss.detach(),
+            "alignment_loss": out.alignment_loss.detach(),
+            **out.metrics,
+        }
+        self._log_metrics(mode, metrics, _count_tokens(inputs))
         if plan is not None:  # the engine averages the ranks' partial gradients: make it a sum
             return scale_gradient(out.loss, plan.gradient_scale)
         return out.loss
 
-    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        """Batch means of the loss metrics (docs/objective.md), averaged over processes (one gather for all)."""
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        # Trainer's hook for evaluate()/predict(): the loss in the same context-parallel context as
+        # a training step (DPOTrainer's runs none, and asks for logits, which this trainer never
+        # computes). Returns (loss, None, None) whatever prediction_loss_only says.
+        inputs = self._prepare_inputs(inputs)
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with torch.no_grad(), self.compute_loss_context_manager(), cp_context():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def predict(
+        self,
+        test_dataset: Any,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "test",
+    ) -> Any:
+        """Trainer's ``predict``: ``predictions`` and ``label_ids`` are None (no logits exist);
+        ``metrics`` holds ``{prefix}_loss`` and the loss metrics (``{prefix}_rewards/chosen``,
+        ``{prefix}_preference_loss``, ...), averaged over the dataset."""
+        # Prepared like evaluate() prepares a dataset passed to it (Trainer.predict does not).
+        if "prompt_ids" not in next(iter(test_dataset), {"prompt_ids": None}):
+            test_dataset = self._prepare_dataset(
+                test_dataset, self.processing_class, self.args, metric_key_prefix
+            )
+        if self.precompute_ref_logps and "ref_chosen_logps" not in next(iter(test_dataset), {}):
+            batch = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            test_dataset = self._precompute_ref_logps(test_dataset, metric_key_prefix, batch)
+        output = super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        collected = self._metrics["eval"]
+        output.metrics.update(
+            {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in collected.items() if v}
+        )
+        collected.clear()
+        return output
+
+    def _log_metrics(
+        self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor
+    ) -> None:
+        """Batch means of the loss metrics (docs/objective.md) averaged over processes, and
+        ``num_tokens`` (tokens of the training batches so far, like DPOTrainer's), with one
+        gather for all."""
         names = list(metrics)
-        values = torch.stack([metrics[k].float() for k in names]).unsqueeze(0)
-        means = self.accelerator.gather(values).mean(0).tolist()
+        values = torch.stack([metrics[k].float() for k in names] + [tokens.float()]).unsqueeze(0)
+        gathered = self.accelerator.gather(values)
+        means = gathered[:, :-1].mean(0).tolist()
         for key, value in zip(names, means, strict=True):
             self._metrics[mode][key].append(value)
+        if mode == "train":
+            # The ranks of a context- or tensor-parallel group hold the same batch: count it once.
+            plan = self._cp_plan
+            replicas = (plan.size if plan is not None else 1) * _tensor_parallel_size(self)
+            self._total_tokens += int(gathered[:, -1].sum().item()) // replicas
+        self._metrics[mode]["num_tokens"] = [self._total_tokens]
+
+
+def _count_tokens(inputs: dict[str, Any]) -> torch.Tensor:
+    """Tokens the model ran on in one step (short and long rows, padding excluded)."""
+    if is_packed(inputs):
+        return (inputs[PACKED_SEQUENCE_IDS] >= 0).sum()
+    total = inputs["attention_mask"].sum()
+    if LONG_KEYS[1] in inputs:
+        total = total + inputs[LONG_KEYS[1]].sum()
+    return total
+
+
+def _tensor_parallel_size(trainer: Any) -> int:
+    config = getattr(trainer.accelerator, "parallelism_config", None)
+    return int(getattr(config, "tp_size", 1) or 1) if config is not None else 1

@@ -11,12 +11,24 @@ engine pre-hook on the model that splits every ``(B, S)`` tensor argument and pa
 all-reduced in the loss, the reference's too, and the gradient scaled for the engine's average.
 The engine's gradient reduction is emulated by averaging each gradient over the 2 ranks.
 
+The stand-in attends over the whole row only inside the context-parallel context (where ring
+attention replaces SDPA); outside it, it attends within the rank's own slice, which is what plain
+attention does on a slice. So a step that forgets to enter the context (as DPOTrainer's
+``prediction_step`` did in evaluation) gives a wrong loss here, as it would on GPUs. For the cases
+sharded by an engine hook the engine's attention is always on (ringmaster patches the attention
+function itself).
+
+Evaluation cases (``eval``) run ``prediction_step`` on the policy in eval mode, with a reference
+model or with the reference log-probs precomputed while the trainer was built, and compare the
+loss and every logged metric with one process.
+
 Usage: ``torchrun --nproc_per_node 2 -m tests.integrations.cp_worker OUT_PATH``; rank 0 writes
 ``{case: {"loss": (single, cp), "grad_errors": {name: max relative error}}}`` or the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -33,13 +45,17 @@ from tests import reference
 from tests.integrations import common
 
 ATTENTION = "solopo_test_allgather_cp"
-# (loss type, ra_target, shard order, who cuts the slices)
+# (loss type, ra_target, shard order, who cuts the slices, what runs)
 CASES = [
-    ("dpo", "chosen", "head_tail", True),
-    ("ipo", "both", "contiguous", True),
-    ("simpo", "both", "contiguous", False),
-    ("orpo", "chosen", "head_tail", False),
+    ("dpo", "chosen", "head_tail", True, "train"),
+    ("ipo", "both", "contiguous", True, "train"),
+    ("simpo", "both", "contiguous", False, "train"),
+    ("orpo", "chosen", "head_tail", False, "train"),
+    ("dpo", "both", "head_tail", True, "eval"),
+    ("dpo", "chosen", "head_tail", True, "eval-precomputed"),
 ]
+# Whether ring attention is on (inside the context-parallel context, or an engine's).
+RING = {"on": False}
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -75,10 +91,13 @@ def allgather_attention(
     and value ``(B, Hkv, s, D)``, ``position_ids (B, s)``): the exact result of attention over the
     unsplit row, whatever the slice order."""
     positions = kwargs["position_ids"]
-    keys, values = _GatherSequence.apply(key), _GatherSequence.apply(value)
-    all_positions = [torch.empty_like(positions) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_positions, positions.contiguous())
-    key_positions = torch.cat(all_positions, dim=1)
+    if RING["on"]:
+        keys, values = _GatherSequence.apply(key), _GatherSequence.apply(value)
+        all_positions = [torch.empty_like(positions) for _ in range(dist.get_world_size())]
+        dist.all_gather(all_positions, positions.contiguous())
+        key_positions = torch.cat(all_positions, dim=1)
+    else:  # plain attention over this rank's slice only
+        keys, values, key_positions = key, value, positions
     groups = query.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
     values = values.repeat_interleave(groups, dim=1)
@@ -125,15 +144,36 @@ def engine_hook(order: str) -> Any:
 
 
 def _loss_and_grads(trainer: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's loss and gradients, in the context the Trainer's training_step uses."""
     model = trainer.model
     model.zero_grad()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    cp_context, batch = trainer._prepare_context_parallel_inputs(model, batch)
+    with cp_context():
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _eval_loss_and_metrics(trainer: Any, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    trainer.model.eval()
+    trainer._metrics["eval"].clear()
+    loss, logits, labels = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
+    assert logits is None and labels is None
+    return loss, {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
+@contextlib.contextmanager
+def _ring_on() -> Any:
+    """The stand-in for accelerate's context-parallel context: ring attention on."""
+    RING["on"] = True
+    try:
+        yield
+    finally:
+        RING["on"] = False
+
+
 def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
-    loss_type, ra_target, order, shard_inputs = case
+    loss_type, ra_target, order, shard_inputs, what = case
     tok = common.tokenizer()
     policy, ref = common.model_pair(tok)
     trainer = common.trainer(
@@ -145,9 +185,13 @@ def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
         solopo_ra_target=ra_target,
         solopo_alpha=1.5,
         beta=0.5,
+        precompute_ref_log_probs=what == "eval-precomputed",
     )
     batch = common.batch(trainer, [0, 1, 2, 3])
-    single_loss, single_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
+    if what.startswith("eval"):
+        single_loss, single_metrics = _eval_loss_and_metrics(trainer, copy.deepcopy(batch))
+    else:
+        single_loss, single_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
 
     models = [m for m in (trainer.model, trainer.ref_model) if m is not None]
     hooks = []
@@ -158,18 +202,29 @@ def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
     plan = ContextParallelPlan(
         group=dist.group.WORLD, order=order, shard_inputs=shard_inputs, gradient_scale=2.0
     )
-    trainer._cp_plan_cache = [plan]
+    trainer._cp_plan = plan
+    trainer._context_parallel_context = lambda plan: _ring_on
+    RING["on"] = not shard_inputs  # an engine's ring attention is always on
     try:
-        cp_loss, cp_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
+        if what.startswith("eval"):
+            cp_loss, cp_metrics = _eval_loss_and_metrics(trainer, copy.deepcopy(batch))
+        else:
+            cp_loss, cp_grads = _loss_and_grads(trainer, copy.deepcopy(batch))
     finally:
+        RING["on"] = False
         for hook in hooks:
             hook.remove()
     losses = [torch.zeros(()) for _ in range(dist.get_world_size())]
     dist.all_gather(losses, cp_loss)
     errors = {}
-    for name, grad in cp_grads.items():
-        dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # the engine's average over the group
-        errors[name] = reference.max_relative_error(grad, single_grads[name])
+    if what.startswith("eval"):
+        assert cp_metrics.keys() == single_metrics.keys(), (cp_metrics, single_metrics)
+        for name, value in cp_metrics.items():
+            errors[name] = abs(value - single_metrics[name]) / max(abs(single_metrics[name]), 1e-6)
+    else:
+        for name, grad in cp_grads.items():
+            dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # the engine's average over the group
+            errors[name] = reference.max_relative_error(grad, single_grads[name])
     return {
         "loss": (single_loss.item(), cp_loss.item()),
         "ranks_agree": all(torch.equal(x, losses[0]) for x in losses),

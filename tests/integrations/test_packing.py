@@ -35,6 +35,78 @@ def test_pack_sequences_worked_example():
     assert packed["packed_position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert packed["packed_completion_mask"].tolist() == [[0, 0, 1, 0, 1]]
     assert packed["packed_sequence_ids"].tolist() == [[0, 0, 0, 1, 1]]
+    assert packed["packed_cu_seq_lens"] == [[0, 3, 5]]
+    assert packed["packed_max_length"] == [3]
+
+
+@pytest.mark.parametrize("cap", [None, 60])
+def test_sequence_boundaries_equal_what_transformers_derives_from_the_positions(tmp_path, cap):
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    trainer = common.trainer(
+        tmp_path, solopo_ra_target="both", padding_free=True, max_packed_length=cap
+    )
+    batch = common.batch(trainer, [0, 1, 2, 3])
+    packs = list(packing.iter_packs(batch))
+    assert len(packs) == (1 if cap is None else len(batch["packed_cu_seq_lens"])) and packs
+    if cap is not None:
+        assert len(packs) > 1
+    for sequences in (None, 8):  # all sequences; the short ones only (a reference's prefix)
+        for pack in packing.iter_packs(batch, sequences=sequences):
+            (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(pack.position_ids)
+            assert torch.equal(pack.cu_seq_lens, cu_q) and torch.equal(cu_k, cu_q)
+            assert pack.cu_seq_lens.dtype == torch.int32
+            assert pack.max_length == int(max_q) == int(max_k)
+
+
+def test_the_packed_forward_passes_the_boundaries_to_the_model(tmp_path):
+    trainer = common.trainer(tmp_path, padding_free=True)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append({k: kwargs.get(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q")})
+
+    hook = trainer.model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        batch = common.batch(trainer, [0, 1, 2, 3])
+        trainer.compute_loss(trainer.model, batch)
+    finally:
+        hook.remove()
+    (pack,) = packing.iter_packs(batch)
+    assert len(seen) == 1  # one policy forward (the reference model has its own hooks)
+    assert torch.equal(seen[0]["cu_seq_lens_q"], pack.cu_seq_lens)
+    assert torch.equal(seen[0]["cu_seq_lens_k"], pack.cu_seq_lens)
+    assert seen[0]["max_length_q"] == pack.max_length
+
+
+def test_dense_mask_packing_on_cuda_warns_with_its_size_and_the_fix(caplog):
+    from types import SimpleNamespace
+
+    def model(implementation):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation))
+
+    with caplog.at_level("WARNING", logger="solopo_kernels.integrations.packing"):
+        packing.warn_dense_packing(model("sdpa"), torch.device("cpu"), None)
+        packing.warn_dense_packing(model("flash_attention_2"), torch.device("cuda"), None)
+        assert not caplog.records
+        packing.warn_dense_packing(model("sdpa"), torch.device("cuda"), 65536)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "dense" in message and "4.00 GiB" in message
+    assert "attn_implementation='flash_attention_2'" in message
+
+
+def test_the_trainer_checks_each_packed_models_attention_on_its_device(tmp_path, monkeypatch):
+    from solopo_kernels.integrations import trl as trl_integration
+
+    calls = []
+    monkeypatch.setattr(
+        trl_integration,
+        "warn_dense_packing",
+        lambda model, device, cap: calls.append((device, cap)),
+    )
+    trainer = common.trainer(tmp_path, padding_free=True, max_packed_length=512)
+    assert calls == [(trainer.args.device, 512)] * 2  # the policy and the reference
 
 
 def test_a_cap_splits_between_sequences_and_pads_the_shorter_rows():

@@ -15,6 +15,9 @@ from tests import reference  # noqa: E402
 from tests.integrations import common  # noqa: E402
 
 LOSS_METRICS = {
+    "preference_loss",
+    "alignment_loss",
+    "num_tokens",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -115,6 +118,93 @@ def test_training_lowers_loss_keeps_finite_and_logs_metrics(tmp_path):
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05, [h["loss"] for h in logs]
     assert all(math.isfinite(v) for h in logs for v in h.values())
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # The two parts of the objective, and the tokens run so far (short and long rows; every
+    # step here is the whole dataset: 4 pairs per step).
+    for h in logs:
+        total = h["preference_loss"] + 1.0 * h["alignment_loss"]  # solopo_alpha = 1
+        assert abs(total - h["loss"]) <= 1e-4 * abs(h["loss"]), h
+    batch = common.batch(trainer, [0, 1, 2, 3])
+    per_step = int(batch["attention_mask"].sum() + batch["long_attention_mask"].sum())
+    assert [h["num_tokens"] for h in logs] == [per_step * (i + 1) for i in range(8)]
+
+
+def test_predict_returns_the_loss_and_metrics_and_evaluate_logs_them(tmp_path):
+    trainer = common.trainer(tmp_path, per_device_eval_batch_size=4)
+    trainer.model.eval()
+    expected = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1, 2, 3]))
+    trainer._metrics["eval"].clear()
+    output = trainer.predict(common.dataset())  # raw rows: prepared like evaluate() prepares them
+    assert output.predictions is None and output.label_ids is None
+    assert abs(output.metrics["test_loss"] - expected.item()) <= 1e-6 * abs(expected.item())
+    for name in ("test_preference_loss", "test_alignment_loss", "test_rewards/chosen"):
+        assert name in output.metrics, sorted(output.metrics)
+    metrics = trainer.evaluate(common.dataset())
+    assert abs(metrics["eval_loss"] - expected.item()) <= 1e-6 * abs(expected.item())
+    assert "eval_preference_loss" in metrics and "eval_solo_ra/distance" in metrics
+
+
+def test_the_model_card_names_solopo(tmp_path):
+    trainer = common.trainer(tmp_path, solopo_loss_type="simpo", ref=None)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "SoLoPO" in card and "2505.11166" in card
+    assert "2305.18290" not in card  # not DPO's paper
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo", "cpo"])
+def test_reference_free_types_load_no_reference_and_read_no_weights(
+    tmp_path, monkeypatch, loss_type
+):
+    import trl.trainer.dpo_trainer as dpo
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} was called for a reference-free loss type")
+
+        return call
+
+    # TRL 1.16 hashes every weight of the model it would precompute with (the policy when it has
+    # no reference), and loads a reference from the model's path when it is given none.
+    hashed = []
+    monkeypatch.setattr(dpo, "hash_module", lambda m: hashed.append(m) or "h", raising=False)
+    monkeypatch.setattr(dpo, "create_model_from_path", forbidden("create_model_from_path"))
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    policy.config._name_or_path = str(tmp_path / "would-be-reloaded")
+    for precompute in (False, True):
+        trainer = SoLoPOTrainer(
+            model=policy,
+            args=common.config(
+                tmp_path, solopo_loss_type=loss_type, precompute_ref_log_probs=precompute
+            ),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
+        assert trainer.ref_model is None
+        assert not trainer.precompute_ref_logps
+        assert trainer.args.precompute_ref_log_probs is precompute  # the user's args untouched
+        trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1]))
+    # Only the stand-in (one element) is ever hashed, never the policy.
+    assert all(sum(p.numel() for p in module.parameters()) == 1 for module in hashed), hashed
+
+
+def test_the_reference_free_stand_in_is_prepared_by_fsdp2_at_no_cost(tmp_path):
+    # What DPOTrainer does with it under FSDP2 (prepare_fsdp: fully_shard on the root); DeepSpeed
+    # ZeRO-3 prepares it in test_zero3.py (simpo).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from solopo_kernels.integrations.trl import _NoReference
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        stand_in = _NoReference(common.model_pair(common.tokenizer())[0].config)
+        fully_shard(stand_in, mesh=init_device_mesh("cpu", (1,)))
+        assert sum(p.numel() for p in stand_in.parameters()) == 1
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("ra_target", ["chosen", "both"])
@@ -289,4 +379,38 @@ def test_peft_under_zero3_with_checkpointing_needs_one_forward_per_step(tmp_path
             train_dataset=common.dataset(),
             processing_class=tok,
             peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+
+
+def test_fsdp1_is_told_apart_from_fsdp2(monkeypatch):
+    # Under FSDP1 the reference-free stand-in is not used (FSDP1 takes its wrap policy from it).
+    from types import SimpleNamespace
+
+    from solopo_kernels.integrations.trl import _uses_fsdp1
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert _uses_fsdp1(SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 1}))
+    assert not _uses_fsdp1(SimpleNamespace(fsdp="full_shard", fsdp_config={}))  # transformers: 2
+    assert not _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert not _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+
+
+def test_precompute_under_deepspeed_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    args = common.config(tmp_path, precompute_ref_log_probs=True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets
+    with pytest.raises(
+        ValueError, match=r"precompute_ref_log_probs: not supported under DeepSpeed .*=False"
+    ):
+        SoLoPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=common.dataset(),
+            processing_class=tok,
         )
