@@ -499,6 +499,7 @@ def load_backend(
         use_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
         name = "vllm" if use_vllm else "transformers"
     if name == "vllm":
+        check_vllm_args(vllm_args or {})  # before the call: a "dtype" key would clash there
         return VLLMBackend(model, tokenizer=tokenizer_path, dtype=dtype, **(vllm_args or {}))
     if name != "transformers":
         raise ValueError(f"backend must be auto, transformers, vllm or openai, got {name!r}")
