@@ -130,6 +130,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         include_gold=args.include_gold,
     )
+    engine_options = _engine_options(args)  # bad engine flags fail before anything loads
     rows = read_context_rows(args.input)[: args.limit]
     judge = load_judge(args.judge) if args.judge else make_sub_em_judge(args.answer_marker)
     tokenizer_name = args.tokenizer or args.model
@@ -138,7 +139,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         texts += [*_prompt_texts(row["prompt"]), *row["answers"]]
     tokenizer = load_tokenizer(tokenizer_name, texts)
     if args.model == TINY:
-        if args.backend in ("vllm", "openai"):
+        if args.backend in ("vllm", "openai") or engine_options.get("vllm_args"):
             raise ValueError("--model tiny is built in memory and runs on the transformers backend")
         from ..tiny_models import tiny_llama
 
@@ -156,7 +157,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
                 tokenizer_path=args.tokenizer,
                 device=args.device,
                 dtype=args.dtype,
-                **_engine_options(args),
+                **engine_options,
             )
         except SamplingServerError as error:
             print(f"solopo-data sample-pairs: error: {error}", file=sys.stderr)
@@ -252,7 +253,9 @@ def _add_engine_options(sample: argparse.ArgumentParser) -> None:
         "the served model's name and --tokenizer (default: --model) must be its tokenizer",
     )
     server.add_argument(
-        "--api-key", default=None, help="API key (default: $OPENAI_API_KEY, else none)"
+        "--api-key",
+        default=None,
+        help="API key (default: $OPENAI_API_KEY, else a placeholder that local servers accept)",
     )
     server.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds per request attempt"
