@@ -299,9 +299,9 @@ class OpenAIBackend:
 
     Prompts are sent as token ids (the completions API's list-of-integers prompt), so the server
     samples on exactly the tokens that ``build-contexts`` counted; the server must take token-id
-    prompts (vLLM and SGLang do). Each request carries ``max_tokens``, ``temperature``,
-    ``top_p``, ``seed`` and, when ``top_k > 0``, ``top_k`` in the request body (a vLLM/SGLang
-    extension). ``requests``:
+    prompts (vLLM does; check other servers). Each request carries ``max_tokens``,
+    ``temperature``, ``top_p``, ``seed`` and, when ``top_k > 0``, ``top_k`` in the request body
+    (an extension of the OpenAI API that vLLM takes). ``requests``:
 
     * ``"per-sample"`` (default): one request per (prompt, sample) with ``n=1`` and seed
       ``prompt_seeds[i] + j``. Independent samples on any server that honours ``seed``.
