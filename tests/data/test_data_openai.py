@@ -155,7 +155,8 @@ def test_requests_carry_token_ids_and_per_sample_seeds(fake):
         [[5, 6, 7], [8, 9]], num_samples=3, prompt_seeds=[100, 2000], **{**OPTIONS, "top_k": 4}
     )
     assert again.texts == out.texts  # the fake, like vLLM, seeds sample j with seed + j
-    assert [(r["n"], r["seed"], r["top_k"]) for r in fake.requests] == [(3, 100, 4), (3, 2000, 4)]
+    # Requests are concurrent: compare them in any order of arrival.
+    assert sorted((r["n"], r["seed"], r["top_k"]) for r in fake.requests) == [(3, 100, 4), (3, 2000, 4)]
 
 
 def test_retries_with_backoff_then_succeeds(fake):
