@@ -23,8 +23,10 @@ from .judge import BUILTIN_JUDGES, DEFAULT_ANSWER_MARKER, load_judge
 from .readers import read_examples
 from .sampler import (
     SamplingConfig,
+    SamplingServerError,
     TransformersBackend,
     load_backend,
+    parse_vllm_args,
     read_context_rows,
     sample_pairs,
 )
@@ -128,6 +130,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         include_gold=args.include_gold,
     )
+    engine_options = _engine_options(args)  # bad engine flags fail before anything loads
     rows = read_context_rows(args.input)[: args.limit]
     judge = load_judge(args.judge, args.answer_marker)
     tokenizer_name = args.tokenizer or args.model
@@ -136,7 +139,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         texts += [*_prompt_texts(row["prompt"]), *row["answers"]]
     tokenizer = load_tokenizer(tokenizer_name, texts)
     if args.model == TINY:
-        if args.backend == "vllm":
+        if args.backend in ("vllm", "openai") or engine_options.get("vllm_args"):
             raise ValueError("--model tiny is built in memory and runs on the transformers backend")
         from ..tiny_models import tiny_llama
 
@@ -146,14 +149,21 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         )
         backend = TransformersBackend(model.to(args.device or "cpu"), tokenizer)
     else:
-        backend = load_backend(
-            args.backend,
-            args.model,
-            tokenizer,
-            tokenizer_path=args.tokenizer,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        try:
+            backend = load_backend(
+                args.backend,
+                args.model,
+                tokenizer,
+                tokenizer_path=args.tokenizer,
+                device=args.device,
+                dtype=args.dtype,
+                **engine_options,
+            )
+        except SamplingServerError as error:
+            print(f"solopo-data sample-pairs: error: {error}", file=sys.stderr)
+            return 1
+    # Engine options and the server's address are not part of the resume identity: a run can be
+    # resumed on another number of GPUs or against a server that moved.
     settings = {
         "model": args.model,
         "tokenizer": tokenizer_name,
@@ -181,8 +191,94 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    except SamplingServerError as error:
+        print(
+            f"solopo-data sample-pairs: error: {error}\nfinished batches are saved; rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 1
     print(summary)
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_backend``'s engine keywords from the ``sample-pairs`` options of ``args``."""
+    vllm_args = parse_vllm_args(args.vllm_arg or (), args.vllm_args)
+    if vllm_args and args.backend not in ("vllm", "auto"):
+        raise ValueError(
+            f"--vllm-arg/--vllm-args: engine options need --backend vllm, not {args.backend}"
+        )
+    if args.backend != "openai":
+        if args.base_url is not None:
+            raise ValueError("--base-url: only the openai backend connects to a server")
+        return {"vllm_args": vllm_args}
+    if args.base_url is None:
+        raise ValueError(
+            "--base-url: the openai backend needs the server's URL (e.g. http://127.0.0.1:8000/v1)"
+        )
+    return {
+        "openai_args": {
+            "base_url": args.base_url,
+            "api_key": args.api_key,
+            "timeout": args.request_timeout,
+            "max_retries": args.max_retries,
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+        }
+    }
+
+
+def _add_engine_options(sample: argparse.ArgumentParser) -> None:
+    """The ``sample-pairs`` options of the vLLM engine and of the OpenAI-compatible server."""
+    engine = sample.add_argument_group("vLLM engine (--backend vllm)")
+    engine.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="an engine option for vllm.LLM (any vllm.EngineArgs field), repeatable; VALUE is "
+        "read as JSON where it parses, else as a string. E.g. --vllm-arg tensor_parallel_size=4 "
+        "--vllm-arg max_model_len=8192 --vllm-arg enable_prefix_caching=true",
+    )
+    engine.add_argument(
+        "--vllm-args",
+        default=None,
+        metavar="JSON",
+        help="engine options as one JSON object, e.g. '{\"tensor_parallel_size\": 4}'; "
+        "--vllm-arg wins where both set a key",
+    )
+    server = sample.add_argument_group("OpenAI-compatible server (--backend openai)")
+    server.add_argument(
+        "--base-url",
+        default=None,
+        help="the server's API root, e.g. http://127.0.0.1:8000/v1 (vllm serve); --model is "
+        "the served model's name and --tokenizer (default: --model) must be its tokenizer",
+    )
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help="API key (default: $OPENAI_API_KEY, else a placeholder that local servers accept)",
+    )
+    server.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds per request attempt"
+    )
+    server.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="retries of a failed request (connection errors, 408, 409, 429, 5xx), with "
+        "exponential backoff",
+    )
+    server.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    server.add_argument(
+        "--requests",
+        choices=["per-sample", "per-prompt"],
+        default="per-sample",
+        help="per-sample: one n=1 request per sample, seeded seed+j (independent samples on any "
+        "server that honours seed); per-prompt: one request with n samples (fewer requests; "
+        "independent where the server seeds sample j with seed+j, as vLLM does)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,10 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--backend",
-        choices=["auto", "transformers", "vllm"],
+        choices=["auto", "transformers", "vllm", "openai"],
         default="auto",
-        help="generation backend; auto uses vLLM when it is installed and a GPU is available",
+        help="generation backend; auto uses vLLM when it is installed and a GPU is available, "
+        "else transformers; openai sends the prompts to a running server (--base-url)",
     )
+    _add_engine_options(sample)
     sample.add_argument(
         "--num-samples", type=int, default=32, help="responses sampled per short prompt"
     )

@@ -68,3 +68,17 @@ def bpe_tok(examples):
     )
     backend.train_from_iterator(corpus_texts(examples), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+
+
+def save_tiny_model(directory: Path, tokenizer) -> Path:
+    """Save a tiny random Llama and ``tokenizer`` to ``directory`` (``save_pretrained``), for the
+    engines that load a model from disk (vLLM). Head size 32: vLLM's CPU attention needs one of
+    its supported head sizes (the default tiny Llama's 8 is not)."""
+    from solopo_kernels.tiny_models import tiny_llama
+
+    model = tiny_llama(
+        tokenizer, hidden_size=64, num_heads=2, num_kv_heads=1, max_position_embeddings=2048
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

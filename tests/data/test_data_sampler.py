@@ -10,6 +10,7 @@ from solopo_kernels.data.sampler import (
     Generation,
     SamplingConfig,
     TransformersBackend,
+    prompt_seed,
     read_context_rows,
     sample_pairs,
 )
@@ -329,3 +330,43 @@ def test_resume_after_a_stop_before_the_header(tmp_path, tiny_tok):
         progress=False,
     )
     assert summary.pairs == 1 and read_jsonl(output)[0]["chosen"] == "Poland"
+
+
+class RecordingBackend:
+    """Records the seeds it is given; every response is wrong, so no pairs are written."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.prompt_seeds = []
+
+    def generate(self, prompt_ids, *, num_samples, prompt_seeds, **_):
+        self.prompt_seeds += list(prompt_seeds)
+        return Generation([["x"] * num_samples for _ in prompt_ids], 0, 0)
+
+
+def test_per_example_seed_ranges_do_not_overlap(tmp_path, tiny_tok):
+    # Sample j of an example is seeded prompt_seed + j (vLLM's own rule for n samples), so the
+    # ranges [seed, seed + n) of different examples must be disjoint: consecutive per-prompt
+    # seeds (seed + index) would make example i + 1's samples example i's shifted by one.
+    num_samples = 32
+    seeds = sorted(prompt_seed(0, f"example-{i}") for i in range(20_000))
+    assert all(b - a >= num_samples for a, b in zip(seeds, seeds[1:]))
+    assert all(0 <= s < 2**62 for s in seeds)
+    assert prompt_seed(0, "a") == prompt_seed(0, "a") != prompt_seed(1, "a")
+
+    # The sampler seeds each example by its id: the same seeds whatever the batch size.
+    recorded = []
+    for batch_size in (1, 3):
+        backend = RecordingBackend()
+        config = SamplingConfig(num_samples=4, batch_size=batch_size)
+        sample_pairs(
+            simple_rows(5),
+            backend,
+            tiny_tok,
+            tmp_path / f"b{batch_size}.jsonl",
+            config=config,
+            progress=False,
+        )
+        recorded.append(backend.prompt_seeds)
+    assert recorded[0] == recorded[1] == [prompt_seed(0, f"r{i}") for i in range(5)]
