@@ -6,11 +6,10 @@ columns ``[v0, v1)`` (recomputed from the saved log-sum-exp, or read from saved 
 It returns one of
 
 * the ``dlogits`` tile itself (the Triton backend, whose kernel forms it in registers);
-* a :class:`FactoredTile` ``(probs, factor)`` with ``dlogits = factor[:, None] * probs +
-  scale[:, None] * onehot`` (the torch backend): the row factor and the one-hot term are applied
-  to the ``(rows, H)`` sides of the GEMMs instead of the ``(rows, vocabulary)`` tile, which saves
-  two full passes over every tile (``probs`` is then what one fused softmax kernel writes);
-  ``accumulate_gradients`` gets ``onehot=(targets, scale)``;
+* a :class:`FactoredTile` with ``dlogits = factor[:, None] * tile`` (the torch backend, whose tile
+  is ``softmax - onehot``: one fused softmax pass and a one-element-per-row scatter): the row
+  factor is applied to the ``(rows, H)`` sides of the GEMMs instead of the ``(rows, vocabulary)``
+  tile, which saves a full pass over every tile;
 * None, to skip the tile.
 
 This module turns the tiles into the three gradients:
@@ -49,11 +48,14 @@ from .tiles import Tiles, tile_bounds, vocab_bounds
 
 
 class FactoredTile(NamedTuple):
-    """``dlogits = factor[:, None] * probs + scale[:, None] * onehot(targets)`` of one tile:
-    ``probs (rows, columns)`` and ``factor (rows,)`` in the accumulation dtype."""
+    """``dlogits = factor[:, None] * tile`` of one tile. ``tile (rows, columns)`` and ``factor
+    (rows,)`` are in the accumulation dtype; ``rows`` and ``weight`` are the accumulation-dtype
+    operands the tile was computed from (the backend's up-cast copies, reused here)."""
 
-    probs: torch.Tensor
+    tile: torch.Tensor
     factor: torch.Tensor
+    rows: torch.Tensor
+    weight: torch.Tensor
 
 
 DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | FactoredTile | None"]
@@ -72,15 +74,12 @@ def accumulate_gradients(
     needs_grad: tuple[bool, bool, bool],
     acc_dtype: torch.dtype,
     dlogits_dtype: torch.dtype,
-    onehot: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients w.r.t. ``rows (N, H)``, ``weight (V, H)`` and ``bias (V,)`` from the tiles of
     ``fill``, in the dtypes of those tensors (None where not needed).
 
     ``tiles`` gives the tile shape and the saved columns (tiles never straddle their edge);
     ``acc_dtype`` is the accumulation dtype and ``dlogits_dtype`` the dtype of ``fill``'s tiles.
-    ``onehot = (targets (N,), scale (N,))``: the one-hot term of :class:`FactoredTile` tiles
-    (targets outside ``[0, V)`` match no column).
     """
     need_rows, need_weight, need_bias = needs_grad
     need_bias = need_bias and bias is not None
@@ -120,7 +119,6 @@ def accumulate_gradients(
     if need_weight and not direct_weight:
         width = max((hi - lo for lo, hi in v_bounds), default=0)
         weight_buffer = torch.empty((width, hidden), dtype=acc_dtype, device=device)
-    factored = _Factored(rows, acc_dtype, onehot) if onehot is not None else None
 
     for v0, v1 in v_bounds if n_rows and (need_rows or need_weight or need_bias) else []:
         weight_tile = weight[v0:v1].to(rows.dtype)  # a float32 weight meets 16-bit rows per tile
@@ -135,8 +133,8 @@ def accumulate_gradients(
             if tile is None:
                 continue
             if isinstance(tile, FactoredTile):
-                factored.add(
-                    tile, t0, t1, v0, weight_tile, grad_rows, weight_grad_tile, written,
+                _add_factored(
+                    tile, grad_rows[t0:t1] if need_rows else None, weight_grad_tile, written,
                     grad_bias[v0:v1] if need_bias else None,
                 )  # fmt: skip
                 written = written or need_weight
@@ -155,8 +153,6 @@ def accumulate_gradients(
                 grad_weight[v0:v1].copy_(weight_grad_tile)
     if need_weight and not n_rows:
         grad_weight.zero_()
-    if factored is not None and need_rows and n_rows:
-        factored.finish_rows(grad_rows, weight)
 
     return (
         grad_rows.to(rows.dtype) if grad_rows is not None else None,
@@ -165,56 +161,20 @@ def accumulate_gradients(
     )
 
 
-class _Factored:
-    """The GEMMs of :class:`FactoredTile` tiles. With ``dlogits = f * P + s * onehot``:
-    ``grad_rows += f * (P @ W_tile)`` (the factor scales the ``(rows, H)`` product),
-    ``grad_W_tile += P^T @ (f * rows)``, ``grad_bias_tile += P^T @ f``, and the one-hot term adds
-    ``s_i * rows_i`` to the weight-gradient row of each target (and ``s_i`` to its bias entry)
-    per tile, and ``s_i * W[target_i]`` to ``grad_rows`` once at the end."""
-
-    def __init__(
-        self, rows: torch.Tensor, acc: torch.dtype, onehot: tuple[torch.Tensor, torch.Tensor]
-    ) -> None:
-        self.rows = rows.to(acc)  # a no-op for rows already in the accumulation dtype
-        self.rows_dtype = rows.dtype
-        targets, self.scale = onehot
-        self.targets = targets
-        self.acc = acc
-
-    def add(
-        self,
-        tile: FactoredTile,
-        t0: int,
-        t1: int,
-        v0: int,
-        weight_tile: torch.Tensor,
-        grad_rows: torch.Tensor | None,
-        weight_grad_tile: torch.Tensor | None,
-        written: bool,
-        bias_grad_tile: torch.Tensor | None,
-    ) -> None:
-        probs, factor = tile
-        if grad_rows is not None:
-            product = torch.mm(probs, weight_tile.to(self.acc))
-            grad_rows[t0:t1].addcmul_(product, factor[:, None])
-        if weight_grad_tile is None and bias_grad_tile is None:
-            return
-        width = probs.shape[1]
-        local = self.targets[t0:t1] - v0
-        in_tile = (local >= 0) & (local < width)
-        local = local.clamp(0, width - 1)
-        onehot_scale = self.scale[t0:t1] * in_tile
-        if weight_grad_tile is not None:
-            scaled_rows = self.rows[t0:t1] * factor[:, None]
-            matmul_into(weight_grad_tile, probs.t(), scaled_rows, accumulate=written)
-            weight_grad_tile.index_add_(0, local, self.rows[t0:t1] * onehot_scale[:, None])
-        if bias_grad_tile is not None:
-            bias_grad_tile.add_(probs.t() @ factor)
-            bias_grad_tile.index_add_(0, local, onehot_scale)
-
-    def finish_rows(self, grad_rows: torch.Tensor, weight: torch.Tensor) -> None:
-        """``grad_rows += s_i * W[target_i]`` (the head rounded to the rows' dtype, as used)."""
-        vocab = weight.shape[0]
-        valid = (self.targets >= 0) & (self.targets < vocab)
-        picked = weight[self.targets.clamp(0, vocab - 1)].to(self.rows_dtype).to(self.acc)
-        grad_rows.addcmul_(picked, (self.scale * valid)[:, None])
+def _add_factored(
+    tile: FactoredTile,
+    grad_rows: torch.Tensor | None,
+    weight_grad_tile: torch.Tensor | None,
+    written: bool,
+    bias_grad_tile: torch.Tensor | None,
+) -> None:
+    """The GEMMs of a :class:`FactoredTile` (``dlogits = f * T``): ``grad_rows += f * (T @ W)``
+    (the factor scales the ``(rows, H)`` product, not the tile), ``grad_W_tile += T^T @ (f *
+    rows)``, ``grad_bias_tile += T^T @ f``. No atomics: a fixed order, as the plain tiles."""
+    values, factor, rows, weight = tile
+    if grad_rows is not None:
+        grad_rows.addcmul_(torch.mm(values, weight), factor[:, None])
+    if weight_grad_tile is not None:
+        matmul_into(weight_grad_tile, values.t(), rows * factor[:, None], accumulate=written)
+    if bias_grad_tile is not None:
+        bias_grad_tile.add_(values.t() @ factor)

@@ -9,8 +9,9 @@ the backward reads those tiles instead of recomputing them, and recomputes the r
 (``4 N V`` bytes within the budget) runs at ``6 N H V`` FLOPs; a long one saves what fits and
 recomputes tile by tile, towards ``8 N H V``; memory stays within the budget of the
 recomputing kernels'. ``KernelOptions(saved_logits_bytes=0)`` keeps nothing of size ``N x V``:
-the strict minimal-memory kernels. Saved tiles hold the forward's float32 logits, so the result
-is as exact either way.
+the strict minimal-memory kernels. Saved tiles hold the forward's own float32 values (the Triton
+backend its logits, the torch backend their log-probabilities), so the result is as exact either
+way.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ kernels, which hold a row in cache while they reduce and rewrite it:
   logit minus its log-probability), folded into the running one with ``logaddexp``; the target
   logit is picked before;
 * backward: the recomputed tile becomes its probabilities by ``softmax`` in place when it spans
-  the vocabulary (else ``exp(logits - lse)``), and the row factor ``-g / temperature`` and the
-  one-hot term are applied to the ``(rows, H)`` sides of the gradient GEMMs
-  (:class:`.gradients.FactoredTile`), not to the tile; ``1 / temperature`` is the GEMM's
-  ``alpha``.
+  the vocabulary (else ``exp(logits - lse)``), minus the one-hot of the targets (one element per
+  row), and the row factor ``-g / temperature`` is applied to the ``(rows, H)`` sides of the
+  gradient GEMMs (:class:`.gradients.FactoredTile`), not to the tile; ``1 / temperature`` is the
+  GEMM's ``alpha``.
 
 With a saved-logits budget (:class:`.tiles.KernelOptions`), the forward writes the first
 ``tiles.saved_columns`` columns of all rows, one GEMM per vocabulary tile, straight into one
@@ -219,8 +219,15 @@ def forward(
             picked = logits.gather(1, local).squeeze(1)
             target_logit[t0:t1] = torch.where(in_tile, picked, target_logit[t0:t1])
             first = logits[:, 0].clone()
+            if b is not None and not torch.isfinite(b[0]):  # a -inf bias masks column 0
+                first = None
             _log_softmax_(logits)
-            tile_lse = first - logits[:, 0]  # = logsumexp of the tile's row
+            if first is not None:
+                tile_lse = first - logits[:, 0]  # = logsumexp of the tile's row
+            else:  # rare: recompute the rows' log-sum-exp from the logits
+                tile_lse = torch.logsumexp(
+                    _logits_tile(rows_acc[t0:t1], w, b, temperature), dim=1
+                )
             lse[t0:t1] = torch.logaddexp(lse[t0:t1], tile_lse)
             if (v0, v1) in blocks:
                 saved_tile_lse.append((logits, tile_lse))
@@ -249,9 +256,9 @@ def backward(
 
     Each tile becomes the probabilities ``softmax`` of its rows (recomputed into one reused
     buffer, or, for the saved columns, exponentiated in place: ``saved`` is consumed), handed to
-    the shared tile loop of :mod:`.gradients` as a :class:`.gradients.FactoredTile` with the row
-    factor ``-grad_logp / temperature``; the loop applies the factor and the one-hot term to the
-    GEMMs' ``(rows, H)`` sides, so each tile costs one pass besides its GEMMs.
+    the shared tile loop of :mod:`.gradients` as ``softmax - onehot`` in a
+    :class:`.gradients.FactoredTile` with the row factor ``-grad_logp / temperature``, which the
+    loop applies to the GEMMs' ``(rows, H)`` sides: each tile costs one pass besides its GEMMs.
     """
     acc = accumulation_dtype(rows.dtype)
     scale = grad_logp.to(acc) / temperature
@@ -275,20 +282,25 @@ def backward(
         raise AssertionError(f"saved columns [{v0}, {v1}) outside the saved blocks")
 
     def fill(t0: int, t1: int, v0: int, v1: int) -> FactoredTile:
-        if v1 <= edge:  # a saved tile: no GEMM, and no new tile either
-            return FactoredTile(saved_probs(t0, t1, v0, v1), neg_scale[t0:t1])
         if (v0, v1) not in cached:  # up-cast each weight tile once, not once per token tile
             cached.clear()
             cached[v0, v1] = _head_tile(weight, bias, v0, v1, rows.dtype, acc)
         w, b = cached[v0, v1]
-        logits = _logits_tile(
-            rows_acc[t0:t1], w, b, temperature, out=scratch.tile(t1 - t0, v1 - v0)
-        )
-        if v1 - v0 == vocab:  # the tile spans the vocabulary: its softmax is the softmax
-            probs = _softmax_(logits)
+        if v1 <= edge:  # a saved tile: no GEMM, and no new tile either
+            probs = saved_probs(t0, t1, v0, v1)
         else:
-            probs = logits.sub_(lse[t0:t1].unsqueeze(1)).exp_()
-        return FactoredTile(probs, neg_scale[t0:t1])
+            logits = _logits_tile(
+                rows_acc[t0:t1], w, b, temperature, out=scratch.tile(t1 - t0, v1 - v0)
+            )
+            if v1 - v0 == vocab:  # the tile spans the vocabulary: its softmax is the softmax
+                probs = _softmax_(logits)
+            else:
+                probs = logits.sub_(lse[t0:t1].unsqueeze(1)).exp_()
+        # dlogits = g / T * (onehot - p) = (-g / T) * (p - onehot): subtract the one-hot (one
+        # element per row, so no two writes meet) and leave the row factor to the GEMMs.
+        local, in_tile = _target_columns(targets[t0:t1], v0, v1 - v0)
+        probs.scatter_add_(1, local, -in_tile.to(acc).unsqueeze(1))
+        return FactoredTile(probs, neg_scale[t0:t1], rows_acc[t0:t1], w)
 
     return accumulate_gradients(
         rows,
@@ -299,5 +311,4 @@ def backward(
         needs_grad=needs_grad,
         acc_dtype=acc,
         dlogits_dtype=acc,
-        onehot=(targets, scale),
     )
