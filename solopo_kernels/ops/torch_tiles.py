@@ -271,15 +271,18 @@ def backward(
     neg_scale = -scale
 
     def saved_probs(t0: int, t1: int, v0: int, v1: int) -> torch.Tensor:
-        for b0, b1, offset in blocks:  # the forward's block holding [v0, v1)
-            if b0 <= v0 < b1:
+        """Saved columns ``[v0, v1)`` of rows ``[t0, t1)`` exponentiated in place: a view of
+        the forward's block holding them, or, for a backward tile across two blocks (a narrowed
+        tile), the pieces put together. (A loop, not a recursion: a recursive closure is a
+        reference cycle that would keep the saved logits alive past the backward.)"""
+        pieces = []
+        for b0, b1, offset in blocks:
+            lo, hi = max(v0, b0), min(v1, b1)
+            if lo < hi:
                 block = saved[offset : offset + n_rows * (b1 - b0)].view(n_rows, b1 - b0)
-                if v1 <= b1:
-                    return block[t0:t1, v0 - b0 : v1 - b0].exp_()
-                # A backward tile across two saved blocks (a narrowed tile): piece it together.
-                rest = saved_probs(t0, t1, b1, v1)
-                return torch.cat([block[t0:t1, v0 - b0 :].exp_(), rest], dim=1)
-        raise AssertionError(f"saved columns [{v0}, {v1}) outside the saved blocks")
+                pieces.append(block[t0:t1, lo - b0 : hi - b0].exp_())
+        assert pieces and sum(p.shape[1] for p in pieces) == v1 - v0, (v0, v1, blocks)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def fill(t0: int, t1: int, v0: int, v1: int) -> FactoredTile:
         if (v0, v1) not in cached:  # up-cast each weight tile once, not once per token tile
