@@ -381,17 +381,20 @@ def build_liger(workload: Workload, inputs: Inputs, device: torch.device) -> Ste
 
 
 def build_ours(
-    workload: Workload, inputs: Inputs, device: torch.device, saved_logits_bytes: int = 0
+    workload: Workload, inputs: Inputs, device: torch.device, saved_logits_bytes: int | None = None
 ) -> Step:
     """solopo-kernels: ``fused_solopo_loss`` (``fused_linear_logprobs`` for ``logprobs``),
     ``backend="auto"`` (Triton on CUDA, tiled torch on the CPU), value checks off (no host sync;
-    the peers do not validate labels either), with a saved-logits budget when asked for."""
+    the peers do not validate labels either), with the default kernel options (a bounded
+    saved-logits budget, 256 MiB) unless a budget is given."""
     import solopo_kernels as sk
     from solopo_kernels.ops import KernelOptions
 
     w = inputs["weight"]
     options = dict(LOSS_OPTIONS[workload.loss_type])
-    options["kernel_options"] = KernelOptions(saved_logits_bytes=saved_logits_bytes)
+    options["kernel_options"] = (
+        KernelOptions() if saved_logits_bytes is None else KernelOptions(saved_logits_bytes)
+    )
 
     def loss() -> torch.Tensor:
         if workload.kind == "logprobs":
@@ -431,12 +434,10 @@ def build_ours(
     return step
 
 
-def build_ours_saved(workload: Workload, inputs: Inputs, device: torch.device) -> Step:
-    """solopo-kernels with ``KernelOptions(saved_logits_bytes=4 N V)``: the forward keeps all
-    ``N x V`` float32 logits of the response rows (CCE's and logits_to_keep's memory) and the
-    backward skips their recompute (6 N H V FLOPs instead of 8)."""
-    budget = 4 * workload.response_tokens * workload.vocab
-    return build_ours(workload, inputs, device, saved_logits_bytes=budget)
+def build_ours_strict(workload: Workload, inputs: Inputs, device: torch.device) -> Step:
+    """solopo-kernels with ``KernelOptions(saved_logits_bytes=0)``: nothing of size ``N x V`` is
+    kept, every tile is recomputed in the backward (8 N H V FLOPs): the strict memory floor."""
+    return build_ours(workload, inputs, device, saved_logits_bytes=0)
 
 
 @dataclass(frozen=True)
@@ -526,11 +527,11 @@ PEERS: dict[str, Peer] = {
             compaction=True,
         ),
         Peer(
-            "ours-saved",
-            "solopo-kernels, N x V saved",
+            "ours-strict",
+            "solopo-kernels, nothing saved",
             "solopo-kernels",
             "solopo_kernels",
-            build_ours_saved,
+            build_ours_strict,
             compaction=True,
         ),
     )

@@ -325,7 +325,7 @@ NOISE_MIN_BYTES = MIB
 CUDA_RESOLUTION_BYTES = 512
 
 # Peers that are solopo-kernels (drawn apart in the plots, reported in the summary).
-OURS = ("ours", "ours-saved")
+OURS = ("ours", "ours-strict")
 
 
 def _fmt_mem(value: float) -> str:

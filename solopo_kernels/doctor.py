@@ -580,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu", file=sys.stderr)
         return 2
+    if device.type == "cuda":  # with its index: the probes and the self-check key on "cuda:N"
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, args.dtype)
     timer = Timer(device)
     report = environment(device, args)

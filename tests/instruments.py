@@ -108,11 +108,13 @@ def launch_totals() -> Counter[str]:
 @contextlib.contextmanager
 def expect_backend(backend: str, *, backward: bool = True) -> Iterator[None]:
     """Fails unless the Triton kernels launched inside the block when ``backend == "triton"``
-    (forward, and the backward tile kernel when ``backward``): a silent fallback must not pass."""
+    (forward, and a backward tile kernel, recomputing or reading saved logits, when
+    ``backward``): a silent fallback must not pass."""
     if backend != "triton":
         yield
         return
     with LaunchCounter() as ran:
         yield
     assert ran["forward"] > 0, "the Triton forward kernel never ran"
-    assert ran["dlogits"] > 0 or not backward, "the Triton backward kernel never ran"
+    backward_ran = ran["dlogits"] + ran["saved_dlogits"]  # recomputed or saved tiles
+    assert backward_ran > 0 or not backward, "the Triton backward kernel never ran"

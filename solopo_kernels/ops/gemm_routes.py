@@ -66,9 +66,17 @@ ROUTE_IMPLS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int],
 }
 
 
+@torch.no_grad()
 def _probe_error(route: str, device: torch.device, dtype: torch.dtype) -> float:
-    """Largest relative difference between ``route`` and a float32 computation over the call
-    patterns of the backward (raises whatever the route raises)."""
+    """Largest relative difference between ``route`` and a float64 computation over the call
+    patterns of the backward (raises whatever the route raises). Autocast is off inside: the
+    first use can come from a forward under autocast, which would turn the reference's GEMM
+    into a 16-bit one."""
+    with torch.autocast(device.type, enabled=False):
+        return _probe_error_exact(route, device, dtype)
+
+
+def _probe_error_exact(route: str, device: torch.device, dtype: torch.dtype) -> float:
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def random(*shape: int) -> torch.Tensor:
@@ -86,9 +94,9 @@ def _probe_error(route: str, device: torch.device, dtype: torch.dtype) -> float:
             start = random(rows, cols)
             out = start.clone() if beta else torch.full_like(start, float("nan"))
             ROUTE_IMPLS[route](out, a, b, beta)
-            expected = a.float() @ b.float() + (start if beta else 0)
+            expected = a.double() @ b.double() + (start.double() if beta else 0)
             scale = expected.abs().max().item() or 1.0
-            error = (out - expected).abs().max().item() / scale
+            error = (out.double() - expected).abs().max().item() / scale
             if not error <= PROBE_TOLERANCE:  # NaN fails too
                 return float("inf") if error != error else error
             worst = max(worst, error)

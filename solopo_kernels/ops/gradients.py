@@ -1,9 +1,18 @@
 """The tile loop of the backward, shared by both backends.
 
-A backend supplies one function, ``fill(t0, t1, v0, v1) -> dlogits | None``, which returns the
-``[t1 - t0, v1 - v0]`` tile ``g * (onehot(target) - softmax) / temperature`` of rows ``[t0, t1)``
-and vocabulary columns ``[v0, v1)`` (recomputed from the saved log-sum-exp, or read from saved
-forward logits), or None to skip the tile. This module turns the tiles into the three gradients:
+A backend supplies one function, ``fill(t0, t1, v0, v1)``, for the ``[t1 - t0, v1 - v0]`` tile of
+``dlogits = g * (onehot(target) - softmax) / temperature`` of rows ``[t0, t1)`` and vocabulary
+columns ``[v0, v1)`` (recomputed from the saved log-sum-exp, or read from saved forward logits).
+It returns one of
+
+* the ``dlogits`` tile itself (the Triton backend, whose kernel forms it in registers);
+* a :class:`FactoredTile` with ``dlogits = factor[:, None] * tile`` (the torch backend, whose tile
+  is ``softmax - onehot``: one fused softmax pass and a one-element-per-row scatter): the row
+  factor is applied to the ``(rows, H)`` sides of the GEMMs instead of the ``(rows, vocabulary)``
+  tile, which saves a full pass over every tile;
+* None, to skip the tile.
+
+This module turns the tiles into the three gradients:
 
 * outer loop over vocabulary tiles, so each weight-gradient tile is finished (and cast to the
   weight's dtype) once; inner loop over token tiles;
@@ -30,13 +39,26 @@ Deterministic: a fixed loop order, no atomics.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from .gemm_routes import matmul_into
 from .tiles import Tiles, tile_bounds, vocab_bounds
 
-DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | None"]
+
+class FactoredTile(NamedTuple):
+    """``dlogits = factor[:, None] * tile`` of one tile. ``tile (rows, columns)`` and ``factor
+    (rows,)`` are in the accumulation dtype; ``rows`` and ``weight`` are the accumulation-dtype
+    operands the tile was computed from (the backend's up-cast copies, reused here)."""
+
+    tile: torch.Tensor
+    factor: torch.Tensor
+    rows: torch.Tensor
+    weight: torch.Tensor
+
+
+DlogitsTile = Callable[[int, int, int, int], "torch.Tensor | FactoredTile | None"]
 
 # The float32 weight-gradient buffer (vocab_tile x H) of 16-bit weights when several token tiles
 # add into it: the vocabulary tile is narrowed so that the buffer stays under this size.
@@ -53,8 +75,8 @@ def accumulate_gradients(
     acc_dtype: torch.dtype,
     dlogits_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients w.r.t. ``rows (N, H)``, ``weight (V, H)`` and ``bias (V,)`` from the ``dlogits``
-    tiles of ``fill``, in the dtypes of those tensors (None where not needed).
+    """Gradients w.r.t. ``rows (N, H)``, ``weight (V, H)`` and ``bias (V,)`` from the tiles of
+    ``fill``, in the dtypes of those tensors (None where not needed).
 
     ``tiles`` gives the tile shape and the saved columns (tiles never straddle their edge);
     ``acc_dtype`` is the accumulation dtype and ``dlogits_dtype`` the dtype of ``fill``'s tiles.
@@ -107,16 +129,23 @@ def accumulate_gradients(
             )
         written = False  # the first GEMM into weight_grad_tile overwrites it
         for t0, t1 in saved_token_bounds if v1 <= tiles.saved_columns else token_bounds:
-            dlogits = fill(t0, t1, v0, v1)
-            if dlogits is None:
+            tile = fill(t0, t1, v0, v1)
+            if tile is None:
+                continue
+            if isinstance(tile, FactoredTile):
+                _add_factored(
+                    tile, grad_rows[t0:t1] if need_rows else None, weight_grad_tile, written,
+                    grad_bias[v0:v1] if need_bias else None,
+                )  # fmt: skip
+                written = written or need_weight
                 continue
             if need_rows:  # with one vocabulary tile, each row block is written once
-                matmul_into(grad_rows[t0:t1], dlogits, weight_tile, accumulate=len(v_bounds) > 1)
+                matmul_into(grad_rows[t0:t1], tile, weight_tile, accumulate=len(v_bounds) > 1)
             if need_weight:
-                matmul_into(weight_grad_tile, dlogits.t(), rows[t0:t1], accumulate=written)
+                matmul_into(weight_grad_tile, tile.t(), rows[t0:t1], accumulate=written)
                 written = True
             if need_bias:
-                grad_bias[v0:v1] += dlogits.sum(0, dtype=acc_dtype)
+                grad_bias[v0:v1] += tile.sum(0, dtype=acc_dtype)
         if need_weight:
             if not written:  # every token tile skipped (opt-in filtering)
                 weight_grad_tile.zero_()
@@ -130,3 +159,22 @@ def accumulate_gradients(
         grad_weight,
         grad_bias.to(bias.dtype) if grad_bias is not None else None,
     )
+
+
+def _add_factored(
+    tile: FactoredTile,
+    grad_rows: torch.Tensor | None,
+    weight_grad_tile: torch.Tensor | None,
+    written: bool,
+    bias_grad_tile: torch.Tensor | None,
+) -> None:
+    """The GEMMs of a :class:`FactoredTile` (``dlogits = f * T``): ``grad_rows += f * (T @ W)``
+    (the factor scales the ``(rows, H)`` product, not the tile), ``grad_W_tile += T^T @ (f *
+    rows)``, ``grad_bias_tile += T^T @ f``. No atomics: a fixed order, as the plain tiles."""
+    values, factor, rows, weight = tile
+    if grad_rows is not None:
+        grad_rows.addcmul_(torch.mm(values, weight), factor[:, None])
+    if weight_grad_tile is not None:
+        matmul_into(weight_grad_tile, values.t(), rows * factor[:, None], accumulate=written)
+    if bias_grad_tile is not None:
+        bias_grad_tile.add_(values.t() @ factor)

@@ -13,7 +13,8 @@ in one ``torch.autograd.Function``. A backend is a module with
   saved) -> (grad_rows, grad_weight, grad_bias)``, which may overwrite ``saved``,
 
 operating on gathered rows ``(N, H)``. No backend holds an ``N x V`` tensor unless the caller
-opts in to saved logits (:class:`.tiles.KernelOptions`), and then at most its byte budget.
+keeps saved logits, and then at most the byte budget of :class:`.tiles.KernelOptions` (256 MiB
+by default; 0 for none).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def response_logprobs(
             float32 ``weight``).
         weight: ``(V, H)``; bias: ``(V,)`` or None.
         targets: ``(N,)`` integer ids in ``[0, V)``.
-        kernel_options: opt-in kernel knobs (:class:`.tiles.KernelOptions`), or None.
+        kernel_options: kernel knobs (:class:`.tiles.KernelOptions`), or None for the defaults.
     Returns:
         ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
@@ -312,9 +313,9 @@ def fused_linear_logprobs(
             default: derived from H, V and the device.
         backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"``, ``"triton"``
             or ``"triton_tma"`` (the persistent TMA variant, Hopper and newer; opt-in).
-        kernel_options: opt-in kernel knobs, e.g. ``KernelOptions(saved_logits_bytes=2**30)``
-            to keep up to 1 GiB of forward logits and skip their recompute in the backward
-            (:class:`solopo_kernels.ops.KernelOptions`; None: the exact minimal-memory default).
+        kernel_options: kernel knobs (:class:`solopo_kernels.ops.KernelOptions`; None: the
+            defaults, which keep up to 256 MiB of float32 forward logits to skip their recompute;
+            ``KernelOptions(saved_logits_bytes=0)`` for the strict minimal-memory kernels).
     Returns:
         float32 tensor of the shape of ``labels`` (float64 for float64 inputs), 0.0 at ignored
         positions; differentiable in ``hidden``, ``weight`` and ``bias``.

@@ -1,13 +1,17 @@
-"""How one log-prob call is cut into tiles: the user's opt-in knobs (:class:`KernelOptions`) and
+"""How one log-prob call is cut into tiles: the user's knobs (:class:`KernelOptions`) and
 the geometry a backend derives from them at forward time and reuses in the backward
 (:class:`Tiles`).
 
-By default the kernels keep nothing of size ``N x V``: the forward saves one log-sum-exp per row
-and the backward recomputes every logits tile (``8 N H V`` FLOPs in all). With
-``KernelOptions(saved_logits_bytes=B)`` the forward also keeps the float32 logits of the first
-``saved_columns`` vocabulary columns of every row, as many as fit in ``B`` bytes; the backward
-reads those tiles instead of recomputing them, down to ``6 N H V`` FLOPs when all of ``N x V``
-fits. Saved tiles hold the forward's float32 logits, so the result is as exact either way.
+The forward saves one log-sum-exp per row and keeps the float32 logits of the first
+``saved_columns`` vocabulary columns of every row, as many as fit in
+``KernelOptions.saved_logits_bytes`` (by default :data:`DEFAULT_SAVED_LOGITS_BYTES`, 256 MiB);
+the backward reads those tiles instead of recomputing them, and recomputes the rest. A small step
+(``4 N V`` bytes within the budget) runs at ``6 N H V`` FLOPs; a long one saves what fits and
+recomputes tile by tile, towards ``8 N H V``; memory stays within the budget of the
+recomputing kernels'. ``KernelOptions(saved_logits_bytes=0)`` keeps nothing of size ``N x V``:
+the strict minimal-memory kernels. Saved tiles hold the forward's own float32 values (the Triton
+backend its logits, the torch backend their log-probabilities), so the result is as exact either
+way.
 """
 
 from __future__ import annotations
@@ -20,18 +24,24 @@ from dataclasses import dataclass
 SAVED_LOGITS_BYTES_PER_ELEMENT = 4
 # A partial saved region is a multiple of this many columns (GEMM-friendly tile edges).
 SAVED_COLUMNS_ALIGN = 64
+# The default saved-logits budget. Big enough that a short step keeps all of its N x V logits
+# (N = 8192 response tokens at V = 8192, or N = 512 at V = 128K), small next to a 7B model's
+# weights and activations; the recompute it saves is a quarter of the head's GEMM work.
+DEFAULT_SAVED_LOGITS_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """Opt-in knobs of the log-prob kernels; the defaults are the exact, minimal-memory kernels.
+    """Knobs of the log-prob kernels; every setting is exact.
 
     Attributes:
         saved_logits_bytes: bytes the forward may spend on float32 logits kept for the backward
-            (default 0: none, every tile is recomputed). Within the budget the backward skips the
-            recompute of those tiles, trading ``4 N`` bytes per vocabulary column for ``2 N H``
-            FLOPs; ``4 * N * V`` bytes (``N`` response tokens) saves all of them. Values and
-            gradients are the same either way, to the kernels' tolerances. Both backends.
+            (default :data:`DEFAULT_SAVED_LOGITS_BYTES`, 256 MiB; 0: none, every tile is
+            recomputed, the strict minimal-memory kernels). Within the budget the backward skips
+            the recompute of those tiles, trading ``4 N`` bytes per vocabulary column for
+            ``2 N H`` FLOPs; ``4 * N * V`` bytes (``N`` response tokens) saves all of them.
+            Values and gradients are the same either way, to the kernels' tolerances. Both
+            backends.
         skip_threshold: CCE-style gradient filtering (default 0.0: off, exact). The Triton
             backward skips the two gradient GEMMs of every ``[token_tile, vocab_tile]`` tile whose
             largest ``|dlogits| = |g * (onehot - softmax)| / temperature`` is below it (one host
@@ -42,7 +52,7 @@ class KernelOptions:
             tile.
     """
 
-    saved_logits_bytes: int = 0
+    saved_logits_bytes: int = DEFAULT_SAVED_LOGITS_BYTES
     skip_threshold: float = 0.0
 
     def __post_init__(self) -> None:

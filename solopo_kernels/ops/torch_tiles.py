@@ -3,15 +3,27 @@
 Both passes walk the vocabulary in tiles of ``vocab_tile`` columns (outer loop, so each weight
 tile is read and up-cast once per pass) and the gathered response rows in tiles of
 ``token_tile`` rows (inner loop). Only one ``token_tile x vocab_tile`` logits tile exists at a
-time; the softmax normaliser is folded online (running max and rescaled sum of exponentials), and
-the target logit is picked from the tile that holds its id. Everything is accumulated in float32
-(float64 for float64 inputs), whatever the input dtype.
+time. Everything is accumulated in float32 (float64 for float64 inputs), whatever the input dtype.
 
-With a saved-logits budget (:class:`.tiles.KernelOptions`), the forward writes the logits of the
-first ``tiles.saved_columns`` columns of all rows, one GEMM per vocabulary tile, straight into one
-``(N, saved_columns)`` float32 (float64) tensor, and the backward turns those tiles into
-``dlogits`` in place (it consumes them) and runs their gradient GEMMs over all rows at once:
-tiles there are views of the saved tensor, so their height costs no memory.
+What a tile costs besides its GEMM is what decides the speed on a CPU, where a 16 MiB tile does
+not stay in cache between two passes over it. So each tile gets one pass of ATen's fused row
+kernels, which hold a row in cache while they reduce and rewrite it:
+
+* forward: ``log_softmax`` in place gives the tile's log-sum-exp per row (the first column's
+  logit minus its log-probability), folded into the running one with ``logaddexp``; the target
+  logit is picked before;
+* backward: the recomputed tile becomes its probabilities by ``softmax`` in place when it spans
+  the vocabulary (else ``exp(logits - lse)``), minus the one-hot of the targets (one element per
+  row), and the row factor ``-g / temperature`` is applied to the ``(rows, H)`` sides of the
+  gradient GEMMs (:class:`.gradients.FactoredTile`), not to the tile; ``1 / temperature`` is the
+  GEMM's ``alpha``.
+
+With a saved-logits budget (:class:`.tiles.KernelOptions`), the forward writes the first
+``tiles.saved_columns`` columns of all rows, one GEMM per vocabulary tile, straight into one
+contiguous ``(N, width)`` block per tile, leaves them as log-probabilities (``logits - lse``),
+and the backward exponentiates them in place (it consumes them) and runs their gradient GEMMs
+over all rows at once: tiles there are views of the saved tensor, so their height costs no
+memory.
 
 FLOPs: forward ``2 N H V``; backward ``6 N H V`` (recomputed logits, ``grad_rows``, ``grad_weight``),
 minus ``2 N H`` per saved column. The backward's tile loop is :mod:`.gradients`, shared with the
@@ -25,7 +37,7 @@ from dataclasses import replace
 
 import torch
 
-from .gradients import accumulate_gradients
+from .gradients import FactoredTile, accumulate_gradients
 from .tiles import KernelOptions, Tiles, saved_columns, tile_bounds, vocab_bounds
 
 # Tile budgets, in logits elements. The CPU budget keeps a float32 tile at 16 MiB (cache- and
@@ -57,7 +69,7 @@ def default_tiles(
     ``_WEIGHT_TILE_ELEMENTS`` (at least 256 columns), and the token tile fills the logits budget.
     ``options.saved_logits_bytes`` sets how many leading columns the forward saves.
     """
-    budget = options.saved_logits_bytes if options is not None else 0
+    budget = (options or KernelOptions()).saved_logits_bytes
     # Inside the saved columns a tile is a view of the saved logits: all rows at once cost no
     # memory, and give the GEMMs their full height.
     saved = {"saved_columns": saved_columns(budget, n_rows, vocab), "saved_token_tile": n_rows}
@@ -78,15 +90,17 @@ def _logits_tile(
     temperature: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(rows @ weight.T + bias) / temperature`` for already up-cast tiles, into ``out`` (a view
-    of the saved logits) or a fresh tensor."""
+    """``(rows @ weight.T + bias) / temperature`` for already up-cast tiles, into ``out`` (a
+    contiguous tile buffer) or a fresh tensor; ``1 / temperature`` is the GEMM's ``alpha`` (and
+    the bias's ``beta``), not a pass of its own."""
+    scale = 1.0 / temperature
     if bias is not None:
-        logits = torch.addmm(bias, rows, weight.t(), out=out)
-    else:
-        logits = torch.mm(rows, weight.t(), out=out)
-    if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
+        return torch.addmm(bias, rows, weight.t(), beta=scale, alpha=scale, out=out)
+    if scale == 1.0:
+        return torch.mm(rows, weight.t(), out=out)
+    if out is None:
+        out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
+    return torch.addmm(out, rows, weight.t(), beta=0, alpha=scale, out=out)
 
 
 def _head_tile(
@@ -129,6 +143,30 @@ class _Scratch:
         return self.buffer[: n * width].view(n, width)
 
 
+def _log_softmax_(tile: torch.Tensor) -> torch.Tensor:
+    """``tile - logsumexp(tile, 1)`` in place, by ATen's fused row kernel (each row is read while
+    it is in cache: one pass over the tile from memory instead of four separate ones for max,
+    subtract, exp and sum). Only for contiguous tiles: the kernel mishandles a strided ``out``."""
+    return torch.ops.aten._log_softmax.out(tile, 1, False, out=tile)
+
+
+def _softmax_(tile: torch.Tensor) -> torch.Tensor:
+    """``softmax(tile, 1)`` in place, by ATen's fused row kernel (contiguous tiles only)."""
+    return torch.ops.aten._softmax.out(tile, 1, False, out=tile)
+
+
+def _saved_blocks(
+    n_rows: int, edge: int, vocab_tile: int
+) -> list[tuple[int, int, int]]:
+    """``(v0, v1, offset)`` of each saved vocabulary tile: tile ``[v0, v1)`` of all rows is the
+    contiguous ``(n_rows, v1 - v0)`` block at ``offset`` of the flat saved tensor."""
+    blocks, offset = [], 0
+    for v0, v1 in tile_bounds(0, edge, max(1, vocab_tile)):
+        blocks.append((v0, v1, offset))
+        offset += n_rows * (v1 - v0)
+    return blocks
+
+
 def forward(
     rows: torch.Tensor,
     weight: torch.Tensor,
@@ -148,48 +186,56 @@ def forward(
         bias: ``(V,)`` or None.
         targets: ``(N,)`` integer target ids in ``[0, V)``.
         tiles: from :func:`default_tiles`.
-        save_logits: keep the logits of columns ``[0, tiles.saved_columns)`` for the backward.
+        save_logits: keep columns ``[0, tiles.saved_columns)`` for the backward.
     Returns:
         ``(logp, lse, saved)``: ``(N,)`` log-probs and log-sum-exps in the accumulation dtype
-        (float32, or float64), and the ``(N, saved_columns)`` saved logits (None if none).
+        (float32, or float64), and the saved columns as one flat tensor of ``(N, width)``
+        blocks, one per vocabulary tile, holding the log-probabilities ``logits - lse`` (None if
+        nothing is saved).
     """
     acc = accumulation_dtype(rows.dtype)
     n_rows, vocab = rows.shape[0], weight.shape[0]
     token_bounds = tile_bounds(0, n_rows, max(1, tiles.token_tile))
     edge = min(tiles.saved_columns, vocab) if save_logits else 0
-    saved = torch.empty((n_rows, edge), dtype=acc, device=rows.device) if edge else None
-    running_max = torch.full((n_rows,), -math.inf, dtype=acc, device=rows.device)
-    running_sum = torch.zeros(n_rows, dtype=acc, device=rows.device)
+    saved = torch.empty(n_rows * edge, dtype=acc, device=rows.device) if edge else None
+    blocks = {(v0, v1): offset for v0, v1, offset in _saved_blocks(n_rows, edge, tiles.vocab_tile)}
+    lse = torch.full((n_rows,), -math.inf, dtype=acc, device=rows.device)
     target_logit = torch.zeros(n_rows, dtype=acc, device=rows.device)
-    bounds = vocab_bounds(replace(tiles, saved_columns=edge), vocab, tiles.vocab_tile)
-    scratch = _Scratch(
-        acc, rows.device
-    )  # one tile, reused: no allocation (nor page faults) per tile
-    for v0, v1 in bounds:
+    rows_acc = rows.to(acc)  # once, not once per vocabulary tile (a no-op in float32)
+    scratch = _Scratch(acc, rows.device)  # one tile, reused: no allocation (nor page faults) per tile
+    saved_tile_lse = []
+    for v0, v1 in vocab_bounds(replace(tiles, saved_columns=edge), vocab, tiles.vocab_tile):
         w, b = _head_tile(weight, bias, v0, v1, rows.dtype, acc)
-        if v1 <= edge:  # one GEMM of all rows, straight into the saved logits
-            _logits_tile(rows.to(acc), w, b, temperature, out=saved[:, v0:v1])
-        for t0, t1 in token_bounds:
-            kept = saved[t0:t1, v0:v1] if v1 <= edge else None
-            if kept is None:
-                out = scratch.tile(t1 - t0, v1 - v0)
-                logits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature, out=out)
-            else:
-                logits = kept
-            local, in_tile = _target_columns(targets[t0:t1], v0, v1 - v0)
+        width = v1 - v0
+        if (v0, v1) in blocks:  # one GEMM of all rows, straight into the saved block
+            start = blocks[v0, v1]
+            pieces = [(0, n_rows, saved[start : start + n_rows * width].view(n_rows, width))]
+        else:
+            pieces = [(t0, t1, None) for t0, t1 in token_bounds]
+        for t0, t1, out in pieces:
+            out = out if out is not None else scratch.tile(t1 - t0, width)
+            logits = _logits_tile(rows_acc[t0:t1], w, b, temperature, out=out)
+            local, in_tile = _target_columns(targets[t0:t1], v0, width)
             picked = logits.gather(1, local).squeeze(1)
             target_logit[t0:t1] = torch.where(in_tile, picked, target_logit[t0:t1])
-            new_max = torch.maximum(running_max[t0:t1], logits.amax(1))
-            if kept is None:
-                shifted = logits.sub_(new_max.unsqueeze(1))
-            else:  # the saved logits stay as they are
-                shifted = torch.sub(logits, new_max[:, None], out=scratch.tile(t1 - t0, v1 - v0))
-            tile_sum = shifted.exp_().sum(1)
-            running_sum[t0:t1] = (
-                running_sum[t0:t1] * torch.exp(running_max[t0:t1] - new_max) + tile_sum
-            )
-            running_max[t0:t1] = new_max
-    lse = running_max + torch.log(running_sum)
+            first = logits[:, 0].clone()
+            if b is not None and not torch.isfinite(b[0]):  # a -inf bias masks column 0
+                first = None
+            _log_softmax_(logits)
+            if first is not None:
+                tile_lse = first - logits[:, 0]  # = logsumexp of the tile's row
+            else:  # rare: recompute the rows' log-sum-exp from the logits
+                tile_lse = torch.logsumexp(
+                    _logits_tile(rows_acc[t0:t1], w, b, temperature), dim=1
+                )
+            lse[t0:t1] = torch.logaddexp(lse[t0:t1], tile_lse)
+            if (v0, v1) in blocks:
+                saved_tile_lse.append((logits, tile_lse))
+    # Saved blocks hold logits - (their tile's lse); make it logits - lse, so that the backward
+    # only exponentiates them (nothing to do when one tile spans the vocabulary).
+    for block, tile_lse in saved_tile_lse:
+        if block.shape[1] < vocab:
+            block.add_((tile_lse - lse).unsqueeze(1))
     return target_logit - lse, lse, saved
 
 
@@ -208,32 +254,56 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. ``rows``, ``weight`` and ``bias``.
 
-    Each logits tile is recomputed into one reused buffer (or, for the columns of ``saved``,
-    taken from the forward's logits, which it overwrites: ``saved`` is consumed) and turned into
-    ``dlogits = grad_logp * (onehot(target) - softmax) / temperature``; the shared tile loop of
-    :mod:`.gradients` accumulates the gradients from it.
+    Each tile becomes the probabilities ``softmax`` of its rows (recomputed into one reused
+    buffer, or, for the saved columns, exponentiated in place: ``saved`` is consumed), handed to
+    the shared tile loop of :mod:`.gradients` as ``softmax - onehot`` in a
+    :class:`.gradients.FactoredTile` with the row factor ``-grad_logp / temperature``, which the
+    loop applies to the GEMMs' ``(rows, H)`` sides: each tile costs one pass besides its GEMMs.
     """
     acc = accumulation_dtype(rows.dtype)
     scale = grad_logp.to(acc) / temperature
-    edge = saved.shape[1] if saved is not None else 0
+    n_rows, vocab = rows.shape[0], weight.shape[0]
+    edge = saved.numel() // n_rows if saved is not None and n_rows else 0
+    blocks = _saved_blocks(n_rows, edge, tiles.vocab_tile)
     cached: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
     scratch = _Scratch(acc, rows.device)
+    rows_acc = rows.to(acc)
+    neg_scale = -scale
 
-    def fill(t0: int, t1: int, v0: int, v1: int) -> torch.Tensor:
+    def saved_probs(t0: int, t1: int, v0: int, v1: int) -> torch.Tensor:
+        """Saved columns ``[v0, v1)`` of rows ``[t0, t1)`` exponentiated in place: a view of
+        the forward's block holding them, or, for a backward tile across two blocks (a narrowed
+        tile), the pieces put together. (A loop, not a recursion: a recursive closure is a
+        reference cycle that would keep the saved logits alive past the backward.)"""
+        pieces = []
+        for b0, b1, offset in blocks:
+            lo, hi = max(v0, b0), min(v1, b1)
+            if lo < hi:
+                block = saved[offset : offset + n_rows * (b1 - b0)].view(n_rows, b1 - b0)
+                pieces.append(block[t0:t1, lo - b0 : hi - b0].exp_())
+        assert pieces and sum(p.shape[1] for p in pieces) == v1 - v0, (v0, v1, blocks)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def fill(t0: int, t1: int, v0: int, v1: int) -> FactoredTile:
+        if (v0, v1) not in cached:  # up-cast each weight tile once, not once per token tile
+            cached.clear()
+            cached[v0, v1] = _head_tile(weight, bias, v0, v1, rows.dtype, acc)
+        w, b = cached[v0, v1]
         if v1 <= edge:  # a saved tile: no GEMM, and no new tile either
-            dlogits = saved[t0:t1, v0:v1].sub_(lse[t0:t1].unsqueeze(1))
+            probs = saved_probs(t0, t1, v0, v1)
         else:
-            if (v0, v1) not in cached:  # up-cast each weight tile once, not once per token tile
-                cached.clear()
-                cached[v0, v1] = _head_tile(weight, bias, v0, v1, rows.dtype, acc)
-            w, b = cached[v0, v1]
-            out = scratch.tile(t1 - t0, v1 - v0)
-            dlogits = _logits_tile(rows[t0:t1].to(acc), w, b, temperature, out=out)
-            dlogits.sub_(lse[t0:t1].unsqueeze(1))
-        dlogits.exp_()  # softmax probabilities
-        dlogits.mul_(-scale[t0:t1].unsqueeze(1))
+            logits = _logits_tile(
+                rows_acc[t0:t1], w, b, temperature, out=scratch.tile(t1 - t0, v1 - v0)
+            )
+            if v1 - v0 == vocab:  # the tile spans the vocabulary: its softmax is the softmax
+                probs = _softmax_(logits)
+            else:
+                probs = logits.sub_(lse[t0:t1].unsqueeze(1)).exp_()
+        # dlogits = g / T * (onehot - p) = (-g / T) * (p - onehot): subtract the one-hot (one
+        # element per row, so no two writes meet) and leave the row factor to the GEMMs.
         local, in_tile = _target_columns(targets[t0:t1], v0, v1 - v0)
-        return dlogits.scatter_add_(1, local, (scale[t0:t1] * in_tile).unsqueeze(1))
+        probs.scatter_add_(1, local, -in_tile.to(acc).unsqueeze(1))
+        return FactoredTile(probs, neg_scale[t0:t1], rows_acc[t0:t1], w)
 
     return accumulate_gradients(
         rows,

@@ -6,8 +6,9 @@ one per operand dtype (:data:`HALF_CONFIGS`, :data:`FP32_CONFIGS`), less those t
 (``benchmarks/results/compile/``, Triton 3.6 and 3.9, sm_90 and sm_80) found spilling for the case
 at hand (:func:`spills`). The tuning key holds every argument that changes which config is fit or
 fastest: ``H``, ``V``, a bucket of the row count (:func:`rows_bucket`), the flags
-``HAS_BIAS``/``SAVE_LOGITS``/``TRACK_MAX`` and ``DOT_PRECISION``, and (added by Triton) the dtype
-of every tensor argument. So a config pruned for one case (say, spilling with saved logits) is
+``HAS_BIAS``/``ROUND_HEAD``/``SAVE_LOGITS``/``TRACK_MAX`` and ``DOT_PRECISION``, and the dtype of
+every tensor argument (added by Triton for pointers; for the TMA kernels, whose descriptors carry
+no dtype Triton reads, the ``ROWS_DTYPE`` argument). So a config pruned for one case (say, spilling with saved logits) is
 never reused for another from the tuner's cache. Under ``TRITON_INTERPRET=1`` there is no tuning:
 one fixed small config (:data:`INTERPRETER_CONFIG`). ``TRITON_INTERPRET`` must be set before this
 module (and Triton) is imported.
@@ -80,7 +81,10 @@ TUNE_ROWS_CAP = 16384
 # Tuning-key arguments besides H, V and ROWS, when the kernel has them: the flags change register
 # pressure (and so the spill exclusions and the fastest config), the dot precision changes the
 # instruction mix.
-_FLAG_KEYS = ("HAS_BIAS", "SAVE_LOGITS", "TRACK_MAX", "DOT_PRECISION")
+# ROWS_DTYPE: the TMA kernels take descriptors, which Triton's key does not read a dtype from.
+_FLAG_KEYS = (
+    "HAS_BIAS", "ROUND_HEAD", "SAVE_LOGITS", "TRACK_MAX", "DOT_PRECISION", "ROWS_DTYPE",
+)  # fmt: skip
 
 
 def rows_bucket(n_rows: int) -> int:

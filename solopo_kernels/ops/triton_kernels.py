@@ -169,8 +169,9 @@ def store_partials(
     partial_ptr, split, n_splits, N, offs_n, row_ok, run_max, run_sum, target_logit
 ):
     """A split's three per-row numbers into ``partial[0 | 1 | 2, split, rows]`` (float32)."""
-    # int64: splits x N can pass 2**31 for a very long batch.
-    splits_x_n = n_splits.to(tl.int64) * N
+    # int64: splits x N can pass 2**31 for a very long batch. tl.cast, not .to: an integer
+    # argument equal to 1 is specialised into a constant, which has no .to.
+    splits_x_n = tl.cast(n_splits, tl.int64) * N
     out = partial_ptr + split.to(tl.int64) * N + offs_n
     tl.store(out, run_max, mask=row_ok)
     tl.store(out + splits_x_n, run_sum, mask=row_ok)

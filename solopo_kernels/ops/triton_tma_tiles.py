@@ -165,6 +165,7 @@ def _tma_forward_kernel(
     SAVE_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    ROWS_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -225,6 +226,7 @@ def _tma_dlogits_kernel(
     TRACK_MAX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    ROWS_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -320,6 +322,7 @@ def launch_tma_forward(
         SAVE_LOGITS=saved is not None,
         DOT_PRECISION=tiles.dot_precision,
         DOT_IN_FP32=pointer.dot_in_fp32(rows),
+        ROWS_DTYPE=str(rows.dtype),
         **configs.LAUNCH_CONFIG,
     )
 
@@ -405,6 +408,7 @@ def launch_tma_dlogits(
             TRACK_MAX=block_max is not None,
             DOT_PRECISION=dot_precision,
             DOT_IN_FP32=pointer.dot_in_fp32(rows),
+            ROWS_DTYPE=str(rows.dtype),
             **configs.LAUNCH_CONFIG,
         )
 

@@ -148,7 +148,7 @@ def test_plots_set_our_lines_apart_and_explain_every_mark():
         style = rm.line_style(name)
         if name not in rm.OURS:
             assert style["linewidth"] < ours["linewidth"] and style["zorder"] < ours["zorder"]
-    assert rm.line_style("ours-saved") == ours
+    assert rm.line_style("ours-strict") == ours
     solopo = [c for c in _cells() if c.kind == "solopo"]
     notes = rm.legend_notes(solopo, PEER_ORDER, grouped=True)
     assert any(n.startswith("† Liger") for n in notes)  # Liger is marked † in solopo rows

@@ -1,14 +1,21 @@
 """The memory and FLOP budgets of docs/kernels.md, checked deterministically: allocation sizes and matmul FLOPs.
 
-Each check is also run on a materialising implementation to show it would fail there.
+The strict minimal-memory kernels (``KernelOptions(saved_logits_bytes=0)``): no allocation past
+the tile budget, ``8 N H V`` FLOPs whatever ``T``. The default (a bounded saved-logits budget):
+a small step keeps all its logits and runs at ``6 N H V``; a large one keeps what fits, and its
+peak stays within the budget of the strict kernels' peak. Each check is also run on a
+materialising implementation to show it would fail there.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from solopo_kernels import fused_linear_logprobs
+from solopo_kernels import KernelOptions, fused_linear_logprobs
+from solopo_kernels.ops.tiles import DEFAULT_SAVED_LOGITS_BYTES
 from tests import reference
 from tests.inputs import IGNORE, Head
 from tests.instruments import AllocationRecorder
@@ -31,6 +38,7 @@ def _forward_backward(fn, hidden, head, labels):
 VOCAB, HIDDEN, T_ROW, N_ROW = 8192, 32, 2048, 1024
 BUDGET = 2 * N_ROW * VOCAB // 50
 TILES = (256, 1024)  # 262,144 elements <= BUDGET
+STRICT = KernelOptions(saved_logits_bytes=0)
 
 
 def test_no_allocation_exceeds_the_tile_budget():
@@ -39,7 +47,9 @@ def test_no_allocation_exceeds_the_tile_budget():
     assert TILES[0] * TILES[1] <= BUDGET and 2 * N_ROW * VOCAB >= 50 * BUDGET
     with AllocationRecorder() as rec:
         _forward_backward(
-            lambda h, w, y, b: fused_linear_logprobs(h, w, y, b, chunk_size=TILES, backend="torch"),
+            lambda h, w, y, b: fused_linear_logprobs(
+                h, w, y, b, chunk_size=TILES, backend="torch", kernel_options=STRICT
+            ),
             hidden,
             head,
             labels,
@@ -73,7 +83,9 @@ def _matmul_flops(fn, tokens_per_row: int, response_per_row: int, vocab=512, hid
 
 def test_flops_scale_with_response_tokens_not_positions():
     def ours(h, w, y, b):
-        return fused_linear_logprobs(h, w, y, b, chunk_size=(64, 128), backend="torch")
+        return fused_linear_logprobs(
+            h, w, y, b, chunk_size=(64, 128), backend="torch", kernel_options=STRICT
+        )
 
     n, vocab, hidden = 2 * 100, 512, 16
     short = _matmul_flops(ours, 200, 100)
@@ -87,3 +99,39 @@ def test_flop_counter_catches_work_on_prompt_positions():
     plain_short = _matmul_flops(reference.token_logps, 200, 100)
     plain_long = _matmul_flops(reference.token_logps, 3200, 100)
     assert plain_long == 16 * plain_short
+
+
+def test_the_default_keeps_a_small_steps_logits_and_runs_at_6_nhv():
+    def ours(h, w, y, b):
+        return fused_linear_logprobs(h, w, y, b, chunk_size=(64, 128), backend="torch")
+
+    n, vocab, hidden = 2 * 100, 512, 16
+    assert 4 * n * vocab <= DEFAULT_SAVED_LOGITS_BYTES
+    assert _matmul_flops(ours, 200, 100) == 6 * n * hidden * vocab
+    assert _matmul_flops(ours, 3200, 100) == 6 * n * hidden * vocab
+
+
+def test_the_default_budget_bounds_a_large_steps_extra_memory():
+    """N x V float32 logits of 320 MiB, over the 256 MiB default: the forward keeps what fits
+    (whole 64-column blocks), the rest is recomputed, and the peak of live allocations stays
+    within the budget of the strict kernels' peak. H = 8 keeps the GEMMs cheap."""
+    vocab, hidden, n_rows = 81920, 8, 1024
+    assert 4 * n_rows * vocab > DEFAULT_SAVED_LOGITS_BYTES
+    head = Head.random(vocab, hidden, bias=False)
+    rows = torch.randn(n_rows, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (n_rows,))
+
+    def peak(options):
+        with AllocationRecorder() as rec:
+            out = fused_linear_logprobs(rows, head.weight, labels, backend="torch", kernel_options=options)
+            out.sum().backward()
+        rows.grad = head.weight.grad = None
+        return rec
+
+    strict, default = peak(STRICT), peak(None)
+    extra = default.peak_live_bytes - strict.peak_live_bytes
+    assert 0 < extra <= DEFAULT_SAVED_LOGITS_BYTES
+    columns = DEFAULT_SAVED_LOGITS_BYTES // (4 * n_rows) // 64 * 64  # whole 64-column blocks
+    assert 0 < columns < vocab
+    assert ("aten.empty.memory_format", torch.float32, (n_rows * columns,)) in default.allocations
+    assert not any(math.prod(s) == n_rows * columns for _, _, s in strict.allocations)

@@ -143,3 +143,13 @@ def test_the_probe_runs_once_per_device_and_dtype_and_matmul_into_uses_its_route
         reference.assert_close_rel(acc, start.double() + a.double() @ b.double(), 1e-6, "route")
         with pytest.warns(RuntimeWarning):
             gemm_routes.gemm_route(CPU, torch.float16)
+
+
+def test_the_probe_is_not_fooled_by_the_callers_autocast():
+    """The first use can come from a forward under autocast: the probe's reference must not be
+    a 16-bit GEMM then (a working route would be judged wrong, and upcast kept for good)."""
+    routes = {**gemm_routes.ROUTE_IMPLS, "addmm_out_dtype": _emulated()}
+    with mock.patch.dict(gemm_routes.ROUTE_IMPLS, routes), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert gemm_routes.probe_gemm_route(CPU, torch.bfloat16) == "addmm_out_dtype"

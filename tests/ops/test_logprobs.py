@@ -179,3 +179,23 @@ def test_auto_backend_on_cuda_picks_triton_but_torch_for_float64():
     cuda = torch.device("cuda")
     assert dispatch.resolve_backend("auto", cuda, torch.float64).__name__.endswith("torch_tiles")
     assert dispatch.resolve_backend("auto", cuda, torch.bfloat16).__name__.endswith("triton_tiles")
+
+
+def test_a_minus_infinity_bias_masks_columns_without_nan():
+    """A bias of -inf masks vocabulary columns (the first one included, which the torch
+    backend's per-tile log-sum-exp would otherwise read): values and gradients stay finite and
+    match the float64 reference with those columns masked."""
+    from tests import reference as ref_module
+
+    vocab, hidden_size = 150, 16
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    bias = torch.randn(vocab)
+    bias[[0, 64, 65, 149]] = float("-inf")
+    bias.requires_grad_()
+    hidden = torch.randn(2, 7, hidden_size, requires_grad=True)
+    labels = torch.randint(1, 64, (2, 7))
+    out = fused_linear_logprobs(hidden, weight, labels, bias, backend="torch", chunk_size=(4, 64))
+    grads = torch.autograd.grad(out.sum(), [hidden, weight])
+    expected = ref_module.token_logps(hidden.double(), weight.double(), labels, bias.double())
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    ref_module.assert_close_rel(out, expected, 1e-5, "logp")

@@ -125,9 +125,11 @@ def test_the_tuning_key_holds_every_flag_that_changes_a_configs_fitness(monkeypa
     tma = triton_configs.autotuned(
         triton_tma_tiles._tma_forward_kernel, triton_tma_tiles.TMA_CONFIGS, triton_configs.CONFIGS
     )
-    assert forward.keys == ["H", "V", "ROWS", "HAS_BIAS", "SAVE_LOGITS", "DOT_PRECISION"]
-    assert dlogits.keys == ["H", "V", "ROWS", "HAS_BIAS", "TRACK_MAX", "DOT_PRECISION"]
-    assert tma.keys == forward.keys
+    flags = ["HAS_BIAS", "ROUND_HEAD"]
+    assert forward.keys == ["H", "V", "ROWS", *flags, "SAVE_LOGITS", "DOT_PRECISION"]
+    assert dlogits.keys == ["H", "V", "ROWS", *flags, "TRACK_MAX", "DOT_PRECISION"]
+    # Descriptors carry no dtype Triton reads: the TMA kernels name it.
+    assert tma.keys == [*forward.keys, "ROWS_DTYPE"]
 
 
 def test_the_solopo_loss_with_a_float32_head_equals_the_loss_with_its_bf16_copy():

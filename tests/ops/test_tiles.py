@@ -10,6 +10,7 @@ import torch
 from solopo_kernels import fused_linear_logprobs
 from solopo_kernels.ops import KernelOptions
 from solopo_kernels.ops.tiles import (
+    DEFAULT_SAVED_LOGITS_BYTES,
     SAVED_COLUMNS_ALIGN,
     Tiles,
     check_kernel_options,
@@ -26,8 +27,9 @@ def test_kernel_options_and_every_public_name_resolve_at_the_top_level():
         assert getattr(solopo_kernels, name) is not None, name
 
 
-def test_kernel_options_default_to_the_minimal_memory_kernels():
-    assert KernelOptions().saved_logits_bytes == 0
+def test_kernel_options_default_to_a_bounded_saved_logits_budget():
+    assert KernelOptions().saved_logits_bytes == DEFAULT_SAVED_LOGITS_BYTES == 256 << 20
+    assert KernelOptions().skip_threshold == 0.0  # exact
     assert check_kernel_options(None) == KernelOptions()
 
 

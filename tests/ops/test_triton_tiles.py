@@ -63,7 +63,13 @@ def _params(hidden, head):
     return [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
 
 
+# These tests are about the recompute kernel: nothing saved unless a test asks (saved logits have
+# their own tests in test_saved_logits.py).
+STRICT = KernelOptions(saved_logits_bytes=0)
+
+
 def _run(hidden, head, labels, upstream, backend, **kwargs):
+    kwargs.setdefault("kernel_options", STRICT)
     out = fused_linear_logprobs(hidden, head.weight, labels, head.bias, backend=backend, **kwargs)
     grads = torch.autograd.grad((out * upstream).sum(), _params(hidden, head))
     return out, grads
@@ -246,7 +252,8 @@ def test_triton_backend_resolution(launches):
 
 
 def test_triton_no_tile_sized_allocation_beyond_the_budget(launches):
-    """No allocation of N x V: the largest is a gradient, an input copy or the dlogits tile. A
+    """No allocation of N x V with nothing saved (the strict kernels): the largest is a gradient,
+    an input copy or the dlogits tile. A
     first run outside the recorder does the autotuning (on a GPU, Triton's benchmark allocates a
     256 MB L2-flush buffer, which is not the op's memory)."""
     x, head, labels = _batch(4, 40, torch.float32, bias=True, vocab=300, hidden=H)
@@ -256,8 +263,9 @@ def test_triton_no_tile_sized_allocation_beyond_the_budget(launches):
 
     def step():
         out = fused_linear_logprobs(
-            x, head.weight, labels, head.bias, chunk_size=tile, backend="triton"
-        )
+            x, head.weight, labels, head.bias, chunk_size=tile, backend="triton",
+            kernel_options=STRICT,
+        )  # fmt: skip
         (out * torch.randn(labels.shape)).sum().backward()
 
     step()  # warm-up: compilation and autotuning
@@ -281,7 +289,7 @@ def test_triton_tile_skipping_is_opt_in_and_within_its_bound(launches):
     tiles = (n, 64)  # one token tile, four vocabulary tiles
 
     def grads(threshold):
-        options = KernelOptions(skip_threshold=threshold or 0.0)
+        options = KernelOptions(saved_logits_bytes=0, skip_threshold=threshold or 0.0)
         with LaunchCounter() as ran:
             logp = dispatch.response_logprobs(
                 rows, weight, targets, bias, chunk_size=tiles, backend="triton",
@@ -382,7 +390,9 @@ def test_float32_dot_precision_is_fixed_at_forward_time(launches):
         rows = torch.randn(5, H, requires_grad=True)
         head = Head.random(V, H, bias=False)
         targets = torch.randint(0, V, (5,))
-        logp = dispatch.response_logprobs(rows, head.weight, targets, backend="triton")
+        logp = dispatch.response_logprobs(
+            rows, head.weight, targets, backend="triton", kernel_options=STRICT
+        )
         torch.set_float32_matmul_precision("high")
         with mock.patch.object(
             triton_tiles, "launch_dlogits", wraps=triton_tiles.launch_dlogits
