@@ -34,7 +34,9 @@ def test_two_context_parallel_ranks_equal_one_process(tmp_path):
         assert "error" not in result, f"{case}:\n{result.get('error')}"
         single, split = result["loss"]
         training = case.endswith("/train")
-        loss_tol, tol = (1e-6, 1e-5) if training else (1e-5, 5e-5)
+        # float32: the slices' tiles (and which logits are saved) differ from one process's, so
+        # the sums round differently; 4e-6 is a few float32 ulps of a loss of order 1.
+        loss_tol, tol = (4e-6, 1e-5) if training else (1e-5, 5e-5)
         assert abs(split - single) <= loss_tol * abs(single), f"{case}: loss {split} vs {single}"
         assert result["ranks_agree"], f"{case}: the ranks returned different losses"
         worst = max(result["grad_errors"].items(), key=lambda item: item[1])

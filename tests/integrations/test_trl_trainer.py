@@ -245,7 +245,10 @@ def test_precompute_without_reference_model_uses_the_initial_policy(tmp_path):
     assert trainer.ref_model is None
     loss = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1, 2, 3]))
     assert abs(loss.item() - math.log(2.0)) < 1e-6
-    assert trainer._metrics["train"]["solo_ra/distance"] == [0.0]
+    # The precomputed (no-grad) and the training forward tile the head differently: equal up to
+    # float32 rounding, not bit for bit.
+    (distance,) = trainer._metrics["train"]["solo_ra/distance"]
+    assert abs(distance) < 1e-6
 
 
 def test_peft_adapter_disabled_is_the_reference(tmp_path):
