@@ -45,6 +45,7 @@ LOSS_TYPES = ("dpo", "ipo", "simpo", "orpo", "cpo")
 REFERENCE_LOSS_TYPES = ("dpo", "ipo")
 RA_TARGETS = ("chosen", "both")
 RA_DISTANCES = ("abs", "squared")
+RA_GRADIENTS = ("both", "long")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class SoLoPOOptions:
         ra_distance: ``"abs"`` (``|u|``, default) or ``"squared"`` (``u**2``).
         ra_use_reference: for dpo/ipo, whether the SoLo-RA rewards keep the reference terms;
             ``False`` drops them there (no reference forward on the long input needed).
+        ra_gradient: ``"both"`` (the paper's formula, default): SoLo-RA's gradient reaches the
+            short-side and the long-side rewards; ``"long"``: the short-side reward inside
+            SoLo-RA is a fixed target (detached), so SoLo-RA moves only the long side and the
+            short side gets exactly the preference loss's gradient. Not in the paper; see
+            docs/objective.md for why it exists.
     """
 
     loss_type: str = "dpo"
@@ -73,11 +79,13 @@ class SoLoPOOptions:
     ra_target: str = "chosen"
     ra_distance: str = "abs"
     ra_use_reference: bool = True
+    ra_gradient: str = "both"
 
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("ra_target", self.ra_target, RA_TARGETS)
         check_choice("ra_distance", self.ra_distance, RA_DISTANCES)
+        check_choice("ra_gradient", self.ra_gradient, RA_GRADIENTS)
         check_positive("beta", self.beta)
         check_positive("alpha", self.alpha, allow_zero=True)
         if (
@@ -274,7 +282,12 @@ def _objective(
     long_ra = rewards(
         options, long_logps, long_lengths, ref_long_logps.to(acc) if use_ref else None
     )
-    gap = short_ra[:n_long] - long_ra
+    short_target = short_ra[:n_long]
+    if options.ra_gradient == "long":
+        # A fixed target: SoLo-RA pulls the long side toward the short one and never pushes the
+        # short side down (the cheap way to shrink the gap when the long side cannot rise).
+        short_target = short_target.detach()
+    gap = short_target - long_ra
     per_row = _distance(options, gap)
     # "both": chosen and rejected terms are summed per pair, then averaged over pairs.
     alignment = per_row.view(options.long_rows_per_pair, n_pairs).sum(0).mean()
@@ -350,6 +363,7 @@ def solopo_loss(
     ra_target: str = "chosen",
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
+    ra_gradient: str = "both",
     context_parallel_group: Any = None,
 ) -> SoLoPOOutput:
     """The SoLoPO objective from per-sequence sums of response-token log-probs.
@@ -372,7 +386,15 @@ def solopo_loss(
         :class:`SoLoPOOutput`.
     """
     options = SoLoPOOptions(
-        loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference
+        loss_type,
+        beta,
+        alpha,
+        gamma,
+        label_smoothing,
+        ra_target,
+        ra_distance,
+        ra_use_reference,
+        ra_gradient,
     )
     short_logps = check_tensor("short_logps", short_logps)
     check_float("short_logps", short_logps)
@@ -482,6 +504,7 @@ def fused_solopo_loss(
     ra_target: str = "chosen",
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
+    ra_gradient: str = "both",
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
@@ -519,7 +542,15 @@ def fused_solopo_loss(
     call (one pass over the weight); the result equals two separate calls.
     """
     options = SoLoPOOptions(
-        loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference
+        loss_type,
+        beta,
+        alpha,
+        gamma,
+        label_smoothing,
+        ra_target,
+        ra_distance,
+        ra_use_reference,
+        ra_gradient,
     )
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("short_hidden", short_hidden, "short_labels", short_labels, weight)
@@ -609,6 +640,7 @@ class FusedSoLoPOLoss(nn.Module):
         ra_target: str = "chosen",
         ra_distance: str = "abs",
         ra_use_reference: bool = True,
+        ra_gradient: str = "both",
         ignore_index: int = -100,
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
@@ -618,7 +650,15 @@ class FusedSoLoPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.options = SoLoPOOptions(
-            loss_type, beta, alpha, gamma, label_smoothing, ra_target, ra_distance, ra_use_reference
+            loss_type,
+            beta,
+            alpha,
+            gamma,
+            label_smoothing,
+            ra_target,
+            ra_distance,
+            ra_use_reference,
+            ra_gradient,
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
@@ -659,6 +699,7 @@ class FusedSoLoPOLoss(nn.Module):
             ra_target=o.ra_target,
             ra_distance=o.ra_distance,
             ra_use_reference=o.ra_use_reference,
+            ra_gradient=o.ra_gradient,
             ignore_index=self.ignore_index,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
@@ -669,4 +710,4 @@ class FusedSoLoPOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        return f"loss_type={o.loss_type!r}, beta={o.beta}, alpha={o.alpha}, ra_target={o.ra_target!r}, backend={self.backend!r}"
+        return f"loss_type={o.loss_type!r}, beta={o.beta}, alpha={o.alpha}, ra_target={o.ra_target!r}, ra_gradient={o.ra_gradient!r}, backend={self.backend!r}"

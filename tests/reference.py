@@ -57,6 +57,7 @@ def solopo_objective(
     ra_target="chosen",
     ra_distance="abs",
     ra_use_reference=True,
+    ra_gradient="both",
 ):
     """The objective of docs/objective.md in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
     n = short_logps.shape[0] // 2
@@ -101,6 +102,8 @@ def solopo_objective(
             for k, row in enumerate(rows):
                 short_row = i if k == 0 else n + i
                 rs_ra = reward(s[short_row], sl[short_row], rs[short_row] if use_ref else None)
+                if ra_gradient == "long":
+                    rs_ra = rs_ra.detach()
                 long_row = row if ra_target == "both" else i
                 rl_ra = reward(
                     long_logps.double()[long_row],

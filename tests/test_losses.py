@@ -40,6 +40,10 @@ def _cases():
             )
     yield dict(loss_type="dpo", label_smoothing=0.2)
     for loss_type in ("dpo", "ipo", "simpo", "orpo", "cpo"):
+        yield dict(loss_type=loss_type, ra_gradient="long")
+    yield dict(loss_type="dpo", ra_target="both", ra_use_reference=False, ra_gradient="long")
+    yield dict(loss_type="simpo", ra_target="both", ra_distance="squared", ra_gradient="long")
+    for loss_type in ("dpo", "ipo", "simpo", "orpo", "cpo"):
         yield dict(loss_type=loss_type, alpha=0.0)
 
 
@@ -277,7 +281,12 @@ def test_module_form_equals_function():
     head = Head.random(V, H, bias=True)
     sh, sl, lh, ll, ref_s, ref_l = _batch("chosen", 1.0)
     module = FusedSoLoPOLoss(
-        loss_type="ipo", beta=0.2, alpha=3.0, ra_distance="squared", temperature=1.1
+        loss_type="ipo",
+        beta=0.2,
+        alpha=3.0,
+        ra_distance="squared",
+        ra_gradient="long",
+        temperature=1.1,
     )
     out = module(
         head.weight, sh, sl, lh, ll, head.bias, ref_short_logps=ref_s, ref_long_logps=ref_l
@@ -293,12 +302,54 @@ def test_module_form_equals_function():
         beta=0.2,
         alpha=3.0,
         ra_distance="squared",
+        ra_gradient="long",
         temperature=1.1,
         ref_short_logps=ref_s,
         ref_long_logps=ref_l,
     )
     assert torch.equal(out.loss, expected.loss)
-    assert "ipo" in repr(module)
+    assert "ipo" in repr(module) and "ra_gradient='long'" in repr(module)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "simpo", "orpo"])
+@pytest.mark.parametrize("ra_target", ["chosen", "both"])
+def test_ra_gradient_long_leaves_the_short_side_to_the_preference_loss(loss_type, ra_target):
+    """With ``ra_gradient="long"`` the short sums get exactly the preference loss's gradient, the
+    long sums exactly the gradient they get with ``"both"``, and the value is unchanged."""
+    torch.manual_seed(3)
+    n_long = (2 if ra_target == "both" else 1) * B
+    sums = -torch.rand(2 * B, dtype=torch.float64) * 10 - 0.5
+    lengths = torch.randint(2, 9, (2 * B,))
+    long_sums = -torch.rand(n_long, dtype=torch.float64) * 30 - 0.5
+    long_lengths = torch.randint(5, 20, (n_long,))
+    refs = dict(ref_short_logps=-torch.rand(2 * B) * 10, ref_long_logps=-torch.rand(n_long) * 30)
+    options = dict(loss_type=loss_type, beta=BETA[loss_type], alpha=2.5, ra_target=ra_target)
+
+    def run(ra_gradient, part="loss"):
+        short = sums.clone().requires_grad_(True)
+        long = long_sums.clone().requires_grad_(True)
+        out = solopo_loss(
+            short, lengths, long, long_lengths, ra_gradient=ra_gradient, **refs, **options
+        )
+        value = getattr(out, part)
+        grads = torch.autograd.grad(value, (short, long), allow_unused=True)
+        return out, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (short, long))]
+
+    out_long, (g_short, g_long) = run("long")
+    out_both, (_, g_long_both) = run("both")
+    _, (g_short_pref, _) = run("long", "preference_loss")
+    assert torch.equal(out_long.loss, out_both.loss)
+    assert torch.equal(g_short, g_short_pref)
+    assert torch.equal(g_long, g_long_both)
+    assert g_long.abs().min() > 0  # SoLo-RA really reaches every long row
+    # and with "both" the short side feels SoLo-RA too (the option changes something)
+    _, (g_short_both, _) = run("both")
+    assert (g_short_both - g_short).abs().max() > 1e-3
+
+
+def test_ra_gradient_is_checked():
+    with pytest.raises(ValueError, match="ra_gradient"):
+        solopo_loss(torch.zeros(2) - 1, torch.ones(2), None, None, loss_type="simpo", ra_gradient="short")
 
 
 def test_orpo_is_finite_when_a_response_is_certain():

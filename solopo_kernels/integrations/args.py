@@ -141,6 +141,13 @@ class SoLoPOArguments:
             "help": "dpo/ipo: keep the reference terms inside SoLo-RA (False skips the long reference forward)."
         },
     )
+    solopo_ra_gradient: str = field(
+        default="both",
+        metadata={
+            "help": "'both' (paper): SoLo-RA's gradient reaches the short and the long reward; "
+            "'long': the short reward is a fixed target, only the long side is pulled."
+        },
+    )
     long_prompt_column: str = field(
         default="long_prompt",
         metadata={
@@ -201,6 +208,7 @@ def solopo_options(args: Any) -> SoLoPOOptions:
         ra_target=args.solopo_ra_target,
         ra_distance=args.solopo_ra_distance,
         ra_use_reference=args.solopo_ra_use_reference,
+        ra_gradient=args.solopo_ra_gradient,
     )
 
 

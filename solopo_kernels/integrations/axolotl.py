@@ -50,6 +50,7 @@ YAML_TO_TRAINING_ARGS = {
     "solopo_ra_target": "solopo_ra_target",
     "solopo_ra_distance": "solopo_ra_distance",
     "solopo_ra_use_reference": "solopo_ra_use_reference",
+    "solopo_ra_gradient": "solopo_ra_gradient",
     "solopo_long_prompt_field": "long_prompt_column",
     "solopo_max_long_length": "max_long_length",
     "solopo_gamma": "gamma",
@@ -67,6 +68,7 @@ class SoLoPOArgs(BaseModel):
     solopo_ra_target: Literal["chosen", "both"] | None = None
     solopo_ra_distance: Literal["abs", "squared"] | None = None
     solopo_ra_use_reference: bool | None = None
+    solopo_ra_gradient: Literal["both", "long"] | None = None
     solopo_long_prompt_field: str | None = None
     solopo_max_long_length: int | None = None
     solopo_gamma: float | None = None
@@ -137,6 +139,7 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
             ra_use_reference=True
             if cfg.get("solopo_ra_use_reference") is None
             else cfg["solopo_ra_use_reference"],
+            ra_gradient=cfg.get("solopo_ra_gradient") or "both",
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"solopo_{error}") from None

@@ -72,6 +72,7 @@ def test_valid_config_parses():
         ({"solopo_max_long_length": 1}, "solopo_max_long_length"),
         ({"solopo_alpha": -1.0}, "solopo_alpha"),
         ({"solopo_loss_type": "kto"}, "solopo_loss_type"),
+        ({"solopo_ra_gradient": "short"}, "solopo_ra_gradient"),
     ],
 )
 def test_invalid_config_is_rejected(extra, match):
@@ -114,6 +115,7 @@ def test_training_args_map_yaml_keys_to_a_solopo_config(tmp_path):
         solopo_ra_target="both",
         solopo_ra_distance="squared",
         solopo_ra_use_reference=None,
+        solopo_ra_gradient="long",
         solopo_long_prompt_field="context_long",
         solopo_max_long_length=300,
         solopo_gamma=None,
@@ -124,6 +126,7 @@ def test_training_args_map_yaml_keys_to_a_solopo_config(tmp_path):
         "solopo_loss_type": "orpo",
         "solopo_ra_target": "both",
         "solopo_ra_distance": "squared",
+        "solopo_ra_gradient": "long",
         "long_prompt_column": "context_long",
         "max_long_length": 300,
     }
@@ -131,12 +134,13 @@ def test_training_args_map_yaml_keys_to_a_solopo_config(tmp_path):
         output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **kwargs
     )
     options = config.solopo_options
-    assert (options.loss_type, options.alpha, options.ra_target, options.ra_distance) == (
-        "orpo",
-        2.0,
-        "both",
-        "squared",
-    )
+    assert (
+        options.loss_type,
+        options.alpha,
+        options.ra_target,
+        options.ra_distance,
+        options.ra_gradient,
+    ) == ("orpo", 2.0, "both", "squared", "long")
 
 
 def test_post_trainer_create_refuses_a_trainer_that_is_not_solopo():

@@ -45,13 +45,26 @@ def _loss_and_grads(
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("ra_target", ["chosen", "both"])
-@pytest.mark.parametrize("loss_type", ["dpo", "simpo", "orpo"])
-def test_loss_and_gradient_match_float64_full_logits(tmp_path, loss_type, ra_target):
+@pytest.mark.parametrize(
+    ("loss_type", "ra_target", "ra_gradient"),
+    [
+        *((loss, target, "both") for loss in ("dpo", "simpo", "orpo") for target in ("chosen", "both")),
+        ("dpo", "both", "long"),
+        ("simpo", "chosen", "long"),
+    ],
+)
+def test_loss_and_gradient_match_float64_full_logits(tmp_path, loss_type, ra_target, ra_gradient):
     tok = common.tokenizer()
     policy, ref = common.model_pair(tok)
     policy64, ref64 = copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
-    options = dict(beta=0.5, alpha=1.5, gamma=0.3, ra_target=ra_target, ra_distance="abs")
+    options = dict(
+        beta=0.5,
+        alpha=1.5,
+        gamma=0.3,
+        ra_target=ra_target,
+        ra_distance="abs",
+        ra_gradient=ra_gradient,
+    )
     trainer = common.trainer(
         tmp_path,
         tok=tok,
@@ -61,6 +74,7 @@ def test_loss_and_gradient_match_float64_full_logits(tmp_path, loss_type, ra_tar
         solopo_alpha=options["alpha"],
         gamma=options["gamma"],
         solopo_ra_target=ra_target,
+        solopo_ra_gradient=ra_gradient,
         beta=options["beta"],
     )
     if loss_type != "dpo":
