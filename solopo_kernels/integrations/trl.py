@@ -177,16 +177,6 @@ def _model_config(model: Any, args: Any) -> Any:
     return model.config
 
 
-def _uses_fsdp1(args: Any) -> bool:
-    """Whether the run is set up for FSDP version 1 (``fsdp_config={"version": 1}``, or an
-    accelerate launch with ``FSDP_VERSION=1``, accelerate's default there)."""
-    if getattr(args, "fsdp", None):
-        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2)) == 1
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return os.environ.get("FSDP_VERSION", "1") == "1"
-    return False
-
-
 def _context_parallel_size(args: Any) -> int:
     """The context-parallel size the arguments ask for (accelerate's ``parallelism_config``)."""
     config = getattr(args, "parallelism_config", None)
@@ -287,10 +277,9 @@ class SoLoPOTrainer(DPOTrainer):
                     "ref_model: not used by solopo_loss_type=%r (reference-free); released",
                     args.solopo_loss_type,
                 )
-            # FSDP1 sets its auto-wrap policy from the first model it prepares, the reference: a
-            # stand-in with no layers would leave the policy unwrapped. There DPOTrainer loads a
-            # reference from the model's path, released below (FSDP2 has no such policy).
-            ref_model = None if _uses_fsdp1(args) else _NoReference(model_config)
+            # (FSDP1 takes its auto-wrap policy from the first model it prepares, which is this
+            # stand-in: create_accelerator_and_postprocess sets it from the policy first.)
+            ref_model = _NoReference(model_config)
         elif ref_model is None:
             ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
         dpo_logger = logging.getLogger("trl.trainer.dpo_trainer")
@@ -345,6 +334,18 @@ class SoLoPOTrainer(DPOTrainer):
         check_combination(self.accelerator, padding_free=args.padding_free)
         if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
             prepare_torch_models(self.model, self.ref_model)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's hook, extended: under FSDP1 the auto-wrap policy comes from the policy model.
+
+        Why: FSDP1 fixes its auto-wrap policy from the first model it prepares, and DPOTrainer
+        prepares the reference first; for a reference-free type that is the layer-less stand-in,
+        which would leave the policy's decoder layers unwrapped (one FSDP unit for the model).
+        """
+        super().create_accelerator_and_postprocess()
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and plugin.fsdp_version == 1:
+            plugin.set_auto_wrap_policy(self.model)  # the policy: Trainer set self.model already
 
     def _check_precompute(self, args: Any) -> None:
         """Refuse, before anything is loaded, the precompute setups this trainer cannot run right."""

@@ -399,21 +399,66 @@ def test_peft_under_zero3_with_checkpointing_needs_one_forward_per_step(tmp_path
         )
 
 
-def test_fsdp1_is_told_apart_from_fsdp2(monkeypatch):
-    # Under FSDP1 the reference-free stand-in is not used (FSDP1 takes its wrap policy from it).
-    from types import SimpleNamespace
+@pytest.mark.parametrize("fsdp_version", [1, 2])
+def test_reference_free_types_load_no_reference_under_fsdp(tmp_path, monkeypatch, fsdp_version):
+    """DPOTrainer's __init__ as it runs under FSDP (accelerate enables FSDP on GPUs only, so its
+    FSDP state is put in place here): given no reference it would load one from the model's path.
+    The policy alone is loaded, the stand-in is what gets prepared, and under FSDP1 the auto-wrap
+    policy it is prepared with already wraps the policy's decoder layers."""
+    import transformers
+    import trl.trainer.dpo_trainer as dpo_module
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from solopo_kernels.integrations.trl import _uses_fsdp1
+    tok = common.tokenizer()
+    path = str(tmp_path / "policy")
+    common.model_pair(tok)[0].save_pretrained(path)
+    tok.save_pretrained(path)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp_version,
+        auto_wrap_policy="transformer_based_wrap",
+        sync_module_states=False,
+        cpu_ram_efficient_loading=False,
+    )
+    original = transformers.Trainer.create_accelerator_and_postprocess
 
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    assert _uses_fsdp1(SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 1}))
-    assert not _uses_fsdp1(SimpleNamespace(fsdp="full_shard", fsdp_config={}))  # transformers: 2
-    assert not _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    assert not _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
-    monkeypatch.setenv("FSDP_VERSION", "1")
-    assert _uses_fsdp1(SimpleNamespace(fsdp="", fsdp_config=None))
+    def with_fsdp(self):
+        original(self)
+        self.accelerator.state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
+
+    loads, prepared = [], []
+    load = dpo_module.create_model_from_path
+
+    def counting_load(model_id, **kwargs):
+        loads.append(model_id)
+        return load(model_id, **kwargs)
+
+    def recording_prepare(model, accelerator):
+        policy = accelerator.state.fsdp_plugin.auto_wrap_policy
+        if fsdp_version == 1:  # what prepare_fsdp does first under FSDP1
+            accelerator.state.fsdp_plugin.set_auto_wrap_policy(model)
+            policy = accelerator.state.fsdp_plugin.auto_wrap_policy
+        prepared.append((model, policy))
+        return model
+
+    monkeypatch.setattr(transformers.Trainer, "create_accelerator_and_postprocess", with_fsdp)
+    monkeypatch.setattr(dpo_module, "create_model_from_path", counting_load)
+    monkeypatch.setattr(dpo_module, "prepare_fsdp", recording_prepare)
+    trainer = SoLoPOTrainer(
+        model=path,
+        args=common.config(tmp_path / "out", solopo_loss_type="simpo"),
+        train_dataset=common.dataset(),
+        processing_class=tok,
+    )
+    assert loads == [path]  # the policy, and no reference
+    assert trainer.ref_model is None
+    ((stand_in, policy),) = prepared
+    assert sum(p.numel() for p in stand_in.parameters()) == 1
+    if fsdp_version == 1:
+        assert policy.keywords["transformer_layer_cls"] == {LlamaDecoderLayer}
+        layer = trainer.model.model.layers[0]
+        assert policy(module=layer, recurse=False, nonwrapped_numel=1)
 
 
 def test_precompute_under_deepspeed_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
