@@ -349,7 +349,9 @@ def test_ra_gradient_long_leaves_the_short_side_to_the_preference_loss(loss_type
 
 def test_ra_gradient_is_checked():
     with pytest.raises(ValueError, match="ra_gradient"):
-        solopo_loss(torch.zeros(2) - 1, torch.ones(2), None, None, loss_type="simpo", ra_gradient="short")
+        solopo_loss(
+            torch.zeros(2) - 1, torch.ones(2), None, None, loss_type="simpo", ra_gradient="short"
+        )
 
 
 def test_orpo_is_finite_when_a_response_is_certain():

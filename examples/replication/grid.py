@@ -1,9 +1,14 @@
 """The grid: which units run, in which order, in a pool of worker processes, and the choice of
 each arm's hyperparameters on the dev set.
 
-Phase 1 (dev): the starting model, and every arm with every setting of ``preset.sweep`` with the
-first seed, evaluated on the dev questions. Each arm then takes the setting with the best mean
-dev accuracy (short prompt and every long length weighted alike; ties go to the first setting).
+Phase 1 (dev), in two stages, with the first seed, evaluated on the dev questions:
+
+1. the starting model, and X and X expand-long with every setting of ``preset.sweep``; each arm
+   takes the setting with the best mean dev accuracy (short prompt and every long length
+   weighted alike; ties go to the first setting);
+2. SoLo-X and SoLo-X RA-long with X's chosen setting and every alpha of ``preset.alphas``; each
+   takes its best alpha by the same rule.
+
 The test set plays no part in the choice.
 
 Phase 2 (test): the starting model, and every arm with its chosen setting and every seed,
@@ -27,7 +32,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import LOSS_TYPES, VARIANTS, Preset
+from .config import LOSS_TYPES, SOLO_VARIANTS, VARIANTS, Preset
 from .pipeline import Workspace, write_json
 from .training import Unit, init_worker, run_unit_in_worker
 
@@ -36,7 +41,8 @@ MMAP_THRESHOLD = str(128 * 1024)
 
 
 def sweep_units(preset: Preset) -> list[Unit]:
-    """The starting model, then every arm with the first setting, then with the second, ..."""
+    """Stage 1: the starting model, then X and X expand-long with the first setting, then with
+    the second, ..."""
     units = [Unit("base", "base", 0, "dev")]
     for index in range(max(len(settings) for settings in preset.sweep.values())):
         for loss_type in LOSS_TYPES:
@@ -44,6 +50,19 @@ def sweep_units(preset: Preset) -> list[Unit]:
                 continue
             hparams = dict(preset.sweep[loss_type][index])
             for variant in VARIANTS:
+                if variant not in SOLO_VARIANTS:
+                    units.append(Unit(loss_type, variant, preset.seeds[0], "dev", hparams))
+    return units
+
+
+def alpha_units(preset: Preset, chosen: dict[str, dict[str, float]]) -> list[Unit]:
+    """Stage 2: the SoLo arms with X's chosen setting (``chosen`` by arm name) and every alpha."""
+    units = []
+    for alpha in preset.alphas:
+        for loss_type in LOSS_TYPES:
+            setting = chosen[Unit(loss_type, "short", 0, "dev").arm]
+            for variant in SOLO_VARIANTS:
+                hparams = {**setting, "alpha": alpha}
                 units.append(Unit(loss_type, variant, preset.seeds[0], "dev", hparams))
     return units
 
@@ -63,10 +82,15 @@ def load_result(work: Workspace, unit: Unit) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def select(preset: Preset, work: Workspace) -> dict[str, Any]:
-    """Each arm's setting with the best mean dev accuracy; written to ``selection.json``."""
-    choices: dict[str, dict[str, Any]] = {}
-    for unit in sweep_units(preset)[1:]:
+def select(
+    preset: Preset, work: Workspace, units: list[Unit], choices: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Each arm of ``units`` (dev results) gets its setting with the best mean dev accuracy;
+    added to ``choices`` and written to ``selection.json``."""
+    choices = dict(choices or {})
+    for unit in units:
+        if unit.variant == "base":
+            continue
         result = load_result(work, unit)
         if result is None:
             raise RuntimeError(f"dev result of {unit.model_key} is missing; run phase 1 first")
@@ -128,9 +152,15 @@ def run_grid(
         initargs=(threads,),
     ) as pool:
         options = {"jobs": jobs, "deadline": deadline}
-        if not run_units(sweep_units(preset), preset, work, pool, desc="dev sweep", **options):
+        stage1 = sweep_units(preset)
+        if not run_units(stage1, preset, work, pool, desc="dev sweep", **options):
             return False
-        selection = select(preset, work)
+        selection = select(preset, work, stage1)
+        chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
+        stage2 = alpha_units(preset, chosen)
+        if not run_units(stage2, preset, work, pool, desc="dev alpha sweep", **options):
+            return False
+        selection = select(preset, work, stage2, selection)
         chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
         units = grid_units(preset, chosen)
         return run_units(units, preset, work, pool, desc="test grid", **options)

@@ -150,18 +150,20 @@ def eval_contexts(preset: Preset, work: Workspace, split: str) -> dict[str, list
     return {str(n): read_jsonl(work.contexts(split, n)) for n in preset.eval_lengths}
 
 
-def short_chat_prompt(question: dict[str, Any], distractors: int = 0, seed: int = 0) -> list:
+def short_chat_prompt(question: dict[str, Any]) -> list:
     """The short prompt ``build-contexts`` writes for a question (template, passages, question),
-    built without a tokenizer: the fine-tuning stream needs thousands of them.
+    built without a tokenizer: the fine-tuning stream needs thousands of them."""
+    return chat_prompt(question, [], random.Random(0))
 
-    ``distractors`` > 0 mixes that many of the question's own distractor biographies in, at
-    random places (fine-tuning only; the short prompts of the experiment have none).
-    """
+
+def chat_prompt(
+    question: dict[str, Any], distractors: list[dict[str, Any]], rng: random.Random
+) -> list:
+    """The question's prompt with ``distractors`` (other people's biographies) mixed in at random
+    places: a long context as ``build-contexts`` writes it, for the fine-tuning stream."""
     passages = [f"{p['title']}\n{p['text']}" for p in question["passages"]]
-    if distractors:
-        rng = random.Random(f"{seed}/{question['id']}")
-        for extra in question["distractors"][:distractors]:
-            passages.insert(rng.randrange(len(passages) + 1), f"{extra['title']}\n{extra['text']}")
+    for extra in distractors:
+        passages.insert(rng.randrange(len(passages) + 1), f"{extra['title']}\n{extra['text']}")
     text, _ = TEMPLATE.user_text(passages, question["question"])
     return [{"role": "user", "content": text}]
 
@@ -173,15 +175,41 @@ def _sft_stream(lexicon: Lexicon, seed: int) -> Iterator[dict[str, Any]]:
 
 
 def _sft_batch(
-    tokenizer: Any, questions: list[dict[str, Any]], rng: random.Random, max_distractors: int
+    tokenizer: Any,
+    questions: list[dict[str, Any]],
+    rng: random.Random,
+    max_distractors: int,
+    long_fraction: float,
+    completion_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    texts = []
+    """One fine-tuning batch: with probability ``long_fraction`` every question of the batch gets
+    the same number (1 to ``max_distractors``, uniform) of other people's biographies, drawn from
+    the batch's own questions (unique names within a stream chunk, so nothing contradicts the
+    evidence); otherwise the short prompts. One length per batch: no padding to spend on. With
+    ``completion_only`` the loss is on the answer alone (the prompt's labels are ignored)."""
+    count = (
+        rng.randint(1, max_distractors) if max_distractors and rng.random() < long_fraction else 0
+    )
+    pool = [p for q in questions for p in (*q["passages"], *q["distractors"])]
+    texts, prompt_lengths = [], []
     for question in questions:
-        prompt = short_chat_prompt(question, rng.randint(0, max_distractors), rng.getrandbits(31))
+        own = {p["title"] for p in question["passages"]}
+        others = [p for p in pool if p["title"] not in own]
+        prompt = chat_prompt(question, rng.sample(others, min(count, len(others))), rng)
         answer = {"role": "assistant", "content": question["reference"]}
         texts.append(tokenizer.apply_chat_template([*prompt, answer], tokenize=False))
+        if completion_only:
+            prompt_text = tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True
+            )
+            prompt_lengths.append(
+                len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+            )
     batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for row, length in enumerate(prompt_lengths):  # right padding: the prompt comes first
+        labels[row, :length] = -100
+    batch["labels"] = labels
     return batch
 
 
@@ -206,7 +234,16 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
         seed=config.seed,
     )
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    check_rows = read_jsonl(work.contexts("dev", preset.eval_lengths[0]))[: config.check_questions]
+    # The gate is checked at the longest training length (and the curve at every eval length).
+    gate_length = str(max(preset.train_lengths))
+    check_rows = {
+        str(n): read_jsonl(work.contexts("dev", n))[: config.check_questions]
+        for n in preset.eval_lengths
+    }
+    if gate_length not in check_rows:
+        raise ValueError(
+            f"eval_lengths {preset.eval_lengths}: must hold the longest training length"
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     stream = _sft_stream(lexicon, config.seed)
     rng = random.Random(config.seed)
@@ -216,7 +253,14 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
     bar = tqdm(range(1, config.max_steps + 1), desc="fine-tune the starting model", unit="step")
     for step in bar:
         questions = [next(stream) for _ in range(config.batch_size)]
-        batch = _sft_batch(tokenizer, questions, rng, config.max_distractors)
+        batch = _sft_batch(
+            tokenizer,
+            questions,
+            rng,
+            config.max_distractors,
+            config.long_fraction,
+            config.completion_only,
+        )
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -226,18 +270,34 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
             accuracy = evaluate_contexts(
                 model,
                 tokenizer,
-                {"check": check_rows},
+                check_rows,
                 max_new_tokens=preset.max_new_tokens,
                 batch_size=preset.eval_batch_size,
-            )["accuracy"]["short"]
-            checks.append({"step": step, "loss": loss.item(), "dev_short_accuracy": accuracy})
-            bar.set_postfix(loss=f"{loss.item():.3f}", dev_short=f"{accuracy:.2f}")
-            if accuracy >= config.target_accuracy:
+            )["accuracy"]
+            checks.append({"step": step, "loss": loss.item(), "dev_accuracy": accuracy})
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                short=f"{accuracy['short']:.2f}",
+                **{f"at{gate_length}": f"{accuracy[gate_length]:.2f}"},
+            )
+            model.train()
+            if (
+                accuracy["short"] >= config.target_accuracy
+                and accuracy[gate_length] >= config.target_long_accuracy
+            ):
                 break
     bar.close()
     model.save_pretrained(work.starting_model)
     tokenizer.save_pretrained(work.starting_model)
+    last = checks[-1]["dev_accuracy"]
     record = {
+        "gate": {
+            "length": int(gate_length),
+            "short": config.target_accuracy,
+            "long": config.target_long_accuracy,
+            "met": last["short"] >= config.target_accuracy
+            and last[gate_length] >= config.target_long_accuracy,
+        },
         "config": asdict(config),
         "model": asdict(shape),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -80,26 +80,29 @@ def _questions(work: Workspace) -> int | None:
 
 
 def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """SoLo-X against X and against X expand-long: per-seed paired differences (percentage
-    points) of the short accuracy and of the long average, mean and std over the seeds."""
+    """SoLo-X and SoLo-X RA-long against X and X expand-long, and RA-long against SoLo-X:
+    per-seed paired differences (percentage points) of the short accuracy and of the long
+    average, mean and std over the seeds."""
     rows = []
     columns = summary["columns"]
+    arms = summary["arms"]
     for loss_type in LOSS_TYPES:
-        solo, short, expand = (
-            Unit(loss_type, v, 0, "test").arm for v in ("solo", "short", "expand-long")
+        solo, solo_long, short, expand = (
+            Unit(loss_type, v, 0, "test").arm for v in ("solo", "solo-long", "short", "expand-long")
         )
-        arms = summary["arms"]
-        if not all(name in arms for name in (solo, short, expand)):
-            continue
-        for other in (short, expand):
-            seeds = sorted(set(arms[solo]["per_seed"]) & set(arms[other]["per_seed"]))
-            row: dict[str, Any] = {"arm": solo, "against": other, "seeds": len(seeds)}
+        pairs = [(solo, short), (solo, expand), (solo_long, short), (solo_long, expand)]
+        pairs.append((solo_long, solo))
+        for arm, other in pairs:
+            if arm not in arms or other not in arms:
+                continue
+            seeds = sorted(set(arms[arm]["per_seed"]) & set(arms[other]["per_seed"]))
+            row: dict[str, Any] = {"arm": arm, "against": other, "seeds": len(seeds)}
             for label, pick in (
                 ("short", lambda acc: acc["short"]),
                 ("long_avg", lambda acc: statistics.fmean(acc[c] for c in columns[1:])),
             ):
                 deltas = [
-                    100 * (pick(arms[solo]["per_seed"][s]) - pick(arms[other]["per_seed"][s]))
+                    100 * (pick(arms[arm]["per_seed"][s]) - pick(arms[other]["per_seed"][s]))
                     for s in seeds
                 ]
                 row[label] = {**_mean_std(deltas), "positive": sum(d > 0 for d in deltas)}
@@ -133,7 +136,7 @@ def _settings(arm: dict[str, Any]) -> str:
     """beta (gamma), learning rate and alpha of an arm; empty for the starting model."""
     if not arm["hparams"]:
         return ""
-    parts = [f"{k}={v:g}" for k, v in sorted(arm["hparams"].items()) if k != "lr"]
+    parts = [f"{k}={v:g}" for k, v in sorted(arm["hparams"].items()) if k not in ("lr", "alpha")]
     parts.append(f"lr={arm['learning_rate']:g}")
     return ", ".join(parts + ([f"alpha={arm['alpha']:g}"] if arm["alpha"] else []))
 
@@ -161,8 +164,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join([*cells, step, peak, _settings(arm)]) + " |")
     lines += [
         "",
-        "SoLo-X against its baselines: paired differences per seed (percentage points), mean ± "
-        "std; in brackets, the seeds where SoLo-X is ahead.",
+        'SoLo-X (RA-long: `ra_gradient="long"`) against its baselines: paired differences per '
+        "seed (percentage points), mean ± std; in brackets, the seeds where the first arm is "
+        "ahead.",
         "",
         "| | against | short | long avg |",
         "|---|---|---|---|",
@@ -206,7 +210,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     columns = summary["columns"]
     lengths = [report["short_tokens"], *map(int, columns[1:])]
     figure, axes = plt.subplots(1, len(LOSS_TYPES), figsize=(13, 4.2), sharey=True)
-    colors = {"short": "tab:gray", "expand-long": "tab:orange", "solo": "tab:green"}
+    colors = {
+        "short": "tab:gray",
+        "expand-long": "tab:orange",
+        "solo": "tab:green",
+        "solo-long": "tab:blue",
+    }
     for axis, loss_type in zip(axes, LOSS_TYPES, strict=True):
         arms = [("base", "black", ":")]
         arms += [

@@ -6,8 +6,10 @@ same number of optimizer steps, with :class:`solopo_kernels.integrations.trl.SoL
 * ``short``: X on the short prompts (``solopo_alpha=0``; the long prompts are never read);
 * ``expand-long``: X on the same pairs with the long prompt in place of the short one
   (``solopo_alpha=0``): the preference loss on long prompts, no decoupling;
-* ``solo``: SoLo-X, X on the short prompts plus SoLo-RA on the long chosen response, with the
-  paper's alpha (3 for DPO, 1 for SimPO and ORPO).
+* ``solo``: SoLo-X, X on the short prompts plus alpha times SoLo-RA on the long chosen
+  response (alpha in the unit's settings, chosen on the dev set);
+* ``solo-long``: the same with ``solopo_ra_gradient="long"``: the short-side reward inside
+  SoLo-RA is a fixed target, so SoLo-RA's gradient reaches only the long side.
 
 ``base`` is the starting model itself (evaluated, never trained).
 
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from .config import PAPER_ALPHA, Preset
+from .config import SOLO_VARIANTS, Preset
 from .evaluation import evaluate_contexts
 from .pipeline import Workspace, eval_contexts, read_jsonl, write_json
 
@@ -45,7 +47,7 @@ class Unit:
     """One arm x seed x hyperparameter setting, evaluated on ``split`` (``dev`` or ``test``)."""
 
     loss_type: str  # "dpo", "simpo", "orpo", or "base" for the starting model
-    variant: str  # "short", "expand-long", "solo", or "base"
+    variant: str  # "short", "expand-long", "solo", "solo-long", or "base"
     seed: int
     split: str
     hparams: dict[str, float] = field(default_factory=dict)
@@ -59,11 +61,16 @@ class Unit:
             "short": name,
             "expand-long": f"{name} expand-long",
             "solo": f"SoLo-{name}",
+            "solo-long": f"SoLo-{name} RA-long",
         }[self.variant]
 
     @property
     def alpha(self) -> float:
-        return PAPER_ALPHA[self.loss_type] if self.variant == "solo" else 0.0
+        return float(self.hparams["alpha"]) if self.variant in SOLO_VARIANTS else 0.0
+
+    @property
+    def ra_gradient(self) -> str:
+        return "long" if self.variant == "solo-long" else "both"
 
     @property
     def model_key(self) -> str:
@@ -137,6 +144,7 @@ def train(unit: Unit, preset: Preset, work: Workspace, model: Any, tokenizer: An
             output_dir=output_dir,
             solopo_loss_type=unit.loss_type,
             solopo_alpha=unit.alpha,
+            solopo_ra_gradient=unit.ra_gradient,
             beta=unit.hparams["beta"],
             gamma=unit.hparams.get("gamma", 0.5),
             max_steps=preset.steps,
@@ -205,7 +213,12 @@ def run_unit(unit: Unit, preset: Preset, work: Workspace) -> dict[str, Any]:
         batch_size=preset.eval_batch_size,
     )
     result = {
-        "unit": {**asdict(unit), "arm": unit.arm, "alpha": unit.alpha},
+        "unit": {
+            **asdict(unit),
+            "arm": unit.arm,
+            "alpha": unit.alpha,
+            "ra_gradient": unit.ra_gradient,
+        },
         "preset": preset.name,
         "fingerprint": preset.fingerprint(),
         "training": {

@@ -23,8 +23,8 @@ SCRIPT = EXAMPLES / "replicate_solopo.py"
 sys.path.insert(0, str(EXAMPLES))
 try:
     from replication.config import QUICK
-    from replication.grid import grid_units, sweep_units
-    from replication.pipeline import Workspace, read_jsonl, short_chat_prompt
+    from replication.grid import alpha_units, grid_units, sweep_units
+    from replication.pipeline import Workspace, _sft_batch, read_jsonl, short_chat_prompt
     from replication.qa_world import Lexicon, make_split
 finally:
     sys.path.remove(str(EXAMPLES))
@@ -53,6 +53,35 @@ def test_questions_are_consistent_and_answerable():
     assert {row["metadata"]["hops"] for row in rows} == {1, 2}
 
 
+def test_fine_tuning_batches_mix_long_contexts_and_train_on_the_answer():
+    import random
+
+    from solopo_kernels.data.cli import tiny_tokenizer_for
+    from solopo_kernels.data.contexts import TEMPLATES
+
+    lexicon = Lexicon.build()
+    template = TEMPLATES["cot"]
+    tok = tiny_tokenizer_for([template.header, template.footer, *lexicon.words()])
+    questions = make_split(lexicon, "sft0", 8, 0)
+    rng = random.Random(0)
+    lengths = set()
+    for _ in range(6):
+        batch = _sft_batch(tok, questions, rng, 5, 0.5, completion_only=True)
+        mask = batch["attention_mask"].bool()
+        lengths.add(batch["input_ids"].shape[1])
+        for row, question in enumerate(questions):
+            labelled = batch["labels"][row][batch["labels"][row] != -100]
+            answer = tok.decode(labelled, skip_special_tokens=True)
+            # the loss is on the answer alone, and the whole answer
+            assert answer.replace(" ", "") == question["reference"].lower().replace(" ", "")
+            prompt = mask[row] & (batch["labels"][row] == -100)
+            text = tok.decode(batch["input_ids"][row][prompt])
+            for title in {p["title"] for p in question["passages"]}:
+                # no second biography of the question's people: every distractor is someone else
+                assert text.lower().count(f"{title.lower()} was born in") == 1
+    assert len(lengths) > 1  # short batches and long ones
+
+
 @pytest.mark.slow
 def test_quick_run_writes_results_and_resumes(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
@@ -66,7 +95,19 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
 
     selection = json.loads((results / "selection.json").read_text())
     chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
-    units = {"dev": sweep_units(QUICK), "test": grid_units(QUICK, chosen)}
+    # alpha is chosen on dev for the SoLo arms, on top of X's chosen setting.
+    for arm, hparams in chosen.items():
+        if arm.startswith("SoLo-"):
+            x_arm = arm.removeprefix("SoLo-").removesuffix(" RA-long")
+            assert hparams["alpha"] in QUICK.alphas
+            assert {k: v for k, v in hparams.items() if k != "alpha"} == chosen[x_arm]
+            assert len(selection[arm]["tried"]) == len(QUICK.alphas)
+        else:
+            assert "alpha" not in hparams
+    units = {
+        "dev": sweep_units(QUICK) + alpha_units(QUICK, chosen),
+        "test": grid_units(QUICK, chosen),
+    }
     for split, expected in units.items():
         files = sorted((results / "units" / split).glob("*.json"))
         assert len(files) == len(expected), split
@@ -77,6 +118,8 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
             assert all(
                 len(v) == QUICK.__dict__[f"{split}_questions"] for v in result["correct"].values()
             )
+            expected_gradient = "long" if result["unit"]["variant"] == "solo-long" else "both"
+            assert result["unit"]["ra_gradient"] == expected_gradient
             if result["unit"]["variant"] != "base":
                 cost = result["cost"]
                 assert cost["steps"] == QUICK.steps
@@ -86,13 +129,22 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
                 assert all(math.isfinite(entry["loss"]) for entry in cost["log"])
 
     report = json.loads((results / "replication.json").read_text())
-    assert len(report["summary"]["arms"]) == 10  # the starting model and 9 arms
+    assert len(report["summary"]["arms"]) == 13  # the starting model and 12 arms
     for arm in report["summary"]["arms"].values():
         for stats in (*arm["accuracy"].values(), arm["long_avg"]):
             assert 0.0 <= stats["mean"] <= 100.0 and math.isfinite(stats["std"])
     assert report["pairs"]["pairs"] > 0
+    gate = report["starting_model"]["gate"]
+    assert gate["length"] == max(QUICK.train_lengths) and isinstance(gate["met"], bool)
+    assert all(
+        set(c["dev_accuracy"]) == {"short", *map(str, QUICK.eval_lengths)}
+        for c in report["starting_model"]["checks"]
+    )
+    against = {(row["arm"], row["against"]) for row in report["comparisons"]}
+    assert ("SoLo-SimPO RA-long", "SoLo-SimPO") in against
     table = (results / "replication.md").read_text()
-    assert "| **SoLo-SimPO** |" in table and "expand-long" in table and "(chosen)" in table
+    assert "| **SoLo-SimPO** |" in table and "| **SoLo-SimPO RA-long** |" in table
+    assert "expand-long" in table and "(chosen)" in table
     assert (results / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Rerun after losing one result: only that unit runs again, nothing else is redone.

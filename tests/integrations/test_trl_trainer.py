@@ -48,7 +48,11 @@ def _loss_and_grads(
 @pytest.mark.parametrize(
     ("loss_type", "ra_target", "ra_gradient"),
     [
-        *((loss, target, "both") for loss in ("dpo", "simpo", "orpo") for target in ("chosen", "both")),
+        *(
+            (loss, target, "both")
+            for loss in ("dpo", "simpo", "orpo")
+            for target in ("chosen", "both")
+        ),
         ("dpo", "both", "long"),
         ("simpo", "chosen", "long"),
     ],
