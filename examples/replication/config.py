@@ -20,8 +20,6 @@ LOSS_TYPES = ("dpo", "simpo", "orpo")
 VARIANTS = ("short", "expand-long", "solo", "solo-long")
 #: The arms with SoLo-RA: their alpha is chosen on the dev set among ``Preset.alphas``.
 SOLO_VARIANTS = ("solo", "solo-long")
-#: SoLo-RA weights from the paper (Qwen2.5-7B): 3 for SoLo-DPO, 1 for SoLo-SimPO and SoLo-ORPO.
-PAPER_ALPHA = {"dpo": 3.0, "simpo": 1.0, "orpo": 1.0}
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,10 @@ class SFTConfig:
     length). Training stops at the first check where greedy accuracy on ``check_questions`` dev
     questions reaches ``target_accuracy`` on the short prompt and ``target_long_accuracy`` at
     the longest training length (the gate: the model reads long contexts, worse than short
-    ones), or after ``max_steps``. ``completion_only``: the loss is on the answer alone.
+    ones), or after ``max_steps``. ``short_first``: short prompts only until the first check that
+    reaches ``target_accuracy`` on the short prompt, the mix after that (a curriculum: mixed from
+    the start, the model did not learn to answer at all within 1,600-1,750 steps).
+    ``completion_only``: the loss is on the answer alone.
     """
 
     batch_size: int = 32
@@ -58,7 +59,8 @@ class SFTConfig:
     target_long_accuracy: float = 0.15
     max_distractors: int = 12
     long_fraction: float = 0.5
-    completion_only: bool = True
+    short_first: bool = True
+    completion_only: bool = False
     seed: int = 0
 
 
@@ -89,6 +91,7 @@ class Preset:
     batch_size: int = 8
     learning_rate: float = 5e-4
     seeds: tuple[int, ...] = (0, 1, 2)
+    #: SoLo-RA weights tried on dev; the paper's are 3 (SoLo-DPO) and 1 (SoLo-SimPO, SoLo-ORPO).
     alphas: tuple[float, ...] = (0.3, 1.0, 3.0)
     sweep: dict[str, tuple[dict[str, float], ...]] = field(default_factory=dict)
     eval_batch_size: int = 32

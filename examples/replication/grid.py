@@ -77,9 +77,14 @@ def grid_units(preset: Preset, selection: dict[str, dict[str, float]]) -> list[U
     return units
 
 
-def load_result(work: Workspace, unit: Unit) -> dict[str, Any] | None:
+def load_result(work: Workspace, unit: Unit, preset: Preset) -> dict[str, Any] | None:
+    """The unit's result, or None when it has none, or one from other data or another starting
+    model (another preset fingerprint: it is redone)."""
     path = work.unit_result(unit.split, unit.model_key)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("fingerprint") == preset.fingerprint() else None
 
 
 def select(
@@ -91,7 +96,7 @@ def select(
     for unit in units:
         if unit.variant == "base":
             continue
-        result = load_result(work, unit)
+        result = load_result(work, unit, preset)
         if result is None:
             raise RuntimeError(f"dev result of {unit.model_key} is missing; run phase 1 first")
         # Rounded so that float noise does not break ties (ties go to the first setting).
@@ -118,7 +123,7 @@ def run_units(
     """Run the units without a result file, ``jobs`` at a time in ``pool``; True when all are
     done. No unit is started after ``deadline`` (a ``time.monotonic()`` value); the running ones
     finish."""
-    todo = [unit for unit in units if load_result(work, unit) is None]
+    todo = [unit for unit in units if load_result(work, unit, preset) is None]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit")
     pending: set = set()
     while todo or pending:
@@ -136,7 +141,7 @@ def run_units(
             bar.set_postfix_str(f"{result['unit']['arm']} seed {result['unit']['seed']}: {scores}")
             bar.update()
     bar.close()
-    return all(load_result(work, unit) is not None for unit in units)
+    return all(load_result(work, unit, preset) is not None for unit in units)
 
 
 def run_grid(
@@ -166,7 +171,9 @@ def run_grid(
         return run_units(units, preset, work, pool, desc="test grid", **options)
 
 
-def results_of(work: Workspace, split: str) -> list[dict[str, Any]]:
-    """Every unit result of ``split`` (sorted by file name)."""
+def results_of(work: Workspace, split: str, preset: Preset) -> list[dict[str, Any]]:
+    """Every unit result of ``split`` for ``preset``'s data and starting model (sorted by file
+    name; files left by another fingerprint are ignored)."""
     folder = Path(work.results) / "units" / split
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    return [r for r in results if r.get("fingerprint") == preset.fingerprint()]

@@ -185,7 +185,7 @@ def _sft_batch(
     """One fine-tuning batch: with probability ``long_fraction`` every question of the batch gets
     the same number (1 to ``max_distractors``, uniform) of other people's biographies, drawn from
     the batch's own questions (unique names within a stream chunk, so nothing contradicts the
-    evidence); otherwise the short prompts. One length per batch: no padding to spend on. With
+    evidence); otherwise the short prompts. One distractor count per batch: little padding. With
     ``completion_only`` the loss is on the answer alone (the prompt's labels are ignored)."""
     count = (
         rng.randint(1, max_distractors) if max_distractors and rng.random() < long_fraction else 0
@@ -207,6 +207,8 @@ def _sft_batch(
             )
     batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    if prompt_lengths and tokenizer.padding_side != "right":
+        raise ValueError("completion_only: expects a right-padding tokenizer (the prompt first)")
     for row, length in enumerate(prompt_lengths):  # right padding: the prompt comes first
         labels[row, :length] = -100
     batch["labels"] = labels
@@ -220,7 +222,14 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
     """
     record_path = work.starting_model / "sft_record.json"
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        if record.get("fingerprint") != preset.fingerprint():
+            raise RuntimeError(
+                f"{work.starting_model}: trained for another preset (fingerprint "
+                f"{record.get('fingerprint')}, this one {preset.fingerprint()}); delete the work "
+                "directory or pick another --work-dir"
+            )
+        return record
     config, shape = preset.sft, preset.model
     torch.manual_seed(config.seed)
     longest = max(preset.eval_lengths) + preset.max_new_tokens + 8
@@ -251,6 +260,8 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
     began = time.perf_counter()
     model.train()
     bar = tqdm(range(1, config.max_steps + 1), desc="fine-tune the starting model", unit="step")
+    # Short prompts only until the short gate is reached once (when ``short_first``), then the mix.
+    long_on = not config.short_first
     for step in bar:
         questions = [next(stream) for _ in range(config.batch_size)]
         batch = _sft_batch(
@@ -258,7 +269,7 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
             questions,
             rng,
             config.max_distractors,
-            config.long_fraction,
+            config.long_fraction if long_on else 0.0,
             config.completion_only,
         )
         loss = model(**batch).loss
@@ -274,7 +285,10 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
                 max_new_tokens=preset.max_new_tokens,
                 batch_size=preset.eval_batch_size,
             )["accuracy"]
-            checks.append({"step": step, "loss": loss.item(), "dev_accuracy": accuracy})
+            checks.append(
+                {"step": step, "loss": loss.item(), "dev_accuracy": accuracy, "long_on": long_on}
+            )
+            long_on = long_on or accuracy["short"] >= config.target_accuracy
             bar.set_postfix(
                 loss=f"{loss.item():.3f}",
                 short=f"{accuracy['short']:.2f}",
@@ -291,6 +305,7 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
     tokenizer.save_pretrained(work.starting_model)
     last = checks[-1]["dev_accuracy"]
     record = {
+        "fingerprint": preset.fingerprint(),
         "gate": {
             "length": int(gate_length),
             "short": config.target_accuracy,

@@ -42,7 +42,7 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
     """Per arm: accuracy (mean/std over seeds) per column, long average, cost, settings."""
     columns = ["short", *map(str, preset.eval_lengths)]
     by_arm: dict[str, list[dict[str, Any]]] = {}
-    for result in results_of(work, "test"):
+    for result in results_of(work, "test", preset):
         by_arm.setdefault(result["unit"]["arm"], []).append(result)
     arms: dict[str, Any] = {}
     for arm in arm_order():
@@ -71,11 +71,11 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
                 else None
             ),
         }
-    return {"columns": columns, "arms": arms, "questions": _questions(work)}
+    return {"columns": columns, "arms": arms, "questions": _questions(preset, work)}
 
 
-def _questions(work: Workspace) -> int | None:
-    results = results_of(work, "test")
+def _questions(preset: Preset, work: Workspace) -> int | None:
+    results = results_of(work, "test", preset)
     return results[0]["questions"] if results else None
 
 
@@ -110,10 +110,10 @@ def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def dev_sweep(work: Workspace) -> list[dict[str, Any]]:
+def dev_sweep(preset: Preset, work: Workspace) -> list[dict[str, Any]]:
     """Every dev result: arm, setting, accuracy per column and the mean used for the choice."""
     rows = []
-    for result in results_of(work, "dev"):
+    for result in results_of(work, "dev", preset):
         accuracy = result["accuracy"]
         rows.append(
             {
@@ -292,7 +292,7 @@ def write_report(
         "short_tokens": short_tokens,
         **prepared,
         "selection": json.loads(selection_path.read_text()),
-        "dev_sweep": dev_sweep(work),
+        "dev_sweep": dev_sweep(preset, work),
         "summary": (summary := aggregate(preset, work)),
         "comparisons": comparisons(summary),
         "run": run,

@@ -344,7 +344,7 @@ class SoLoPOTrainer(DPOTrainer):
         """
         super().create_accelerator_and_postprocess()
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if plugin is not None and plugin.fsdp_version == 1:
+        if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
             plugin.set_auto_wrap_policy(self.model)  # the policy: Trainer set self.model already
 
     def _check_precompute(self, args: Any) -> None:
