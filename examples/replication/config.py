@@ -145,7 +145,17 @@ QUICK = Preset(
     dev_questions=8,
     test_questions=8,
     model=ModelShape(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1),
-    sft=SFTConfig(batch_size=8, max_steps=4, check_every=2, check_questions=4, max_distractors=3),
+    # Its model cannot answer: no gate (target 0), only the plumbing.
+    sft=SFTConfig(
+        batch_size=8,
+        max_steps=4,
+        check_every=2,
+        check_questions=4,
+        max_distractors=3,
+        target_accuracy=0.0,
+        target_long_accuracy=0.0,
+        short_first=False,
+    ),
     train_lengths=(192, 256),
     eval_lengths=(256, 320),
     num_samples=2,

@@ -385,5 +385,19 @@ def prepare(preset: Preset, work: Workspace) -> dict[str, Any]:
     tokenizer = make_tokenizer(work, lexicon)
     build_contexts(preset, work)
     sft = train_starting_model(preset, work, lexicon, tokenizer)
+    if not sft["gate"]["met"]:
+        # Without long-context reading there is nothing for SoLo-RA to align toward: the grid
+        # would not test the method (docs/replication.md).
+        curve = ", ".join(
+            f"{c['step']}: {100 * c['dev_accuracy']['short']:.0f}% short / "
+            f"{100 * c['dev_accuracy'][str(sft['gate']['length'])]:.0f}% at {sft['gate']['length']}"
+            for c in sft["checks"][-4:]
+        )
+        raise RuntimeError(
+            f"the starting model did not meet its dev gate (short >= {sft['gate']['short']:.0%}, "
+            f"{sft['gate']['length']} tokens >= {sft['gate']['long']:.0%}) in "
+            f"{preset.sft.max_steps} steps; last checks {curve}. Its record is in "
+            f"{work.starting_model / 'sft_record.json'}; change SFTConfig and use a new --work-dir"
+        )
     pairs = sample_pairs(preset, work)
     return {"starting_model": sft, "pairs": pairs}

@@ -24,6 +24,7 @@ sys.path.insert(0, str(EXAMPLES))
 try:
     from replication.config import QUICK
     from replication.grid import alpha_units, grid_units, sweep_units
+    from replication import pipeline
     from replication.pipeline import Workspace, _sft_batch, read_jsonl, short_chat_prompt
     from replication.qa_world import Lexicon, make_split
 finally:
@@ -82,6 +83,24 @@ def test_fine_tuning_batches_mix_long_contexts_and_train_on_the_answer():
     assert len(lengths) > 1  # short batches and long ones
 
 
+def test_a_starting_model_below_its_gate_stops_the_pipeline_before_the_pairs(monkeypatch, tmp_path):
+    record = {
+        "gate": {"length": 256, "short": 0.55, "long": 0.15, "met": False},
+        "checks": [{"step": 4, "dev_accuracy": {"short": 0.6, "256": 0.05, "320": 0.0}}],
+    }
+    for name in ("make_questions", "build_contexts"):
+        monkeypatch.setattr(pipeline, name, lambda *args: None)
+    monkeypatch.setattr(pipeline, "make_tokenizer", lambda *args: None)
+    monkeypatch.setattr(pipeline, "train_starting_model", lambda *args: record)
+
+    def no_sampling(*args):
+        raise AssertionError("sample-pairs ran with a starting model below its gate")
+
+    monkeypatch.setattr(pipeline, "sample_pairs", no_sampling)
+    with pytest.raises(RuntimeError, match=r"did not meet its dev gate .* 5% at 256"):
+        pipeline.prepare(QUICK, Workspace(tmp_path, tmp_path / "results"))
+
+
 @pytest.mark.slow
 def test_quick_run_writes_results_and_resumes(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
@@ -135,7 +154,7 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
             assert 0.0 <= stats["mean"] <= 100.0 and math.isfinite(stats["std"])
     assert report["pairs"]["pairs"] > 0
     gate = report["starting_model"]["gate"]
-    assert gate["length"] == max(QUICK.train_lengths) and isinstance(gate["met"], bool)
+    assert gate["length"] == max(QUICK.train_lengths) and gate["met"] is True
     assert all(
         set(c["dev_accuracy"]) == {"short", *map(str, QUICK.eval_lengths)}
         for c in report["starting_model"]["checks"]
