@@ -2,14 +2,16 @@
 
 A procedural multi-hop QA task (invented people; one- and two-hop questions; the evidence buried
 among biographies of other people in the long contexts), a tiny Llama fine-tuned on short
-prompts, preference pairs from ``solopo-data build-contexts`` and ``solopo-data sample-pairs``
-(temperature 0.85, sub-EM judge, no gold answer), and for X in DPO, SimPO, ORPO three arms
+prompts and then on long contexts until it passes a dev gate at the longest training length,
+preference pairs from ``solopo-data build-contexts`` and ``solopo-data sample-pairs``
+(temperature 0.85, sub-EM judge, no gold answer), and for X in DPO, SimPO, ORPO four arms
 trained with ``SoLoPOTrainer`` on the same pairs for the same number of steps: X on the short
-prompts, X with the pairs placed in the long prompts ("X expand-long"), and SoLo-X. Greedy
-decoding and the sub-EM judge on test questions at the short prompt and at long lengths up to
-twice the longest training length. What it is and what it shows: docs/replication.md.
+prompts, X with the pairs placed in the long prompts ("X expand-long"), SoLo-X, and SoLo-X with
+``ra_gradient="long"``; alpha chosen on dev. Greedy decoding and the sub-EM judge on test
+questions at the short prompt and at long lengths up to twice the longest training length. What
+it is, what it shows, and which commit produced the committed results: docs/replication.md.
 
-    python examples/replicate_solopo.py                   # the committed grid, about 25 min
+    python examples/replicate_solopo.py                   # the full preset
     python examples/replicate_solopo.py --max-minutes 15  # the same, in pieces: rerun to go on
     python examples/replicate_solopo.py --quick --work-dir /tmp/q --results /tmp/q/results
 

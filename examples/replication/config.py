@@ -26,8 +26,8 @@ SOLO_VARIANTS = ("solo", "solo-long")
 class ModelShape:
     """The tiny Llama of :func:`solopo_kernels.tiny_models.tiny_llama`."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
 
@@ -51,8 +51,8 @@ class SFTConfig:
     """
 
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    max_steps: int = 3000
+    learning_rate: float = 3e-3
+    max_steps: int = 5000
     check_every: int = 200
     check_questions: int = 100
     target_accuracy: float = 0.55
