@@ -681,7 +681,6 @@ class FusedSoLoPOLoss(nn.Module):
         ref_short_logps: torch.Tensor | None = None,
         ref_long_logps: torch.Tensor | None = None,
     ) -> SoLoPOOutput:
-        o = self.options
         return fused_solopo_loss(
             weight,
             short_hidden,
@@ -689,17 +688,9 @@ class FusedSoLoPOLoss(nn.Module):
             long_hidden,
             long_labels,
             bias,
-            loss_type=o.loss_type,
-            beta=o.beta,
-            alpha=o.alpha,
-            gamma=o.gamma,
-            label_smoothing=o.label_smoothing,
             ref_short_logps=ref_short_logps,
             ref_long_logps=ref_long_logps,
-            ra_target=o.ra_target,
-            ra_distance=o.ra_distance,
-            ra_use_reference=o.ra_use_reference,
-            ra_gradient=o.ra_gradient,
+            **self.options.as_kwargs(),  # every loss option, so none can be left behind
             ignore_index=self.ignore_index,
             temperature=self.temperature,
             chunk_size=self.chunk_size,

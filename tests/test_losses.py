@@ -280,7 +280,8 @@ def test_solopo_loss_from_sums_equals_fused():
 def test_module_form_equals_function():
     head = Head.random(V, H, bias=True)
     sh, sl, lh, ll, ref_s, ref_l = _batch("chosen", 1.0)
-    module = FusedSoLoPOLoss(
+    sh.requires_grad_(True)
+    options = dict(
         loss_type="ipo",
         beta=0.2,
         alpha=3.0,
@@ -288,26 +289,15 @@ def test_module_form_equals_function():
         ra_gradient="long",
         temperature=1.1,
     )
-    out = module(
-        head.weight, sh, sl, lh, ll, head.bias, ref_short_logps=ref_s, ref_long_logps=ref_l
-    )
-    expected = fused_solopo_loss(
-        head.weight,
-        sh,
-        sl,
-        lh,
-        ll,
-        head.bias,
-        loss_type="ipo",
-        beta=0.2,
-        alpha=3.0,
-        ra_distance="squared",
-        ra_gradient="long",
-        temperature=1.1,
-        ref_short_logps=ref_s,
-        ref_long_logps=ref_l,
-    )
+    refs = dict(ref_short_logps=ref_s, ref_long_logps=ref_l)
+    module = FusedSoLoPOLoss(**options)
+    out = module(head.weight, sh, sl, lh, ll, head.bias, **refs)
+    expected = fused_solopo_loss(head.weight, sh, sl, lh, ll, head.bias, **options, **refs)
     assert torch.equal(out.loss, expected.loss)
+    # ra_gradient leaves the value alone: the short-side gradient shows the module passed it on.
+    (got,) = torch.autograd.grad(out.loss, sh)
+    (want,) = torch.autograd.grad(expected.loss, sh)
+    assert torch.equal(got, want)
     assert "ipo" in repr(module) and "ra_gradient='long'" in repr(module)
 
 

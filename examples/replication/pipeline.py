@@ -187,6 +187,8 @@ def _sft_batch(
     the batch's own questions (unique names within a stream chunk, so nothing contradicts the
     evidence); otherwise the short prompts. One distractor count per batch: little padding. With
     ``completion_only`` the loss is on the answer alone (the prompt's labels are ignored)."""
+    if completion_only and tokenizer.padding_side != "right":
+        raise ValueError("completion_only: expects a right-padding tokenizer (the prompt first)")
     count = (
         rng.randint(1, max_distractors) if max_distractors and rng.random() < long_fraction else 0
     )
@@ -207,8 +209,6 @@ def _sft_batch(
             )
     batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    if prompt_lengths and tokenizer.padding_side != "right":
-        raise ValueError("completion_only: expects a right-padding tokenizer (the prompt first)")
     for row, length in enumerate(prompt_lengths):  # right padding: the prompt comes first
         labels[row, :length] = -100
     batch["labels"] = labels
@@ -260,6 +260,13 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
     began = time.perf_counter()
     model.train()
     bar = tqdm(range(1, config.max_steps + 1), desc="fine-tune the starting model", unit="step")
+
+    def passes(accuracy: dict[str, float]) -> bool:
+        return (
+            accuracy["short"] >= config.target_accuracy
+            and accuracy[gate_length] >= config.target_long_accuracy
+        )
+
     # Short prompts only until the short gate is reached once (when ``short_first``), then the mix.
     long_on = not config.short_first
     for step in bar:
@@ -295,23 +302,18 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
                 **{f"at{gate_length}": f"{accuracy[gate_length]:.2f}"},
             )
             model.train()
-            if (
-                accuracy["short"] >= config.target_accuracy
-                and accuracy[gate_length] >= config.target_long_accuracy
-            ):
+            if passes(accuracy):
                 break
     bar.close()
     model.save_pretrained(work.starting_model)
     tokenizer.save_pretrained(work.starting_model)
-    last = checks[-1]["dev_accuracy"]
     record = {
         "fingerprint": preset.fingerprint(),
         "gate": {
             "length": int(gate_length),
             "short": config.target_accuracy,
             "long": config.target_long_accuracy,
-            "met": last["short"] >= config.target_accuracy
-            and last[gate_length] >= config.target_long_accuracy,
+            "met": passes(checks[-1]["dev_accuracy"]),
         },
         "config": asdict(config),
         "model": asdict(shape),

@@ -90,8 +90,13 @@ def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
         solo, solo_long, short, expand = (
             Unit(loss_type, v, 0, "test").arm for v in ("solo", "solo-long", "short", "expand-long")
         )
-        pairs = [(solo, short), (solo, expand), (solo_long, short), (solo_long, expand)]
-        pairs.append((solo_long, solo))
+        pairs = [
+            (solo, short),
+            (solo, expand),
+            (solo_long, short),
+            (solo_long, expand),
+            (solo_long, solo),
+        ]
         for arm, other in pairs:
             if arm not in arms or other not in arms:
                 continue

@@ -22,9 +22,9 @@ SCRIPT = EXAMPLES / "replicate_solopo.py"
 # would shadow installed packages of the same name for every later test.
 sys.path.insert(0, str(EXAMPLES))
 try:
+    from replication import pipeline
     from replication.config import QUICK
     from replication.grid import alpha_units, grid_units, sweep_units
-    from replication import pipeline
     from replication.pipeline import Workspace, _sft_batch, read_jsonl, short_chat_prompt
     from replication.qa_world import Lexicon, make_split
 finally:
