@@ -36,32 +36,52 @@ class ModelShape:
 class SFTConfig:
     """Supervised fine-tuning of the starting model on short prompts and on long contexts.
 
-    Next-token loss on the whole chat-formatted sequence (prompt and reference answer): the model
-    learns the passage style, the answer format and to find the evidence at once. Fresh questions
-    every batch, so it cannot memorise answers. With probability ``long_fraction`` a batch is a
-    long one: every prompt gets the same number, 1 to ``max_distractors``, of other people's
-    biographies (``max_distractors`` is chosen so that the longest reach the longest training
-    length). Training stops at the first check where greedy accuracy on ``check_questions`` dev
-    questions reaches ``target_accuracy`` on the short prompt and ``target_long_accuracy`` at
-    the longest training length (the gate: the model reads long contexts, worse than short
-    ones), or after ``max_steps``. ``short_first``: short prompts only until the first check that
-    reaches ``target_accuracy`` on the short prompt, the mix after that (a curriculum: mixed from
-    the start, the model did not learn to answer at all within 1,600-1,750 steps).
-    ``completion_only``: the loss is on the answer alone.
+    Fresh questions every batch, so it cannot memorise answers. Two phases (when
+    ``short_first``):
+
+    1. *Short*: short prompts only, next-token loss on the whole chat-formatted sequence (prompt
+       and reference answer): the model learns the passage style, the answer format and to find
+       the evidence. It ends at the first check where the short prompt reaches
+       ``switch_accuracy``.
+    2. *Mixed*: with probability ``long_fraction`` a batch is a long one: every prompt gets the
+       same number, 1 to the current cap, of other people's biographies. The cap starts at
+       ``distractor_ramp_start`` and grows by one every ``distractor_ramp_every`` steps up to
+       ``max_distractors`` (chosen so that the longest reach the longest training length;
+       ``distractor_ramp_every=0``: no ramp). With ``completion_only`` the loss is on the answer
+       alone in this phase.
+
+    Training stops at the first check where greedy accuracy on ``check_questions`` dev questions
+    reaches ``target_accuracy`` on the short prompt and ``target_long_accuracy`` at the longest
+    training length (the gate: the model reads long contexts, worse than short ones), or after
+    ``max_steps``. Why this recipe (each part measured, docs/replication.md): mixed from the
+    start, the model learned to answer nothing in 1,250-1,750 steps; with the whole sequence in
+    the loss and every distractor count from the first mixed step, it answered at most 7% at 512
+    tokens in 5,000 steps; the ramp and the answer-only loss of phase 2 passed the gate.
     """
 
     batch_size: int = 32
     learning_rate: float = 3e-3
-    max_steps: int = 5000
-    check_every: int = 200
+    max_steps: int = 6000
+    check_every: int = 250
     check_questions: int = 100
     target_accuracy: float = 0.55
     target_long_accuracy: float = 0.15
+    switch_accuracy: float = 0.45
     max_distractors: int = 12
+    distractor_ramp_start: int = 2
+    distractor_ramp_every: int = 250
     long_fraction: float = 0.5
     short_first: bool = True
-    completion_only: bool = False
+    completion_only: bool = True
     seed: int = 0
+
+    def distractor_cap(self, mixed_step: int) -> int:
+        """The most distractors a long batch gets at step ``mixed_step`` of the mixed phase
+        (counted from 1)."""
+        if not self.distractor_ramp_every:
+            return self.max_distractors
+        grown = self.distractor_ramp_start + mixed_step // self.distractor_ramp_every
+        return min(self.max_distractors, grown)
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,8 @@ QUICK = Preset(
         check_every=2,
         check_questions=4,
         max_distractors=3,
+        distractor_ramp_start=1,
+        distractor_ramp_every=2,
         target_accuracy=0.0,
         target_long_accuracy=0.0,
         short_first=False,

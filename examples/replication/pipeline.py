@@ -243,11 +243,13 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
         seed=config.seed,
     )
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    # The gate is checked at the longest training length (and the curve at every eval length).
+    # The gate is checked at the longest training length, the curve at every eval length up to it
+    # (the longer ones would cost more than the training steps between two checks).
     gate_length = str(max(preset.train_lengths))
     check_rows = {
         str(n): read_jsonl(work.contexts("dev", n))[: config.check_questions]
         for n in preset.eval_lengths
+        if n <= int(gate_length)
     }
     if gate_length not in check_rows:
         raise ValueError(
@@ -267,17 +269,20 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
             and accuracy[gate_length] >= config.target_long_accuracy
         )
 
-    # Short prompts only until the short gate is reached once (when ``short_first``), then the mix.
-    long_on = not config.short_first
+    # Short prompts only until the short prompt reaches ``switch_accuracy`` once (when
+    # ``short_first``), then the mix; ``mixed_from``: the last step before the mixed phase.
+    mixed_from: int | None = None if config.short_first else 0
     for step in bar:
         questions = [next(stream) for _ in range(config.batch_size)]
+        mixed = mixed_from is not None
         batch = _sft_batch(
             tokenizer,
             questions,
             rng,
-            config.max_distractors,
-            config.long_fraction if long_on else 0.0,
-            config.completion_only,
+            # (in the short phase the cap is unused: no batch is a long one)
+            config.distractor_cap(step - mixed_from) if mixed else config.max_distractors,
+            config.long_fraction if mixed else 0.0,
+            config.completion_only and mixed,
         )
         loss = model(**batch).loss
         loss.backward()
@@ -293,9 +298,10 @@ def train_starting_model(preset: Preset, work: Workspace, lexicon: Lexicon, toke
                 batch_size=preset.eval_batch_size,
             )["accuracy"]
             checks.append(
-                {"step": step, "loss": loss.item(), "dev_accuracy": accuracy, "long_on": long_on}
+                {"step": step, "loss": loss.item(), "dev_accuracy": accuracy, "mixed": mixed}
             )
-            long_on = long_on or accuracy["short"] >= config.target_accuracy
+            if not mixed and accuracy["short"] >= config.switch_accuracy:
+                mixed_from = step
             bar.set_postfix(
                 loss=f"{loss.item():.3f}",
                 short=f"{accuracy['short']:.2f}",

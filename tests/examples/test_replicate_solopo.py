@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("trl")
 pytest.importorskip("matplotlib")
@@ -23,7 +24,7 @@ SCRIPT = EXAMPLES / "replicate_solopo.py"
 sys.path.insert(0, str(EXAMPLES))
 try:
     from replication import pipeline
-    from replication.config import QUICK
+    from replication.config import FULL, QUICK, SFTConfig
     from replication.grid import alpha_units, grid_units, sweep_units
     from replication.pipeline import Workspace, _sft_batch, read_jsonl, short_chat_prompt
     from replication.qa_world import Lexicon, make_split
@@ -81,6 +82,78 @@ def test_fine_tuning_batches_mix_long_contexts_and_train_on_the_answer():
                 # no second biography of the question's people: every distractor is someone else
                 assert text.lower().count(f"{title.lower()} was born in") == 1
     assert len(lengths) > 1  # short batches and long ones
+
+
+def test_the_distractor_cap_grows_by_one_per_ramp_interval_up_to_the_maximum():
+    config = FULL.sft  # from 2, one more every 250 mixed steps, at most 12
+    assert [config.distractor_cap(step) for step in (1, 249, 250, 499, 500, 2500, 10**6)] == [
+        2,
+        2,
+        3,
+        3,
+        4,
+        12,
+        12,
+    ]
+    assert SFTConfig(distractor_ramp_every=0).distractor_cap(1) == SFTConfig().max_distractors
+
+
+def test_fine_tuning_switches_from_short_to_mixed_batches_at_the_switch_accuracy(
+    monkeypatch, tmp_path
+):
+    """The two phases as the fine-tuning loop runs them, with scripted dev checks: short batches
+    with the whole sequence in the loss until a check reaches ``switch_accuracy``; then long
+    batches with the ramped cap and the answer-only loss; the stop at the first check that passes
+    the gate, and the record of it."""
+    import dataclasses
+
+    from solopo_kernels.data.cli import tiny_tokenizer_for
+
+    config = SFTConfig(
+        batch_size=2,
+        max_steps=40,
+        check_every=2,
+        check_questions=2,
+        switch_accuracy=0.45,
+        target_accuracy=0.55,
+        target_long_accuracy=0.15,
+        distractor_ramp_start=1,
+        distractor_ramp_every=3,
+        max_distractors=3,
+    )
+    preset = dataclasses.replace(QUICK, sft=config)
+    work = Workspace(tmp_path, tmp_path / "results")
+    for n in preset.eval_lengths:
+        work.contexts("dev", n).parent.mkdir(parents=True, exist_ok=True)
+        work.contexts("dev", n).write_text('{"id": "q"}\n')
+    tok = tiny_tokenizer_for(["a b c d e"])
+    batches = []
+
+    def fake_batch(tokenizer, questions, rng, cap, long_fraction, completion_only=False):
+        batches.append((cap, long_fraction, completion_only))
+        ids = torch.tensor([[2, 3, 4, 5]] * len(questions))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    # checks at steps 2, 4, 6, ...: short 0.3, 0.5 (the switch), then 0.6 with 512 tokens at
+    # 0.1, 0.1, 0.2 (the gate, at step 10)
+    script = iter([(0.3, 0.0), (0.5, 0.0), (0.6, 0.1), (0.6, 0.1), (0.6, 0.2), (0.9, 0.9)])
+
+    def fake_eval(model, tokenizer, rows, **kwargs):
+        short, long = next(script)
+        return {"accuracy": {"short": short, **{n: long for n in rows}}}
+
+    monkeypatch.setattr(pipeline, "_sft_batch", fake_batch)
+    monkeypatch.setattr(pipeline, "evaluate_contexts", fake_eval)
+    record = pipeline.train_starting_model(preset, work, Lexicon.build(), tok)
+    assert record["steps"] == 10 and record["gate"]["met"] is True
+    assert [c["mixed"] for c in record["checks"]] == [False, False, True, True, True]
+    short, mixed = batches[:4], batches[4:]
+    assert all(fraction == 0.0 and not answer_only for _, fraction, answer_only in short)
+    assert all(
+        fraction == config.long_fraction and answer_only for _, fraction, answer_only in mixed
+    )
+    assert [cap for cap, _, _ in mixed] == [1, 1, 2, 2, 2, 3]  # mixed steps 1-6, one more per 3
+    assert (work.starting_model / "sft_record.json").exists()
 
 
 def test_a_starting_model_below_its_gate_stops_the_pipeline_before_the_pairs(monkeypatch, tmp_path):
@@ -155,10 +228,9 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
     assert report["pairs"]["pairs"] > 0
     gate = report["starting_model"]["gate"]
     assert gate["length"] == max(QUICK.train_lengths) and gate["met"] is True
-    assert all(
-        set(c["dev_accuracy"]) == {"short", *map(str, QUICK.eval_lengths)}
-        for c in report["starting_model"]["checks"]
-    )
+    # the curve at every eval length up to the gate's
+    checked = {"short", *(str(n) for n in QUICK.eval_lengths if n <= max(QUICK.train_lengths))}
+    assert all(set(c["dev_accuracy"]) == checked for c in report["starting_model"]["checks"])
     against = {(row["arm"], row["against"]) for row in report["comparisons"]}
     assert ("SoLo-SimPO RA-long", "SoLo-SimPO") in against
     table = (results / "replication.md").read_text()
