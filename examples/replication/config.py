@@ -110,7 +110,7 @@ class Preset:
     steps: int = 64
     batch_size: int = 8
     learning_rate: float = 5e-4
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     #: SoLo-RA weights tried on dev; the paper's are 3 (SoLo-DPO) and 1 (SoLo-SimPO, SoLo-ORPO).
     alphas: tuple[float, ...] = (0.3, 1.0, 3.0)
     sweep: dict[str, tuple[dict[str, float], ...]] = field(default_factory=dict)

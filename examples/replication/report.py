@@ -201,7 +201,28 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {100 * row['mean']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *_fine_tuning_curve(report["starting_model"])]) + "\n"
+
+
+def _fine_tuning_curve(record: dict[str, Any]) -> list[str]:
+    """The starting model's dev checks during fine-tuning, as table lines."""
+    gate = record["gate"]
+    lengths = [key for key in record["checks"][0]["dev_accuracy"] if key != "short"]
+    lines = [
+        f"Fine-tuning of the starting model (dev, the first {record['config']['check_questions']} "
+        f"questions, greedy; gate: short >= {100 * gate['short']:.0f}% and "
+        f"{gate['length']} tokens >= {100 * gate['long']:.0f}%, "
+        f"{'met' if gate['met'] else 'not met'} at step {record['steps']}):",
+        "",
+        "| step | batches | short | " + " | ".join(lengths) + " |",
+        "|" + "---|" * (len(lengths) + 3),
+    ]
+    for check in record["checks"]:
+        accuracy = check["dev_accuracy"]
+        cells = [f"{100 * accuracy[key]:.0f}" for key in ("short", *lengths)]
+        phase = "mixed" if check["mixed"] else "short"
+        lines.append(f"| {check['step']} | {phase} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

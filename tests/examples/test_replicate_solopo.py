@@ -236,6 +236,8 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
     table = (results / "replication.md").read_text()
     assert "| **SoLo-SimPO** |" in table and "| **SoLo-SimPO RA-long** |" in table
     assert "expand-long" in table and "(chosen)" in table
+    # the fine-tuning curve (QUICK mixes from the first step)
+    assert all(f"| {c['step']} | mixed |" in table for c in report["starting_model"]["checks"])
     assert (results / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Rerun after losing one result: only that unit runs again, nothing else is redone.
