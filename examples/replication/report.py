@@ -147,8 +147,8 @@ def _settings(arm: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The results table (shaped like the paper's: one row per arm, grouped by loss) and the
-    dev sweep."""
+    """The results table (shaped like the paper's: one row per arm, grouped by loss), the paired
+    comparisons, the dev sweep and the starting model's fine-tuning curve."""
     summary = report["summary"]
     columns = summary["columns"]
     head = ["arm", "short", *(f"{c}" for c in columns[1:]), "long avg", "s / step", "peak MiB"]
