@@ -35,6 +35,7 @@ from ..checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    value_checks_enabled,
 )
 from . import self_check
 from .tiles import KernelOptions, check_kernel_options
@@ -192,6 +193,31 @@ def scatter_to_positions(
     return out.index_put(positions, values)
 
 
+# A row whose log-sum-exp is below this has no logit a float32 head can resolve: every column is
+# a mask value (float32 logits of magnitude 2**24 and more are at least 1 nat apart).
+MASKED_ROW_LSE = -(2.0**24)
+
+
+def check_rows_have_a_distribution(lse: torch.Tensor) -> None:
+    """Value check (one host sync, skipped with the others, see :mod:`..checks`): every row's
+    ``lse (N,)`` is finite and above :data:`MASKED_ROW_LSE`. A row whose every logit is masked
+    (``-inf``, or a finite mask such as ``-1e30``) has no distribution to take a log-prob from:
+    it would give NaN (``-inf``) or a meaningless number (finite masks) with no error."""
+    if not value_checks_enabled() or lse.numel() == 0:
+        return
+    bad = ~(lse > MASKED_ROW_LSE) | (lse == torch.inf)  # NaN compares False: bad
+    count = int(bad.sum())
+    if count:
+        rows = bad.nonzero().flatten()[:5].tolist()
+        largest = [f"{v:.3g}" for v in lse[rows].tolist()]
+        raise ValueError(
+            f"logits: {count} response position(s) (e.g. positions {rows} in order, log-sum-exp "
+            f"{largest}) have no logit above {MASKED_ROW_LSE:.3g}: every vocabulary column of the "
+            "row is masked (bias -inf or a large negative value) or a logit is +inf/NaN, so there "
+            "is no distribution to take a log-prob from; leave at least one token unmasked"
+        )
+
+
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
     the bias, the targets, one log-sum-exp per row and the saved logits, if the tiles ask for any;
@@ -213,6 +239,7 @@ class LinearLogProbs(torch.autograd.Function):
         logp, lse, saved = backend.forward(
             rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
         )
+        check_rows_have_a_distribution(lse)
         ctx.save_for_backward(rows, weight, bias, targets, lse)
         # Not through save_for_backward: a backward may consume (overwrite) the saved logits, and
         # drops them, so that a second backward (retain_graph=True) recomputes every tile.
@@ -275,9 +302,10 @@ def response_logprobs(
         t is not None and t.requires_grad for t in (rows, weight, bias)
     )
     if not needs_grad:
-        logp, _, _ = module.forward(
+        logp, lse, _ = module.forward(
             rows, weight, bias, targets, temperature=temperature, tiles=tiles
         )
+        check_rows_have_a_distribution(lse)
         return logp
     return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module)
 
