@@ -39,7 +39,7 @@ from dataclasses import replace
 import torch
 
 from .gradients import FactoredTile, accumulate_gradients
-from .tiles import KernelOptions, Tiles, saved_columns, tile_bounds, vocab_bounds
+from .tiles import KernelOptions, Tiles, tile_bounds, vocab_bounds
 
 # Tile budgets, in logits elements. The CPU budget keeps a float32 tile at 16 MiB (cache- and
 # RAM-friendly on a laptop-class CPU); on an accelerator larger tiles amortise launch overhead.
@@ -75,10 +75,11 @@ def default_tiles(
     ``_WEIGHT_TILE_ELEMENTS`` (at least 256 columns), and the token tile fills the logits budget.
     ``options.saved_logits_bytes`` sets how many leading columns the forward saves.
     """
-    budget = (options or KernelOptions()).saved_logits_bytes
+    budget = (options or KernelOptions()).saved_logits_budget
     # Inside the saved columns a tile is a view of the saved logits: all rows at once cost no
-    # memory, and give the GEMMs their full height.
-    saved = {"saved_columns": saved_columns(budget, n_rows, vocab), "saved_token_tile": n_rows}
+    # memory, and give the GEMMs their full height. (The most this call may save; the dispatch
+    # narrows it to what the budget has left, see .saved_logits.)
+    saved = {"saved_columns": budget.columns(n_rows, vocab, in_use=0), "saved_token_tile": n_rows}
     if isinstance(chunk_size, tuple):
         return Tiles(*chunk_size, **saved)
     vocab_tile = min(vocab, max(256, 1 << int(math.log2(max(1, _WEIGHT_TILE_ELEMENTS // hidden)))))
