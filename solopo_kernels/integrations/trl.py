@@ -63,6 +63,7 @@ from .model_patch import (
 )
 from .moe import RouterLoad, aux_loss_coefficient, moe_sizes
 from .packing import (
+    PACKED_PAIRS,
     PACKED_SEQUENCE_IDS,
     check_packing_attention,
     count_sequences,
@@ -76,6 +77,7 @@ from .trl_data import (
     REF_COLUMNS,
     SHORT_KEYS,
     DataCollatorForSoLoPO,
+    check_collator,
     tokenize_long_prompt,
 )
 
@@ -280,6 +282,7 @@ class SoLoPOTrainer(DPOTrainer):
                 f"data_collator: expected a DataCollatorForSoLoPO (it builds the long rows), got "
                 f"{type(data_collator).__name__}; leave it None for the default"
             )
+        check_collator(data_collator, self._solopo, padding_free=args.padding_free)
         reference_free = not self._solopo.needs_reference
         if reference_free:
             if ref_model is not None:
@@ -614,14 +617,15 @@ class SoLoPOTrainer(DPOTrainer):
         the flash-attention varlen kernels need not derive them from the positions in every
         layer."""
         n_sequences = count_sequences(inputs)
-        per_pair = 2 + self._long_rows_in_batch()
-        n_pairs = n_sequences // per_pair
-        if n_sequences != per_pair * n_pairs:
+        long_rows = self._long_rows_in_batch()
+        n_pairs = inputs.get(PACKED_PAIRS, n_sequences // (2 + long_rows))
+        if n_sequences != (2 + long_rows) * n_pairs:
             raise ValueError(
-                f"data_collator: the packed batch holds {n_sequences} sequences, not a multiple of "
-                f"the {per_pair} per pair these options need (2 short + {per_pair - 2} long: "
-                f"solopo_alpha={self._solopo.alpha}, solopo_ra_target={self._solopo.ra_target!r}); "
-                "build the collator with the trainer's options (or leave data_collator None)"
+                f"data_collator: the packed batch holds n_sequences={n_sequences} for n_pairs="
+                f"{n_pairs}, expected (2 + {long_rows}) * n_pairs = {(2 + long_rows) * n_pairs} "
+                f"(2 short and {long_rows} long per pair for solopo_alpha={self._solopo.alpha}, "
+                f"solopo_ra_target={self._solopo.ra_target!r}); build the collator with the "
+                "trainer's options, or leave data_collator None"
             )
         wanted = n_sequences if with_long else 2 * n_pairs
         sums = counts = load = None
