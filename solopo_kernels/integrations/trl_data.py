@@ -17,7 +17,8 @@ from trl.data_utils import is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-from .packing import pack_sequences
+from ..losses import SoLoPOOptions
+from .packing import PACKED_PAIRS, pack_sequences
 
 # Batch keys added by the SoLoPO collator. They carry a prefix so that none of them can collide
 # with a model keyword argument, and they are stripped before ``model(**kwargs)``.
@@ -53,7 +54,8 @@ class DataCollatorForSoLoPO(DataCollatorForPreference):
     ``packed_sequence_ids`` of shape ``(P, L)``: ``P = 1`` row unless ``max_packed_length`` caps
     the tokens per row (see :mod:`.packing`). For example, one pair with short rows of 3 and 4
     tokens and a long row of 6 tokens gives one row of 13 tokens whose ``position_ids`` are
-    ``[0 1 2 0 1 2 3 0 1 2 3 4 5]`` and ``sequence_ids`` ``[0 0 0 1 1 1 1 2 2 2 2 2 2]``.
+    ``[0 1 2 0 1 2 3 0 1 2 3 4 5]`` and ``sequence_ids`` ``[0 0 0 1 1 1 1 2 2 2 2 2 2]``; the
+    batch also says how many pairs it packs (``packed_pairs``, an int).
 
     A long row is ``long_prompt_ids + r`` where ``r`` is the response exactly as it is kept on the
     short side (after ``max_length`` truncation). With ``max_long_length`` the long prompt is cut
@@ -146,7 +148,35 @@ class DataCollatorForSoLoPO(DataCollatorForPreference):
             pad_token_id=self.pad_token_id,
             max_tokens=self.max_packed_length,
         )
-        return {**output, **packed}
+        return {**output, **packed, PACKED_PAIRS: len(short) // 2}
+
+
+def check_collator(collator: Any, options: SoLoPOOptions, *, padding_free: bool) -> None:
+    """Raise ``ValueError`` naming the field for a :class:`DataCollatorForSoLoPO` whose rows do not
+    match the loss options and the packing setting: the long rows it builds (``include_long``,
+    ``long_rows``) and whether it packs (``padding_free``). Any other collator passes (the trainer
+    refuses it where it needs the long rows)."""
+    if not isinstance(collator, DataCollatorForSoLoPO):
+        return
+    wanted = {
+        "include_long": options.uses_long,
+        "padding_free": padding_free,
+    }
+    if options.uses_long:
+        wanted["long_rows"] = options.ra_target
+    why = {
+        "include_long": f"solopo_alpha={options.alpha}",
+        "padding_free": f"padding_free={padding_free}",
+        "long_rows": f"solopo_ra_target={options.ra_target!r}",
+    }
+    for name, value in wanted.items():
+        got = getattr(collator, name)
+        if got != value:
+            raise ValueError(
+                f"data_collator: DataCollatorForSoLoPO.{name}={got!r} does not match the trainer's "
+                f"{why[name]} (it needs {name}={value!r}); build the collator with the same options, "
+                "or leave data_collator None"
+            )
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
