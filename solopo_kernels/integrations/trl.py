@@ -14,7 +14,8 @@ column holding the same task with the long context. Each step runs
   the same rows, or the values precomputed with ``precompute_ref_log_probs=True``;
 * :func:`solopo_kernels.solopo_loss` on the per-sequence sums.
 
-Long-side truncation (``max_long_length``) cuts the long *prompt from the left*; the response on
+Long-side truncation (``max_long_length``) removes tokens of the long *context* only: the
+template's start and the question stay (see :func:`.trl_data.cut_long_prompt`); the response on
 the long side is always token-for-token the response of the short side (after the short side's own
 ``max_length`` truncation), or the collator raises.
 """
@@ -74,6 +75,7 @@ from .packing import (
 from .trl_data import (
     LONG_KEYS,
     LONG_PROMPT_IDS,
+    LONG_PROMPT_LAYOUT,
     REF_COLUMNS,
     SHORT_KEYS,
     DataCollatorForSoLoPO,
@@ -496,7 +498,7 @@ class SoLoPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Trainer's hook: without it remove_unused_columns drops the long and reference columns.
         super()._set_signature_columns_if_needed()
-        for name in (LONG_PROMPT_IDS, *REF_COLUMNS):
+        for name in (LONG_PROMPT_IDS, LONG_PROMPT_LAYOUT, *REF_COLUMNS):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
