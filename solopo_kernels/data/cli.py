@@ -20,6 +20,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from .backends import SamplingServerError, TransformersBackend, load_backend, parse_vllm_args
 from .contexts import TEMPLATES, TargetLengths, build_contexts, format_summary, summarize_lengths
 from .evaluate import (
     EvaluationConfig,
@@ -29,16 +30,8 @@ from .evaluate import (
     markdown_report,
 )
 from .judge import BUILTIN_JUDGES, DEFAULT_ANSWER_MARKER, load_judge
-from .readers import read_examples
-from .sampler import (
-    SamplingConfig,
-    SamplingServerError,
-    TransformersBackend,
-    load_backend,
-    parse_vllm_args,
-    read_context_rows,
-    sample_pairs,
-)
+from .readers import read_context_rows, read_examples
+from .sampler import SamplingConfig, sample_pairs
 
 #: The bundled MuSiQue-schema sample (31 hand-written two-hop questions).
 SAMPLE_PATH = Path(str(files("solopo_kernels.data") / "samples" / "musique_sample.jsonl"))
@@ -153,13 +146,13 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         print(f"solopo-data sample-pairs: error: {error}", file=sys.stderr)
         return 1
     # Engine options and the server's address are not part of the resume identity: a run can be
-    # resumed on another number of GPUs or against a server that moved.
+    # resumed on another number of GPUs or against a server that moved. Nor is the input's path:
+    # the store keys every finished example by its content, so a moved input resumes and a
+    # rebuilt one (same ids, other contents) is refused.
     settings = {
         "model": args.model,
         "tokenizer": tokenizer_name,
-        # Unchanged for the default ("sub-em after 'answer is'"), so older runs still resume.
         "judge": _judge_setting(args),
-        "input": str(Path(args.input).resolve()),
     }
     try:
         summary = sample_pairs(
