@@ -26,8 +26,8 @@ import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +132,7 @@ def run_units(
     while todo or pending:
         while todo and len(pending) < jobs and (deadline is None or time.monotonic() < deadline):
             unit = todo.pop(0)
-            pending.add(
-                pool.submit(worker, unit, preset, str(work.root), str(work.results))
-            )
+            pending.add(pool.submit(worker, unit, preset, str(work.root), str(work.results)))
         if not pending:
             break
         done, pending = wait(pending, return_when=FIRST_COMPLETED)

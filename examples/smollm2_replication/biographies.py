@@ -144,7 +144,9 @@ class Person:
     def biography(self, rng: random.Random) -> dict[str, str]:
         """The person's passage, ``{"title", "text"}``: each fact in a random phrasing, in
         random order."""
-        sentences = [rng.choice(FACTS[key][0]).format(p=self.name, v=v) for key, v in self.facts.items()]
+        sentences = [
+            rng.choice(FACTS[key][0]).format(p=self.name, v=v) for key, v in self.facts.items()
+        ]
         rng.shuffle(sentences)
         return {"title": self.name, "text": " ".join(sentences)}
 

@@ -52,7 +52,7 @@ def alpha_units(preset: Preset, chosen: dict[str, dict[str, float]]) -> list[Uni
     ]
 
 
-def test_units(preset: Preset, chosen: dict[str, dict[str, float]]) -> list[Unit]:
+def grid_units(preset: Preset, chosen: dict[str, dict[str, float]]) -> list[Unit]:
     """Phase 2: the starting model, then every arm with every seed (seed by seed, so that a grid
     stopped early has whole seeds)."""
     units = [unit("base", 0, "test")]
@@ -91,5 +91,5 @@ def run_grid(
             return False
         selection = select(preset, work, stage2, selection)
         chosen = {arm: choice["hparams"] for arm, choice in selection.items()}
-        units = test_units(preset, chosen)
+        units = grid_units(preset, chosen)
         return run_units(units, preset, work, pool, desc="test", **options)

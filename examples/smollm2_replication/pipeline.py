@@ -121,7 +121,9 @@ def model_folder(preset: Preset, work: Workspace) -> Path:
         for split in SPLITS:
             for row in read_jsonl(work.questions(split)):
                 texts += [row["question"], *row["answers"]]
-                texts += [f"{p['title']}\n{p['text']}" for p in (*row["passages"], *row["distractors"])]
+                texts += [
+                    f"{p['title']}\n{p['text']}" for p in (*row["passages"], *row["distractors"])
+                ]
         tokenizer = tiny_tokenizer_for(texts)
         model = tiny_llama(tokenizer, max_position_embeddings=2048)
         model.save_pretrained(folder)

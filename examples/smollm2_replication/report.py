@@ -75,7 +75,9 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
             if costs
             else None,
             "steps": costs[0]["steps"] if costs else None,
-            "peak_rss_mib": max(c["peak_rss_above_start_mib"] or 0 for c in costs) if costs else None,
+            "peak_rss_mib": max(c["peak_rss_above_start_mib"] or 0 for c in costs)
+            if costs
+            else None,
             "eval_seconds": statistics.fmean(r["eval_seconds"] for r in results),
         }
     ordered = {arm: arms[arm] for arm in arm_order() if arm in arms}

@@ -87,8 +87,13 @@ def paired(
         b = "".join(second[n][s] for n in lengths)
         only_first = sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True))
         only_second = sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True))
-        tests.append({"only_first": only_first, "only_second": only_second,
-                      "p": mcnemar_p(only_first, only_second)})
+        tests.append(
+            {
+                "only_first": only_first,
+                "only_second": only_second,
+                "p": mcnemar_p(only_first, only_second),
+            }
+        )
     return {
         "lengths": list(lengths),
         "questions": len(per_q),

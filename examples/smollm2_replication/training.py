@@ -94,7 +94,9 @@ def lora_config(preset: Preset) -> Any:
     )
 
 
-def train(unit: Unit, preset: Preset, work: Workspace, model: Any, tokenizer: Any) -> tuple[Any, dict]:
+def train(
+    unit: Unit, preset: Preset, work: Workspace, model: Any, tokenizer: Any
+) -> tuple[Any, dict]:
     """Train ``unit``'s arm as a LoRA adapter on ``model``; return the peft model and the cost."""
     from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer
 
@@ -190,7 +192,8 @@ def _correct_strings(report: dict[str, Any]) -> dict[str, str]:
     for answer in report["answers"]:
         by_length.setdefault(answer["length"], []).append((answer["example_id"], answer["correct"]))
     return {
-        length: "".join(str(int(ok)) for _, ok in sorted(pairs)) for length, pairs in by_length.items()
+        length: "".join(str(int(ok)) for _, ok in sorted(pairs))
+        for length, pairs in by_length.items()
     }
 
 
@@ -233,7 +236,12 @@ def run_unit(
             shutil.rmtree(folder, ignore_errors=True)
     accuracy = {row["length"]: row["accuracy"] for row in report["accuracy"]}
     result = {
-        "unit": {**asdict(unit), "arm": unit.arm, "alpha": unit.alpha, "ra_gradient": unit.ra_gradient},
+        "unit": {
+            **asdict(unit),
+            "arm": unit.arm,
+            "alpha": unit.alpha,
+            "ra_gradient": unit.ra_gradient,
+        },
         "preset": preset.name,
         "fingerprint": preset.fingerprint(),
         "training": None
@@ -270,5 +278,6 @@ def run_unit_in_worker(
     unit: Unit, preset: Preset, work_root: str, results: str, vllm_python: str | None = None
 ) -> dict[str, Any]:
     """:func:`run_unit` for a process pool (paths as strings)."""
-    return run_unit(unit, preset, Workspace(Path(work_root), Path(results)), vllm_python=vllm_python)
-
+    return run_unit(
+        unit, preset, Workspace(Path(work_root), Path(results)), vllm_python=vllm_python
+    )

@@ -225,7 +225,11 @@ def evaluate(
             )["input_ids"]
             groups[item.length].append((item, ids))
         bar = tqdm(
-            total=len(items), initial=already_done, desc="evaluate", unit="answer", disable=not progress
+            total=len(items),
+            initial=already_done,
+            desc="evaluate",
+            unit="answer",
+            disable=not progress,
         )
         right: Counter[str] = Counter()
         seen: Counter[str] = Counter()
