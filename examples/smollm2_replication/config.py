@@ -34,7 +34,9 @@ class Preset:
 
     Training: LoRA of rank ``lora_rank`` on every linear projection (the tied embedding and head
     stay frozen), ``epochs`` passes over the pairs in steps of ``batch_size`` pairs, SimPO with
-    ``beta`` and ``gamma``, bf16 autocast when ``bf16`` (float32 master weights). The learning
+    ``beta`` and ``gamma``, in float32, or with bf16 autocast when ``bf16`` (float32 master
+    weights; only on a CPU with bf16 matrix units: on an AVX2-only CPU torch's bf16 matmul
+    falls back to a scalar loop, 58x slower than float32 in the pilot). The learning
     rate is chosen on dev among ``learning_rates`` for X and for X expand-long; the SoLo arms take
     X's and choose alpha among ``alphas``; then every arm runs with every seed of ``seeds``.
     """
@@ -51,12 +53,12 @@ class Preset:
     num_samples: int = 8
     temperature: float = 0.85
     sample_max_new_tokens: int = 32
-    sample_batch_size: int = 4
+    sample_batch_size: int = 32
     include_gold: bool = False
     answer_max_new_tokens: int = 32
     eval_batch_size: int = 8
     lora_rank: int = 16
-    bf16: bool = True
+    bf16: bool = False
     epochs: float = 1.0
     batch_size: int = 4
     beta: float = 2.0
@@ -96,7 +98,9 @@ def _plain(value: Any) -> Any:
 FULL = Preset(
     name="full",
     model="smollm2-135m-instruct",
-    train_questions=400,
+    # 240 questions: about 220 pairs (92% yield in the pilot), 55 steps of 4 pairs per arm;
+    # sized so that the whole grid fits about 4.5 hours of two quiet cores (docs/replication.md)
+    train_questions=240,
     dev_questions=100,
     test_questions=200,
     train_length=512,

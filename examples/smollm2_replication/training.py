@@ -45,7 +45,16 @@ from replication.training import StepTimer, Unit, reset_peak_rss, rss_kib
 from transformers import PrinterCallback
 
 from .config import Preset
-from .pipeline import REPO, Workspace, read_jsonl, run_cli, split_contexts, write_json
+from .pipeline import (
+    REPO,
+    VLLM_ENGINE,
+    Workspace,
+    read_jsonl,
+    run_cli,
+    split_contexts,
+    vllm_env,
+    write_json,
+)
 
 #: The loss of every arm (the unit's ``loss_type``).
 LOSS_TYPE = "simpo"
@@ -175,10 +184,9 @@ def evaluate_folder(
     argv += ["--model", str(folder), "--dtype", "float32", "--quiet"]
     argv += ["--max-new-tokens", str(preset.answer_max_new_tokens)]
     if vllm_python:
-        argv += ["--backend", "vllm", "--batch-size", "64", "--vllm-arg", "max_model_len=4096"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        argv += ["--backend", "vllm", "--batch-size", "64", *VLLM_ENGINE]
         command = [vllm_python, "-m", "solopo_kernels.data.cli", *argv]
-        subprocess.run(command, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, env=vllm_env(), cwd=REPO, stdout=subprocess.DEVNULL)
     else:
         argv += ["--backend", "transformers", "--device", "cpu"]
         argv += ["--batch-size", str(preset.eval_batch_size)]
