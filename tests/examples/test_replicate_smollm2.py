@@ -26,7 +26,7 @@ sys.path.insert(0, str(EXAMPLES))
 try:
     from smollm2_replication.biographies import FACTS, SPLIT_BLOCKS, make_split, name_block
     from smollm2_replication.config import FULL, QUICK
-    from smollm2_replication.grid import alpha_units, sweep_units, grid_units
+    from smollm2_replication.grid import alpha_units, grid_units, sweep_units
     from smollm2_replication.stats import accuracy, paired
 finally:
     sys.path.remove(str(EXAMPLES))
