@@ -224,7 +224,11 @@ def patch_solopo_forward(
     ) -> Any:
         if solopo_labels is None and not solopo_logps:
             if solopo_sequence_ids is not None or solopo_logit_sums:
-                name = "solopo_sequence_ids" if solopo_sequence_ids is not None else "solopo_logit_sums"
+                name = (
+                    "solopo_sequence_ids"
+                    if solopo_sequence_ids is not None
+                    else "solopo_logit_sums"
+                )
                 raise ValueError(f"{name}: only meaningful together with solopo_labels")
             return original_forward(*args, **kwargs)
         if solopo_logit_sums and (solopo_logps or solopo_sequence_ids is not None):

@@ -22,8 +22,6 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -85,7 +83,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in reference.parameters():
-            parameter.add_(0.3 * parameter.std() * torch.randn(parameter.shape, generator=generator))
+            parameter.add_(
+                0.3 * parameter.std() * torch.randn(parameter.shape, generator=generator)
+            )
     reference.save_pretrained(root / "reference")
     tokenizer.save_pretrained(root / "reference")
     data = root / "data"
@@ -158,20 +158,32 @@ def _args(workdir: Path, name: str, **overrides: Any) -> dict[str, Any]:
 
 
 class _Logs(TrainerCallback):
-    """The first training log of the run (loss, grad_norm, the trainer's metrics)."""
+    """The training logs of the run (loss, grad_norm, the trainer's metrics) and the evaluation
+    logs (eval_loss, ...)."""
 
     def __init__(self) -> None:
         self.logs: list[dict[str, float]] = []
+        self.eval_logs: list[dict[str, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if logs and "loss" in logs:
             self.logs.append(dict(logs))
+        elif logs and "eval_loss" in logs:
+            self.eval_logs.append(dict(logs))
 
 
-def _run(args: dict[str, Any], *, patched: bool, callbacks: list[Any] | None = None) -> dict[str, float]:
+def _run(
+    args: dict[str, Any],
+    *,
+    patched: bool,
+    callbacks: list[Any] | None = None,
+    logs: _Logs | None = None,
+) -> dict[str, float]:
+    """One run of LLaMA-Factory's ``run_exp`` (``patched``: through solopo_kernels' launcher);
+    returns the log of its single training step."""
     from llamafactory.train.tuner import run_exp as llamafactory_run_exp
 
-    logs = _Logs()
+    logs = logs or _Logs()
     (run_exp if patched else llamafactory_run_exp)(args, [logs, *(callbacks or [])])
     assert len(logs.logs) == 1
     return logs.logs[0]
@@ -199,13 +211,12 @@ class _KernelCalls:
 @pytest.mark.parametrize(
     "options",
     [
-        {"pref_loss": "sigmoid"},
         {"pref_loss": "sigmoid", "pref_ftx": 0.5, "dpo_label_smoothing": 0.1},
         {"pref_loss": "ipo"},
         {"pref_loss": "orpo", "pref_beta": 0.2},
         {"pref_loss": "simpo", "pref_beta": 2.0, "simpo_gamma": 0.3},
     ],
-    ids=["sigmoid", "sigmoid-ftx-smoothing", "ipo", "orpo", "simpo"],
+    ids=["sigmoid-ftx-smoothing", "ipo", "orpo", "simpo"],
 )
 def test_fused_head_gives_llamafactorys_loss_metrics_and_update(workdir, options):
     name = "-".join(f"{k}{v}" for k, v in options.items())
@@ -225,7 +236,9 @@ def test_fused_head_gives_llamafactorys_loss_metrics_and_update(workdir, options
     mine = _weights(str(workdir / "runs" / f"ours-{name}"))
     for key, value in _weights(str(workdir / "runs" / f"lf-{name}")).items():
         assert not torch.equal(value, before[key]), key  # the step moved every weight
-        torch.testing.assert_close(mine[key] - before[key], value - before[key], rtol=1e-4, atol=1e-8, msg=key)
+        torch.testing.assert_close(
+            mine[key] - before[key], value - before[key], rtol=1e-4, atol=1e-8, msg=key
+        )
 
 
 # ------------------------------------------------------------------ alpha > 0: a float64 hand computation
@@ -314,12 +327,23 @@ def _hand_loss(tokenizer, policy, reference, options: dict[str, Any]) -> torch.T
     "options",
     [
         {"pref_loss": "sigmoid", "solopo_alpha": 0.7},
-        {"pref_loss": "sigmoid", "solopo_alpha": 1.5, "solopo_ra_use_reference": False},
-        {"pref_loss": "ipo", "solopo_alpha": 0.5, "solopo_ra_target": "both", "solopo_ra_distance": "squared"},
+        {
+            "pref_loss": "ipo",
+            "solopo_alpha": 0.5,
+            "solopo_ra_target": "both",
+            "solopo_ra_distance": "squared",
+            "solopo_ra_use_reference": False,
+        },
         {"pref_loss": "orpo", "pref_beta": 0.2, "solopo_alpha": 1.0},
-        {"pref_loss": "simpo", "pref_beta": 2.0, "simpo_gamma": 0.3, "solopo_alpha": 2.0, "solopo_ra_gradient": "long"},
+        {
+            "pref_loss": "simpo",
+            "pref_beta": 2.0,
+            "simpo_gamma": 0.3,
+            "solopo_alpha": 2.0,
+            "solopo_ra_gradient": "long",
+        },
     ],
-    ids=["sigmoid", "sigmoid-no-ref", "ipo-both-squared", "orpo", "simpo-long-gradient"],
+    ids=["sigmoid", "ipo-both-squared-no-ref", "orpo", "simpo-long-gradient"],
 )
 def test_solopo_step_equals_a_float64_hand_computation(workdir, options):
     options = {"pref_beta": 0.1, **options}
@@ -329,15 +353,29 @@ def test_solopo_step_equals_a_float64_hand_computation(workdir, options):
     reference = AutoModelForCausalLM.from_pretrained(workdir / "reference", dtype=torch.float64)
     loss = _hand_loss(tokenizer, policy, reference, options)
     loss.backward()
-    grad_norm = torch.sqrt(sum(p.grad.square().sum() for p in policy.parameters() if p.grad is not None))
+    grad_norm = torch.sqrt(
+        sum(p.grad.square().sum() for p in policy.parameters() if p.grad is not None)
+    )
     assert ours["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert ours["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
     assert ours["solo_ra/alignment_loss"] > 0
 
 
 def test_precomputed_reference_gives_the_same_step_and_releases_the_reference(workdir):
-    options = {"pref_loss": "sigmoid", "solopo_alpha": 0.7, "solopo_ra_target": "both"}
-    every_step = _run(_args(workdir, "refs-every-step", **options), patched=True)
+    """Train and evaluation (``do_eval`` on an eval dataset: LLaMA-Factory's evaluate after
+    training) with the reference run every step and precomputed once: the same numbers."""
+    options = {
+        "pref_loss": "sigmoid",
+        "solopo_alpha": 0.7,
+        "solopo_ra_target": "both",
+        "do_eval": True,
+        "eval_dataset": "pairs",
+        "per_device_eval_batch_size": 2,
+    }
+    every_step_logs, once_logs = _Logs(), _Logs()
+    every_step = _run(
+        _args(workdir, "refs-every-step", **options), patched=True, logs=every_step_logs
+    )
     seen = []
     precompute = lf_trainer.SoLoPODPOTrainer._precompute_references
 
@@ -347,13 +385,43 @@ def test_precomputed_reference_gives_the_same_step_and_releases_the_reference(wo
 
     with mock.patch.object(lf_trainer.SoLoPODPOTrainer, "_precompute_references", spy):
         once = _run(
-            _args(workdir, "refs-once", **options, solopo_precompute_ref_log_probs=True), patched=True
+            _args(workdir, "refs-once", **options, solopo_precompute_ref_log_probs=True),
+            patched=True,
+            logs=once_logs,
         )
     [(ref_model, columns)] = seen
     assert ref_model is None
     assert {"ref_chosen_logps", "ref_long_rejected_logps"} <= set(columns)
     for key, value in every_step.items():
         assert once[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    [evaluated], [evaluated_once] = every_step_logs.eval_logs, once_logs.eval_logs
+    assert evaluated["eval_solo_ra/alignment_loss"] > 0
+    for key in ("eval_loss", "eval_rewards/margins", "eval_solo_ra/alignment_loss"):
+        assert evaluated_once[key] == pytest.approx(evaluated[key], rel=1e-5), key
+
+
+def test_lora_runs_on_the_fused_head_with_the_adapter_disabled_as_reference(workdir):
+    """LoRA without a ref_model: LLaMA-Factory's reference is the policy with its adapter
+    disabled. alpha = 0 equals LLaMA-Factory's run (loss, grad norm, metrics, adapter update);
+    alpha > 0 scores the long rows with the adapter disabled too (the adapter starts at zero, so
+    the policy is its own reference: every reward and the SoLo-RA distance are 0)."""
+    options = {"finetuning_type": "lora", "lora_target": "all", "ref_model": None}
+    theirs = _run(_args(workdir, "lora-lf", **options), patched=False)
+    ours = _run(_args(workdir, "lora-ours", **options, solopo_alpha=0.0), patched=True)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert theirs["grad_norm"] > 0
+    from safetensors.torch import load_file
+
+    adapters = [
+        load_file(str(workdir / "runs" / name / "adapter_model.safetensors"))
+        for name in ("lora-ours", "lora-lf")
+    ]
+    for key, value in adapters[1].items():
+        torch.testing.assert_close(adapters[0][key], value, rtol=1e-4, atol=1e-8, msg=key)
+    solopo = _run(_args(workdir, "lora-solopo", **options, solopo_alpha=1.0), patched=True)
+    assert solopo["solo_ra/alignment_loss"] == 0.0 and solopo["rewards/margins"] == 0.0
+    assert solopo["loss"] == pytest.approx(math.log(2), rel=1e-6)
 
 
 # ------------------------------------------------------------------ memory at a long context
@@ -385,7 +453,19 @@ def test_peak_memory_of_a_long_context_step_is_below_llamafactorys(tmp_path):
     rows = [{"instruction": prompt, "chosen": "w1 w2 w3", "rejected": "w4 w5"}]
     (data / "long.json").write_text(json.dumps(rows))
     (data / "dataset_info.json").write_text(
-        json.dumps({"long": {"file_name": "long.json", "ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}})
+        json.dumps(
+            {
+                "long": {
+                    "file_name": "long.json",
+                    "ranking": True,
+                    "columns": {
+                        "prompt": "instruction",
+                        "chosen": "chosen",
+                        "rejected": "rejected",
+                    },
+                }
+            }
+        )
     )
     os.environ["HF_DATASETS_CACHE"] = str(tmp_path / "datasets_cache")
     args = _args(
@@ -402,14 +482,24 @@ def test_peak_memory_of_a_long_context_step_is_below_llamafactorys(tmp_path):
     peaks, largest = {}, {}
     for patched in (False, True):
         step = _StepAllocations()
-        _run(dict(args, **({"solopo_alpha": 0.0} if patched else {})), patched=patched, callbacks=[step])
+        _run(
+            dict(args, **({"solopo_alpha": 0.0} if patched else {})),
+            patched=patched,
+            callbacks=[step],
+        )
         peaks[patched] = step.recorder.peak_live_bytes
         largest[patched] = max(
-            (math.prod(shape) for _, _, shape in step.recorder.allocations if shape and shape[-1] == vocab),
+            (
+                math.prod(shape)
+                for _, _, shape in step.recorder.allocations
+                if shape and shape[-1] == vocab
+            ),
             default=0,
         )
     tokens = 2 * 2010  # two rows of ~2,010 tokens
-    print(f"peak live bytes of the step: LLaMA-Factory {peaks[False]:,}, fused head {peaks[True]:,}")
+    print(
+        f"peak live bytes of the step: LLaMA-Factory {peaks[False]:,}, fused head {peaks[True]:,}"
+    )
     assert largest[False] >= tokens * vocab  # the instrument sees LLaMA-Factory's logits
     assert largest[True] < 64 * vocab  # the fused head: response rows (and tiles) only
     logits_bytes = 4 * tokens * vocab
@@ -431,7 +521,9 @@ def _pairwise_dataset(workdir: Path, **overrides: Any) -> tuple[Any, Any]:
         model_args, data_args, training_args, _, _ = get_train_args(lf_args)
         tokenizer_module = load_tokenizer(model_args)
         template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-        module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+        module = get_dataset(
+            template, model_args, data_args, training_args, stage="rm", **tokenizer_module
+        )
     return module["train_dataset"], tokenizer_module["tokenizer"]
 
 
@@ -457,7 +549,9 @@ def test_cutoff_long_len_cuts_the_long_prompt_from_the_left(workdir):
 
 
 def test_a_missing_long_prompt_column_names_the_fix(workdir):
-    with pytest.raises(ValueError, match=r"long_prompt: dataset 'chat' has no column 'long_prompt'"):
+    with pytest.raises(
+        ValueError, match=r"long_prompt: dataset 'chat.json' has no column 'long_prompt'"
+    ):
         # the chat dataset maps context_long; reading it as pairs.json's layout finds none
         info = json.loads((workdir / "data" / "dataset_info.json").read_text())
         info["chat"]["columns"].pop("long_prompt")
@@ -472,15 +566,28 @@ def test_a_missing_long_prompt_column_names_the_fix(workdir):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"stage": "sft"}, "stage: solopo_kernels' LLaMA-Factory launcher runs stage: dpo only, got 'sft'"),
+        (
+            {"stage": "sft"},
+            "stage: solopo_kernels' LLaMA-Factory launcher runs stage: dpo only, got 'sft'",
+        ),
         ({"solopo_alhpa": 1.0}, "solopo_alhpa: not a solopo_kernels option"),
+        ({"use_mca": True}, "use_mca: the Megatron-Core DPO path is not patched"),
         ({"solopo_ra_target": "rejected"}, "solopo_ra_target: expected one of"),
-        ({"solopo_head_kernel": {"backend": "cuda"}}, "solopo_head_kernel.backend: expected one of"),
-        ({"pref_loss": "hinge", "solopo_alpha": 1.0}, "pref_loss: SoLoPO (solopo_alpha > 0) is defined for"),
+        (
+            {"solopo_head_kernel": {"backend": "cuda"}},
+            "solopo_head_kernel.backend: expected one of",
+        ),
+        (
+            {"pref_loss": "hinge", "solopo_alpha": 1.0},
+            "pref_loss: SoLoPO (solopo_alpha > 0) is defined for",
+        ),
         ({"ld_alpha": 0.5}, "ld_alpha: LD-DPO's length-desensitized log-probs"),
-        ({"pref_loss": "simpo", "solopo_precompute_ref_log_probs": True}, "pref_loss='simpo' uses no reference model"),
+        (
+            {"pref_loss": "simpo", "solopo_precompute_ref_log_probs": True},
+            "pref_loss='simpo' uses no reference model",
+        ),
     ],
-    ids=["stage", "typo", "ra-target", "kernel", "hinge", "ld-alpha", "precompute-simpo"],
+    ids=["stage", "typo", "mca", "ra-target", "kernel", "hinge", "ld-alpha", "precompute-simpo"],
 )
 def test_refusals_name_the_option(workdir, overrides, message):
     with pytest.raises(ValueError) as error:
@@ -502,44 +609,43 @@ def test_a_multi_device_launch_restarts_under_torchrun(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     command = launcher._torchrun_command(["config.yaml", "solopo_alpha=1"])
     assert command[:1] == ["torchrun"] and command[command.index("--nproc_per_node") + 1] == "8"
-    assert command[-5:] == ["-m", "solopo_kernels.integrations.llamafactory", "train", "config.yaml", "solopo_alpha=1"]
+    assert command[-5:] == [
+        "-m",
+        "solopo_kernels.integrations.llamafactory",
+        "train",
+        "config.yaml",
+        "solopo_alpha=1",
+    ]
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert launcher._torchrun_command(["config.yaml"]) is None
 
 
 # ------------------------------------------------------------------ the command line
-def test_the_documented_yaml_runs_from_the_command_line(workdir):
-    """examples/llamafactory/solopo_dpo.yaml (the docs' example), with the model, reference and
-    data overridden on the command line like ``llamafactory-cli train cfg.yaml key=value``."""
+def test_the_documented_yaml_runs_from_the_command_line(workdir, capsys):
+    """examples/llamafactory/solopo_dpo.yaml (the docs' example) through the launcher's command
+    line (``main``, what ``python -m solopo_kernels.integrations.llamafactory`` runs), with the
+    model, reference and data overridden like ``llamafactory-cli train cfg.yaml key=value``."""
+    from solopo_kernels.integrations.llamafactory import launcher
+
     config = Path(__file__).resolve().parents[2] / "examples" / "llamafactory" / "solopo_dpo.yaml"
+    output_dir = workdir / "runs" / "cli"
     overrides = {
         "model_name_or_path": workdir / "policy",
         "ref_model": workdir / "reference",
         "template": "default",
         "dataset": "pairs",
         "dataset_dir": workdir / "data",
-        "output_dir": workdir / "runs" / "cli",
+        "output_dir": output_dir,
         "max_steps": 1,
+        "logging_steps": 1,
         "bf16": False,
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 1,
-        "report_to": "none",
-        "save_strategy": "no",
+        "report_to": "none",  # (save_strategy=no would read as False: the YAML's save_steps wait)
     }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "solopo_kernels.integrations.llamafactory",
-            "train",
-            str(config),
-            *(f"{key}={value}" for key, value in overrides.items()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "HF_DATASETS_CACHE": str(workdir / "datasets_cache")},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "solo_ra/alignment_loss" in result.stdout + result.stderr
+    argv = ["train", str(config), *(f"{key}={value}" for key, value in overrides.items())]
+    assert launcher.main(argv) == 0
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    [step] = [entry for entry in state["log_history"] if "loss" in entry]
+    assert step["solo_ra/alignment_loss"] > 0  # the YAML's solopo_alpha: 1.0 reached the trainer
+    assert launcher.main([]) == 2 and "usage:" in capsys.readouterr().err

@@ -72,8 +72,11 @@ class SoLoPOLlamaFactoryArguments:
                 raise TypeError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         cap = self.solopo_cutoff_long_len
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
-            raise ValueError(f"solopo_cutoff_long_len: expected an integer >= 2 or null, got {cap!r}")
-        self.head_kernel  # a bad kernel setting fails here, before anything is loaded
+            raise ValueError(
+                f"solopo_cutoff_long_len: expected an integer >= 2 or null, got {cap!r}"
+            )
+        # A bad kernel setting fails here, before anything is loaded.
+        HeadKernel.coerce(self.solopo_head_kernel, "solopo_head_kernel")
 
     @property
     def uses_long(self) -> bool:
@@ -134,7 +137,8 @@ def _parse_cli_value(value: str) -> Any:
 def check_stage(lf_args: dict[str, Any] | list[str], solopo: SoLoPOLlamaFactoryArguments) -> None:
     """Refuse, before LLaMA-Factory loads anything, what the launcher cannot run.
 
-    * ``stage`` other than ``dpo``: this launcher patches the DPO stage only.
+    * ``stage`` other than ``dpo``: this launcher patches the DPO stage only; ``use_mca`` (the
+      Megatron-Core DPO workflow) neither.
     * SoLoPO (``solopo_alpha > 0``) with reentrant gradient checkpointing in a distributed run
       (LLaMA-Factory's default ``use_reentrant_gc: true``): two policy forwards per step, which
       reentrant checkpointing breaks under DDP ("marked as ready twice").
@@ -146,6 +150,8 @@ def check_stage(lf_args: dict[str, Any] | list[str], solopo: SoLoPOLlamaFactoryA
             f"stage: solopo_kernels' LLaMA-Factory launcher runs stage: dpo only, got {stage!r}; use "
             "llamafactory-cli for the other stages"
         )
+    if _truthy(values.get("use_mca", False)):
+        raise ValueError("use_mca: the Megatron-Core DPO path is not patched by solopo_kernels")
     reentrant = _truthy(values.get("use_reentrant_gc", True))
     checkpointing = not _truthy(values.get("disable_gradient_checkpointing", False))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -169,7 +175,9 @@ def args_as_dict(lf_args: dict[str, Any] | list[str]) -> dict[str, Any]:
         key, sep, value = item[2:].partition("=")
         if not sep:
             following = items[i + 1] if i + 1 < len(items) else None
-            value = following if following is not None and not following.startswith("--") else "true"
+            value = (
+                following if following is not None and not following.startswith("--") else "true"
+            )
         values[key] = value
     return values
 
@@ -194,8 +202,6 @@ def loss_options(solopo: SoLoPOLlamaFactoryArguments, finetuning_args: Any) -> S
             "need per-token log-probs, which the fused log-prob head does not return; remove ld_alpha "
             "or run llamafactory-cli without solopo_kernels"
         )
-    if getattr(finetuning_args, "use_mca", False):
-        raise ValueError("use_mca: the Megatron-Core DPO path is not patched by solopo_kernels")
     pref_loss = finetuning_args.pref_loss
     if solopo.uses_long and pref_loss not in SOLOPO_LOSS_TYPES:
         raise ValueError(

@@ -37,7 +37,12 @@ LONG_PROMPT = "_long_prompt"  # the converter's output column (LLaMA-Factory's n
 # The batch keys of the long rows; the model sees them only in the long forward.
 LONG_BATCH_KEYS = ("long_input_ids", "long_attention_mask", "long_labels")
 # Precomputed reference sums (solopo_precompute_ref_log_probs), per example.
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_long_chosen_logps", "ref_long_rejected_logps")
+REF_COLUMNS = (
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "ref_long_chosen_logps",
+    "ref_long_rejected_logps",
+)
 
 
 def long_prompt_column(dataset_attr: Any) -> str:
@@ -135,7 +140,9 @@ class SoLoPOPairwiseDatasetProcessor(PairwiseDatasetProcessor):
             )
         for row, i in enumerate(kept):
             if any(examples[key][i] for key in ("_images", "_videos", "_audios")):
-                raise ValueError("long_prompt: SoLoPO supports text-only examples (no images, videos or audios)")
+                raise ValueError(
+                    "long_prompt: SoLoPO supports text-only examples (no images, videos or audios)"
+                )
             for side, response_index in zip(self.solopo.long_rows, (0, 1)):
                 input_ids, labels = self._encode_long_row(
                     examples[LONG_PROMPT][i],
@@ -196,11 +203,24 @@ def wrap_get_dataset_processor(
     """LLaMA-Factory's ``_get_dataset_processor`` returning :class:`SoLoPOPairwiseDatasetProcessor`
     for pairwise training data (``stage="rm"``, which the DPO stage uses)."""
 
-    def get(data_args: Any, stage: str, template: Any, tokenizer: Any, processor: Any, do_generate: bool = False) -> Any:
+    def get(
+        data_args: Any,
+        stage: str,
+        template: Any,
+        tokenizer: Any,
+        processor: Any,
+        do_generate: bool = False,
+    ) -> Any:
         if stage != "rm" or do_generate:
-            return get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate)
+            return get_dataset_processor(
+                data_args, stage, template, tokenizer, processor, do_generate
+            )
         return SoLoPOPairwiseDatasetProcessor(
-            template=template, tokenizer=tokenizer, processor=processor, data_args=data_args, solopo=solopo
+            template=template,
+            tokenizer=tokenizer,
+            processor=processor,
+            data_args=data_args,
+            solopo=solopo,
         )
 
     return get
@@ -240,5 +260,7 @@ class SoLoPODataCollator:
                 batch[f"long_{key}"] = padded[key]
         for key in REF_COLUMNS:
             if key in features[0]:
-                batch[key] = torch.tensor([feature[key] for feature in features], dtype=torch.float32)
+                batch[key] = torch.tensor(
+                    [feature[key] for feature in features], dtype=torch.float32
+                )
         return batch

@@ -75,7 +75,9 @@ def patched(solopo: SoLoPOLlamaFactoryArguments) -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(
-            _replaced(dpo_trainer, "CustomDPOTrainer", functools.partial(SoLoPODPOTrainer, solopo=solopo))
+            _replaced(
+                dpo_trainer, "CustomDPOTrainer", functools.partial(SoLoPODPOTrainer, solopo=solopo)
+            )
         )
         if solopo.uses_long:
             stack.enter_context(
@@ -98,7 +100,9 @@ def patched(solopo: SoLoPOLlamaFactoryArguments) -> Iterator[None]:
         yield
 
 
-def run_exp(args: dict[str, Any] | list[str] | None = None, callbacks: list[Any] | None = None) -> None:
+def run_exp(
+    args: dict[str, Any] | list[str] | None = None, callbacks: list[Any] | None = None
+) -> None:
     """LLaMA-Factory's ``run_exp`` (``llamafactory-cli train``) with the ``solopo_*`` keys.
 
     ``args``: a dict of LLaMA-Factory's keys plus ``solopo_*`` keys, a list of ``--key value``

@@ -84,21 +84,28 @@ class SoLoPODPOTrainer(CustomDPOTrainer):
         labels = batch["labels"]
         out = model(**inputs, solopo_labels=labels, solopo_logit_sums=True, use_cache=False)
         sums, lengths = out.logps, out.lengths
-        self._step_logps["reference" if is_ref_model else "policy"] = {"sums": sums, "lengths": lengths}
+        self._step_logps["reference" if is_ref_model else "policy"] = {
+            "sums": sums,
+            "lengths": lengths,
+        }
         all_logps = sums / lengths if self.loss_type in AVERAGED_LOSS_TYPES else sums
         batch_size = labels.shape[0] // 2
         chosen_logps, rejected_logps = all_logps.split(batch_size, dim=0)
         chosen_length = lengths[:batch_size]
         vocab = model_vocab(model)
         per_row = labels.shape[1] * vocab * batch_size  # elements of one side's [B, T, V] logits
-        chosen_logits, rejected_logits = (s.sum() / per_row for s in out.logit_sums.split(batch_size))
+        chosen_logits, rejected_logits = (
+            s.sum() / per_row for s in out.logit_sums.split(batch_size)
+        )
         return {
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
             "chosen_logits": chosen_logits,
             "rejected_logits": rejected_logits,
             "chosen_logps_avg": (
-                chosen_logps if self.loss_type in AVERAGED_LOSS_TYPES else chosen_logps / chosen_length
+                chosen_logps
+                if self.loss_type in AVERAGED_LOSS_TYPES
+                else chosen_logps / chosen_length
             ),
         }
 
@@ -120,7 +127,9 @@ class SoLoPODPOTrainer(CustomDPOTrainer):
         values = sums / lengths if self.loss_type in AVERAGED_LOSS_TYPES else sums
         return values.split(values.shape[0] // 2)
 
-    def _long_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _long_logps(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R*B,)`` sums and counts of the long rows."""
         out = model(
             input_ids=batch["long_input_ids"],
@@ -132,7 +141,9 @@ class SoLoPODPOTrainer(CustomDPOTrainer):
 
     def _reference_long_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "ref_long_chosen_logps" in batch:
-            names = ("ref_long_chosen_logps", "ref_long_rejected_logps")[: len(self.solopo.long_rows)]
+            names = ("ref_long_chosen_logps", "ref_long_rejected_logps")[
+                : len(self.solopo.long_rows)
+            ]
             return torch.cat([batch[name] for name in names])
         reference, context = self._reference_model(model)
         with torch.no_grad(), context:
@@ -222,14 +233,18 @@ class SoLoPODPOTrainer(CustomDPOTrainer):
         )
         columns: dict[str, list[torch.Tensor]] = {}
         long_reference = self.solopo_options.needs_long_reference
-        for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=not self.is_local_process_zero()):
+        for batch in tqdm(
+            loader, desc=f"Reference log-probs ({name})", disable=not self.is_local_process_zero()
+        ):
             self._step_logps = {}
             with torch.no_grad():
                 super().compute_reference_log_probs(self.model, batch)
             sums = self._step_logps["reference"]["sums"]
             refs = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), sums.chunk(2)))
             if long_reference:
-                long = self._reference_long_logps(self.model, batch).chunk(len(self.solopo.long_rows))
+                long = self._reference_long_logps(self.model, batch).chunk(
+                    len(self.solopo.long_rows)
+                )
                 refs.update(zip(("ref_long_chosen_logps", "ref_long_rejected_logps"), long))
             for key, value in self.accelerator.gather_for_metrics(refs).items():
                 columns.setdefault(key, []).append(value.float().cpu())
