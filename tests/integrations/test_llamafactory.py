@@ -241,6 +241,31 @@ def test_fused_head_gives_llamafactorys_loss_metrics_and_update(workdir, options
         )
 
 
+def test_bf16_fused_head_is_as_close_to_float64_as_llamafactorys(workdir):
+    """``bf16: true`` (autocast on the CPU, as LLaMA-Factory trains on GPUs): LLaMA-Factory rounds
+    the logits to bf16; the fused head rounds only its inputs and accumulates in float32. Both
+    runs' ``logps/chosen`` (mean summed log-prob of the chosen responses under the initial
+    policy) against the float64 value: the fused head's error is at most LLaMA-Factory's (plus
+    1e-3 absolute), and the losses agree to bf16 precision."""
+    options = {"pref_loss": "sigmoid", "bf16": True, "use_cpu": True}
+    theirs = _run(_args(workdir, "bf16-lf", **options), patched=False)
+    ours = _run(_args(workdir, "bf16-ours", **options, solopo_alpha=0.0), patched=True)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "policy")
+    policy = AutoModelForCausalLM.from_pretrained(workdir / "policy", dtype=torch.float64)
+    with torch.no_grad():
+        truth = sum(_logp(policy, *_rows(tokenizer, q, c))[0].item() for q, _, c, _ in ROWS) / len(
+            ROWS
+        )
+    their_error = abs(theirs["logps/chosen"] - truth)
+    our_error = abs(ours["logps/chosen"] - truth)
+    print(
+        f"bf16 logps/chosen error vs float64: LLaMA-Factory {their_error:.2e}, fused {our_error:.2e}"
+    )
+    assert our_error <= their_error + 1e-3
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-2)
+    assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=5e-2)
+
+
 # ------------------------------------------------------------------ alpha > 0: a float64 hand computation
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
