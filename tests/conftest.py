@@ -65,3 +65,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         except ImportError:
             versions.append(f"{name} (not installed)")
     return ["versions: " + ", ".join(versions)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """SmolLM2-135M-Instruct's converted Hugging Face folder (tests/pretrained_models.py)."""
+    from solopo_kernels.pretrained import SMOLLM2
+    from tests.pretrained_models import folder_or_skip
+
+    return folder_or_skip(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def gemma3_folder():
+    """Gemma-3-270M's converted Hugging Face folder (tests/pretrained_models.py)."""
+    from solopo_kernels.pretrained import GEMMA3
+    from tests.pretrained_models import folder_or_skip
+
+    return folder_or_skip(GEMMA3)

@@ -118,3 +118,54 @@ def expect_backend(backend: str, *, backward: bool = True) -> Iterator[None]:
     assert ran["forward"] > 0, "the Triton forward kernel never ran"
     backward_ran = ran["dlogits"] + ran["saved_dlogits"]  # recomputed or saved tiles
     assert backward_ran > 0 or not backward, "the Triton backward kernel never ran"
+
+
+class SavedLogitsProbe:
+    """The saved logits the backends' forwards return, and the peak of their bytes alive at once
+    (each counts until it is freed), measured on the tensors themselves, independently of the
+    package's own ledger. ``probe.calls``: bytes saved per forward, in order."""
+
+    def __init__(self) -> None:
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.calls: list[int] = []
+        self._alive: set[int] = set()  # ids of the saved tensors counted (the TMA forward's
+        # fallback returns the pointer forward's tensor: counted once)
+        self._stack = contextlib.ExitStack()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._alive.discard(key)
+        self.live_bytes -= nbytes
+
+    def _wrap(self, module: object) -> None:
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            logp, lse, saved = original(*args, **kwargs)
+            if saved is not None and id(saved) in self._alive:
+                return logp, lse, saved
+            nbytes = 0 if saved is None else saved.numel() * saved.element_size()
+            self.calls.append(nbytes)
+            if saved is not None:
+                self._alive.add(id(saved))
+                self.live_bytes += nbytes
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+                weakref.finalize(saved, self._release, id(saved), nbytes)
+            return logp, lse, saved
+
+        self._stack.enter_context(mock.patch.object(module, "forward", forward))
+
+    def __enter__(self) -> SavedLogitsProbe:
+        from solopo_kernels.ops import torch_tiles
+
+        self._wrap(torch_tiles)
+        try:
+            from solopo_kernels.ops import triton_tiles, triton_tma_tiles
+        except ImportError:
+            return self
+        self._wrap(triton_tiles)
+        self._wrap(triton_tma_tiles)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()

@@ -30,7 +30,8 @@ def token_logps(
     logp = torch.log_softmax(logits / temperature, dim=-1)
     mask = labels != ignore_index
     picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask
+    # where, not a product: an ignored position reads column 0, which may be masked (-inf).
+    return torch.where(mask, picked, torch.zeros_like(picked))
 
 
 def sequence_logps(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0):

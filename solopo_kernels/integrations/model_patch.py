@@ -15,6 +15,12 @@ wrapper, gives a sharded ``DTensor`` under FSDP2 (and a wrong gradient if one ca
 the read itself, inside the model's forward, makes DeepSpeed all-gather the partitioned weight and
 register it as an external parameter of the model, which its pre-backward hook gathers again for
 the kernel's backward (tested against one process in tests/integrations/test_zero3.py).
+
+Mixed precision: the ``solopo_labels`` path runs under whatever autocast is active when it is
+called. accelerate's native AMP puts its autocast on the instance's ``forward`` when it prepares
+the model, and the patch replaces that attribute (other calls still go through it), so a caller
+that relies on it enters the same context around the call, as the trainer does
+(:func:`solopo_kernels.integrations.trl.forward_autocast`).
 """
 
 from __future__ import annotations

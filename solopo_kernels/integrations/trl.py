@@ -501,12 +501,15 @@ class SoLoPOTrainer(DPOTrainer):
         one per packed row for a packed batch (one in all without ``max_packed_length``), two
         context-parallel slices under context parallelism."""
         patch_solopo_forward(self.accelerator.unwrap_model(model), self._head_kernel)
-        if is_packed(inputs):
-            return self._packed_logps(model, inputs, with_long=with_long)
-        plan = self._cp_plan
-        run = self._padded_logps if plan is None else functools.partial(self._sliced_logps, plan)
-        short = run(model, inputs, SHORT_KEYS)
-        long = run(model, inputs, LONG_KEYS) if with_long else (None, None)
+        with forward_autocast(self.accelerator):
+            if is_packed(inputs):
+                return self._packed_logps(model, inputs, with_long=with_long)
+            plan = self._cp_plan
+            run = (
+                self._padded_logps if plan is None else functools.partial(self._sliced_logps, plan)
+            )
+            short = run(model, inputs, SHORT_KEYS)
+            long = run(model, inputs, LONG_KEYS) if with_long else (None, None)
         return SequenceLogps(*short, *long)
 
     # -------------------------------------------------------- context parallelism
@@ -804,6 +807,24 @@ class SoLoPOTrainer(DPOTrainer):
             replicas = (plan.size if plan is not None else 1) * _tensor_parallel_size(self)
             self._total_tokens += int(gathered[:, -1].sum().item()) // replicas
         self._metrics[mode]["num_tokens"] = [self._total_tokens]
+
+
+def forward_autocast(accelerator: Any) -> contextlib.AbstractContextManager:
+    """The autocast that accelerate puts around a prepared model's own ``forward``, to enter
+    around the SoLoPO forwards (policy and reference), which do not pass through it.
+
+    Why: with native mixed precision (``bf16=True``/``fp16=True`` on one device, DDP, FSDP1,
+    multi-CPU) accelerate wraps each model's ``forward`` in ``torch.autocast`` when it prepares
+    the model; the patched forward (:mod:`.model_patch`) replaces that instance attribute and runs
+    the backbone and the head itself, so without this context the backbone would run in float32.
+    The context is accelerate's own (``Accelerator.autocast``: its dtype and ``AutocastKwargs``).
+    None where accelerate wraps no forward: DeepSpeed (its engine casts the weights to bf16/fp16,
+    ``native_amp`` is off) and FSDP2 (``MixedPrecisionPolicy`` gathers the parameters in the
+    compute dtype); their mixed precision reaches the patched forward through the weights.
+    """
+    if not getattr(accelerator, "native_amp", False) or getattr(accelerator, "is_fsdp2", False):
+        return contextlib.nullcontext()
+    return accelerator.autocast()
 
 
 def _count_tokens(inputs: dict[str, Any]) -> torch.Tensor:

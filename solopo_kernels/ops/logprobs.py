@@ -13,14 +13,17 @@ in one ``torch.autograd.Function``. A backend is a module with
   saved) -> (grad_rows, grad_weight, grad_bias)``, which may overwrite ``saved``,
 
 operating on gathered rows ``(N, H)``. No backend holds an ``N x V`` tensor unless the caller
-keeps saved logits, and then at most the byte budget of :class:`.tiles.KernelOptions` (256 MiB
-by default; 0 for none).
+keeps saved logits, and then within the byte budget of :class:`.tiles.KernelOptions` (256 MiB
+by default; 0 for none), which bounds the saved logits of all calls alive on a device together:
+this module takes each call's share from :data:`.saved_logits.LEDGER` before its forward and
+ties it to the saved tensor, which gives it back when freed.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -35,8 +38,10 @@ from ..checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    value_checks_enabled,
 )
 from . import self_check
+from .saved_logits import LEDGER, Reservation
 from .tiles import KernelOptions, check_kernel_options
 
 # "triton_tma": the persistent TMA variant of the Triton backend (opt-in; see triton_tma_tiles).
@@ -192,12 +197,38 @@ def scatter_to_positions(
     return out.index_put(positions, values)
 
 
+# A row whose log-sum-exp is below this has no logit a float32 head can resolve: every column is
+# a mask value (float32 logits of magnitude 2**24 and more are at least 1 nat apart).
+MASKED_ROW_LSE = -(2.0**24)
+
+
+def check_rows_have_a_distribution(lse: torch.Tensor) -> None:
+    """Value check (one host sync, skipped with the others, see :mod:`..checks`): every row's
+    ``lse (N,)`` is finite and above :data:`MASKED_ROW_LSE`. A row whose every logit is masked
+    (``-inf``, or a finite mask such as ``-1e30``) has no distribution to take a log-prob from:
+    it would give NaN (``-inf``) or a meaningless number (finite masks) with no error."""
+    if not value_checks_enabled() or lse.numel() == 0:
+        return
+    bad = ~(lse > MASKED_ROW_LSE) | (lse == torch.inf)  # NaN compares False: bad
+    count = int(bad.sum())
+    if count:
+        rows = bad.nonzero().flatten()[:5].tolist()
+        largest = [f"{v:.3g}" for v in lse[rows].tolist()]
+        raise ValueError(
+            f"logits: {count} response position(s) (e.g. positions {rows} in order, log-sum-exp "
+            f"{largest}) have no logit above {MASKED_ROW_LSE:.3g}: every vocabulary column of the "
+            "row is masked (bias -inf or a large negative value) or a logit is +inf/NaN, so there "
+            "is no distribution to take a log-prob from; leave at least one token unmasked"
+        )
+
+
 class LinearLogProbs(torch.autograd.Function):
     """Autograd wrapper of a backend on gathered rows. Saves the rows (its input), the weight,
-    the bias, the targets, one log-sum-exp per row and the saved logits, if the tiles ask for any;
-    the backward recomputes the other logits from the weight. (Under DeepSpeed ZeRO-3 the weight
-    is whole in both: read inside the wrapped model's forward, DeepSpeed gathers it then and again
-    before the backward; see solopo_kernels/integrations/model_patch.py.)"""
+    the bias, the targets, one log-sum-exp per row and the saved logits, if the tiles ask for any
+    (``reservation``: their bytes, taken from the saved-logits ledger, given back when the saved
+    tensor is freed); the backward recomputes the other logits from the weight. (Under DeepSpeed
+    ZeRO-3 the weight is whole in both: read inside the wrapped model's forward, DeepSpeed gathers
+    it then and again before the backward; see solopo_kernels/integrations/model_patch.py.)"""
 
     @staticmethod
     def forward(
@@ -209,10 +240,17 @@ class LinearLogProbs(torch.autograd.Function):
         temperature: float,
         tiles: Any,
         backend: ModuleType,
+        reservation: Reservation,
     ) -> torch.Tensor:
-        logp, lse, saved = backend.forward(
-            rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
-        )
+        try:
+            logp, lse, saved = backend.forward(
+                rows, weight, bias, targets, temperature=temperature, tiles=tiles, save_logits=True
+            )
+            reservation.hold(saved)
+        except BaseException:
+            reservation.release()
+            raise
+        check_rows_have_a_distribution(lse)
         ctx.save_for_backward(rows, weight, bias, targets, lse)
         # Not through save_for_backward: a backward may consume (overwrite) the saved logits, and
         # drops them, so that a second backward (retain_graph=True) recomputes every tile.
@@ -236,7 +274,7 @@ class LinearLogProbs(torch.autograd.Function):
             needs_grad=tuple(ctx.needs_input_grad[:3]),
             saved=saved,
         )
-        return grad_rows, grad_weight, grad_bias, None, None, None, None
+        return grad_rows, grad_weight, grad_bias, None, None, None, None, None
 
 
 def response_logprobs(
@@ -261,7 +299,8 @@ def response_logprobs(
     Returns:
         ``(N,)`` float32 log-probs (float64 for float64 inputs), differentiable in ``rows``,
         ``weight`` and ``bias``. Under ``torch.no_grad()`` (or when nothing requires grad) the
-        forward runs alone and nothing is saved.
+        forward runs alone and nothing is saved; otherwise the forward saves the logits that the
+        saved-logits budget has left on this device (:mod:`.saved_logits`).
     """
     module = checked_backend(backend, rows, weight)
     rows = rows.contiguous()
@@ -275,11 +314,19 @@ def response_logprobs(
         t is not None and t.requires_grad for t in (rows, weight, bias)
     )
     if not needs_grad:
-        logp, _, _ = module.forward(
+        logp, lse, _ = module.forward(
             rows, weight, bias, targets, temperature=temperature, tiles=tiles
         )
+        check_rows_have_a_distribution(lse)
         return logp
-    return LinearLogProbs.apply(rows, weight, bias, targets, temperature, tiles, module)
+    options = kernel_options or KernelOptions()
+    reservation = LEDGER.reserve(
+        options.saved_logits_budget, rows.device, n_rows, weight.shape[0], tiles.saved_columns
+    )
+    tiles = replace(tiles, saved_columns=reservation.columns)
+    return LinearLogProbs.apply(
+        rows, weight, bias, targets, temperature, tiles, module, reservation
+    )
 
 
 def fused_linear_logprobs(

@@ -3,12 +3,13 @@ the geometry a backend derives from them at forward time and reuses in the backw
 (:class:`Tiles`).
 
 The forward saves one log-sum-exp per row and keeps the float32 logits of the first
-``saved_columns`` vocabulary columns of every row, as many as fit in
-``KernelOptions.saved_logits_bytes`` (by default :data:`DEFAULT_SAVED_LOGITS_BYTES`, 256 MiB);
-the backward reads those tiles instead of recomputing them, and recomputes the rest. A small step
-(``4 N V`` bytes within the budget) runs at ``6 N H V`` FLOPs; a long one saves what fits and
-recomputes tile by tile, towards ``8 N H V``; memory stays within the budget of the
-recomputing kernels'. ``KernelOptions(saved_logits_bytes=0)`` keeps nothing of size ``N x V``:
+``saved_columns`` vocabulary columns of every row, as many as fit in what is left of
+``KernelOptions.saved_logits_bytes`` (by default :data:`DEFAULT_SAVED_LOGITS_BYTES`, 256 MiB), a
+budget for the saved logits alive on a device, all calls together (:mod:`.saved_logits`: the
+short, long and packed forwards of a training step share it); the backward reads those tiles
+instead of recomputing them, and recomputes the rest. A small step (``4 N V`` bytes within the
+budget) runs at ``6 N H V`` FLOPs; a long one saves what fits and recomputes tile by tile,
+towards ``8 N H V``; memory stays within the budget of the recomputing kernels'. ``KernelOptions(saved_logits_bytes=0)`` keeps nothing of size ``N x V``:
 the strict minimal-memory kernels. Saved tiles hold the forward's own float32 values (the Triton
 backend its logits, the torch backend their log-probabilities), so the result is as exact either
 way.
@@ -18,6 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .saved_logits import SavedLogitsBudget
 
 # Saved logits are float32 whatever the input dtype: a 16-bit logit would put an error of
 # |logit| * 2**-8 into every probability.
@@ -35,13 +40,16 @@ class KernelOptions:
     """Knobs of the log-prob kernels; every setting is exact.
 
     Attributes:
-        saved_logits_bytes: bytes the forward may spend on float32 logits kept for the backward
-            (default :data:`DEFAULT_SAVED_LOGITS_BYTES`, 256 MiB; 0: none, every tile is
-            recomputed, the strict minimal-memory kernels). Within the budget the backward skips
-            the recompute of those tiles, trading ``4 N`` bytes per vocabulary column for
-            ``2 N H`` FLOPs; ``4 * N * V`` bytes (``N`` response tokens) saves all of them.
-            Values and gradients are the same either way, to the kernels' tolerances. Both
-            backends.
+        saved_logits_bytes: the most bytes of float32 logits kept from forwards for their
+            backwards that may be alive on a device at once, all kernel calls together (default
+            :data:`DEFAULT_SAVED_LOGITS_BYTES`, 256 MiB; 0: none, every tile is recomputed, the
+            strict minimal-memory kernels). A call saves what is left of it when its forward
+            runs, and gives it back when its backward has consumed it (:mod:`.saved_logits`), so
+            the forwards of one training step (short rows, long rows, packed rows; a reference
+            forward keeps nothing) share one budget. Within it the backward skips the recompute
+            of the saved tiles, trading ``4 N`` bytes per vocabulary column for ``2 N H`` FLOPs;
+            ``4 * N * V`` bytes (``N`` response tokens) saves all of one call's. Values and
+            gradients are the same either way, to the kernels' tolerances. Both backends.
         skip_threshold: CCE-style gradient filtering (default 0.0: off, exact). The Triton
             backward skips the two gradient GEMMs of every ``[token_tile, vocab_tile]`` tile whose
             largest ``|dlogits| = |g * (onehot - softmax)| / temperature`` is below it (one host
@@ -62,6 +70,15 @@ class KernelOptions:
         eps = self.skip_threshold
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"skip_threshold: expected a finite number >= 0, got {eps!r}")
+
+
+    @property
+    def saved_logits_budget(self) -> SavedLogitsBudget:
+        """The saved-logits policy these options select (:mod:`.saved_logits`): a fixed budget of
+        ``saved_logits_bytes`` per device."""
+        from .saved_logits import SavedLogitsBudget
+
+        return SavedLogitsBudget(self.saved_logits_bytes)
 
 
 def check_kernel_options(options: object) -> KernelOptions:

@@ -10,7 +10,8 @@ not stay in cache between two passes over it. So each tile gets one pass of ATen
 kernels, which hold a row in cache while they reduce and rewrite it:
 
 * forward: ``log_softmax`` in place gives the tile's log-sum-exp per row (the first column's
-  logit minus its log-probability), folded into the running one with ``logaddexp``; the target
+  logit minus its log-probability; the row's largest column instead where the first one is
+  masked, see :func:`_tile_lse`), folded into the running one with ``logaddexp``; the target
   logit is picked before;
 * backward: the recomputed tile becomes its probabilities by ``softmax`` in place when it spans
   the vocabulary (else ``exp(logits - lse)``), minus the one-hot of the targets (one element per
@@ -38,7 +39,7 @@ from dataclasses import replace
 import torch
 
 from .gradients import FactoredTile, accumulate_gradients
-from .tiles import KernelOptions, Tiles, saved_columns, tile_bounds, vocab_bounds
+from .tiles import KernelOptions, Tiles, tile_bounds, vocab_bounds
 
 # Tile budgets, in logits elements. The CPU budget keeps a float32 tile at 16 MiB (cache- and
 # RAM-friendly on a laptop-class CPU); on an accelerator larger tiles amortise launch overhead.
@@ -46,6 +47,11 @@ _TILE_ELEMENTS = {"cpu": 1 << 22}
 _TILE_ELEMENTS_ACCELERATOR = 1 << 26
 # Up-cast weight tiles (vocab_tile x H) are kept under this many elements.
 _WEIGHT_TILE_ELEMENTS = 1 << 23
+# A tile's log-sum-exp is read off its first column when that column's log-prob is at least
+# -FIRST_COLUMN_SPAN (error about 2**-24 * (2 * FIRST_COLUMN_SPAN + |lse|) nats), else off the
+# row's largest column (see _tile_lse). 64 nats: a first column that far below its tile's top is
+# a masked one, not a token of a trained model's head.
+FIRST_COLUMN_SPAN = 64.0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,10 +75,11 @@ def default_tiles(
     ``_WEIGHT_TILE_ELEMENTS`` (at least 256 columns), and the token tile fills the logits budget.
     ``options.saved_logits_bytes`` sets how many leading columns the forward saves.
     """
-    budget = (options or KernelOptions()).saved_logits_bytes
+    budget = (options or KernelOptions()).saved_logits_budget
     # Inside the saved columns a tile is a view of the saved logits: all rows at once cost no
-    # memory, and give the GEMMs their full height.
-    saved = {"saved_columns": saved_columns(budget, n_rows, vocab), "saved_token_tile": n_rows}
+    # memory, and give the GEMMs their full height. (The most this call may save; the dispatch
+    # narrows it to what the budget has left, see .saved_logits.)
+    saved = {"saved_columns": budget.columns(n_rows, vocab, in_use=0), "saved_token_tile": n_rows}
     if isinstance(chunk_size, tuple):
         return Tiles(*chunk_size, **saved)
     vocab_tile = min(vocab, max(256, 1 << int(math.log2(max(1, _WEIGHT_TILE_ELEMENTS // hidden)))))
@@ -155,6 +162,46 @@ def _softmax_(tile: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(tile, 1, False, out=tile)
 
 
+def _tile_lse(
+    log_probs: torch.Tensor,
+    first: torch.Tensor,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-row log-sum-exp of a logits tile that :func:`_log_softmax_` has just turned into
+    ``log_probs`` in place, given the logits of its first column (``first``).
+
+    ``logsumexp = logit - log_prob`` holds for any column, and the first one is free. It is exact
+    to float32 rounding only where that column's log-prob is moderate: the subtraction cancels
+    ``|logit|`` and ``|log_prob|``, so the error is about ``2**-24 * (|logit| + |log_prob|)``. A
+    masked first column (a bias of ``-1e9``, ``-1e30`` or ``finfo.min``: log-prob ``-1e30``, the
+    row's own log-sum-exp lost below its rounding) would give tens of nats of error, and ``-inf``
+    (or a tile whose every column is ``-inf``) gives NaN. So rows whose first log-prob is below
+    ``-FIRST_COLUMN_SPAN`` (or NaN) take the row's largest column instead (log-prob in
+    ``[-log(width), 0]``: the best-conditioned one), whose logit is recomputed by one dot product
+    per such row. Rows with no finite logit get ``-inf``, and their log-probs (NaN from the
+    softmax of ``-inf`` only) become ``-inf``, so a saved tile holds probability 0 there. Costs one
+    host sync per tile (free on the CPU); the rare rows cost ``O(width + H)`` each.
+    """
+    lead = log_probs[:, 0]
+    tile_lse = first - lead
+    bad = torch.nonzero(~(lead >= -FIRST_COLUMN_SPAN)).squeeze(1)  # NaN is bad too
+    if bad.numel() == 0:
+        return tile_lse
+    top = log_probs.index_select(0, bad).argmax(1)  # argmax of the log-probs = of the logits
+    logit = (rows.index_select(0, bad) * weight.index_select(0, top)).sum(1)
+    if bias is not None:
+        logit = logit + bias.index_select(0, top)
+    logit = logit / temperature
+    exact = logit - log_probs[bad, top]
+    empty = logit == -math.inf  # no finite logit in this tile's row
+    tile_lse[bad] = exact.masked_fill(empty, -math.inf)
+    log_probs.index_fill_(0, bad[empty], -math.inf)
+    return tile_lse
+
+
 def _saved_blocks(
     n_rows: int, edge: int, vocab_tile: int
 ) -> list[tuple[int, int, int]]:
@@ -219,15 +266,8 @@ def forward(
             picked = logits.gather(1, local).squeeze(1)
             target_logit[t0:t1] = torch.where(in_tile, picked, target_logit[t0:t1])
             first = logits[:, 0].clone()
-            if b is not None and not torch.isfinite(b[0]):  # a -inf bias masks column 0
-                first = None
             _log_softmax_(logits)
-            if first is not None:
-                tile_lse = first - logits[:, 0]  # = logsumexp of the tile's row
-            else:  # rare: recompute the rows' log-sum-exp from the logits
-                tile_lse = torch.logsumexp(
-                    _logits_tile(rows_acc[t0:t1], w, b, temperature), dim=1
-                )
+            tile_lse = _tile_lse(logits, first, rows_acc[t0:t1], w, b, temperature)
             lse[t0:t1] = torch.logaddexp(lse[t0:t1], tile_lse)
             if (v0, v1) in blocks:
                 saved_tile_lse.append((logits, tile_lse))

@@ -156,11 +156,16 @@ def fold_tile(
     hit = in_split & (cols[None, :] == target[:, None])
     target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
     logits = tl.where(in_split, logits, float("-inf"))
-    # Every tile has a column inside the split, so new_max is finite and the first rescale is
-    # exp(-inf) = 0, never NaN. exp(x) is computed as exp2(x * log2(e)) (the hardware op).
+    # The running max of a row whose every column so far is -inf (a masked vocabulary tail, a
+    # -inf bias at the start of a split) is still -inf, and exp(-inf - -inf) would be NaN: such
+    # rows subtract 0 instead, so that their -inf columns add exp(-inf) = 0 and the (empty) sum is
+    # rescaled by 0. Large finite masks (-1e30, finfo.min) need nothing: their exponentials are 1
+    # while they are the max and 0 once a real logit arrives (the rescale underflows to 0).
+    # exp(x) is computed as exp2(x * log2(e)) (the hardware op).
     new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-    tile_sum = tl.sum(tl.exp2((logits - new_max[:, None]) * LOG2E), axis=1)
-    run_sum = run_sum * tl.exp2((run_max - new_max) * LOG2E) + tile_sum
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    tile_sum = tl.sum(tl.exp2((logits - shift[:, None]) * LOG2E), axis=1)
+    run_sum = run_sum * tl.exp2((run_max - shift) * LOG2E) + tile_sum
     return new_max, run_sum, target_logit
 
 

@@ -84,7 +84,7 @@ import triton
 from . import triton_configs as configs
 from . import triton_kernels as kernels
 from .gradients import accumulate_gradients
-from .tiles import KernelOptions, Tiles, saved_columns
+from .tiles import KernelOptions, Tiles
 
 __all__ = [
     "Tiles",
@@ -203,7 +203,7 @@ def default_tiles(
     return Tiles(
         token_tile=max(1, min(token_tile, n_rows)),
         vocab_tile=min(vocab_tile, vocab),
-        saved_columns=saved_columns(options.saved_logits_bytes, n_rows, vocab),
+        saved_columns=options.saved_logits_budget.columns(n_rows, vocab, in_use=0),
         splits=_device_splits(n_rows, vocab, device),
         skip_threshold=options.skip_threshold,
         dot_precision=dot_precision(dtype),

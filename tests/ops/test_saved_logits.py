@@ -9,12 +9,15 @@ gradients <= 1e-2 (relative to the float64 reference on the same rounded inputs)
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from solopo_kernels import fused_linear_logprobs, fused_solopo_loss
 from solopo_kernels.ops import KernelOptions, response_logprobs
+from solopo_kernels.ops.saved_logits import LEDGER
 from tests import reference
 from tests.inputs import (
     BACKENDS,
@@ -25,7 +28,12 @@ from tests.inputs import (
     response_labels,
     skip_unless_backend_runs,
 )
-from tests.instruments import AllocationRecorder, expect_backend, launch_totals
+from tests.instruments import (
+    AllocationRecorder,
+    SavedLogitsProbe,
+    expect_backend,
+    launch_totals,
+)
 
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 V, H = 150, 24
@@ -249,3 +257,105 @@ def test_the_saved_logits_are_freed_by_the_backward():
     for options in (KernelOptions(), KernelOptions(saved_logits_bytes=0)):
         still_live(options)  # warm-up: a first call of each path leaves a few bytes behind
     assert still_live(KernelOptions()) == still_live(KernelOptions(saved_logits_bytes=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# One budget for every call alive at once (ops/saved_logits.py): a step's short, long and packed
+# forwards keep their saved logits until the backward, and together stay within the budget.
+
+
+def _alive_calls(backend: str, budget: int, calls: int, n_rows: int = 30):
+    """``calls`` forwards kept alive together (as a step's short and long forwards are), then one
+    backward through all of them; returns the probe, the outputs' float64 reference errors and the
+    ledger's bytes in use after the forwards."""
+    head = Head.random(V, H, bias=True)
+    rows = [random_hidden(n_rows, H) for _ in range(calls)]
+    targets = [torch.randint(0, V, (n_rows,)) for _ in range(calls)]
+    options = KernelOptions(saved_logits_bytes=budget)
+    with SavedLogitsProbe() as probe:
+        outs = [
+            response_logprobs(
+                r, head.weight, t, head.bias, chunk_size=TILE, backend=backend,
+                kernel_options=options,
+            )  # fmt: skip
+            for r, t in zip(rows, targets)
+        ]
+        held = LEDGER.in_use(rows[0].device)
+        loss = sum((o * torch.linspace(-1, 1, n_rows)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [*rows, head.weight, head.bias])
+    ref_head = head.float64()
+    ref_rows = [float64_leaf(r) for r in rows]
+    ref = [
+        reference.token_logps(r, ref_head.weight, t, ref_head.bias)
+        for r, t in zip(ref_rows, targets)
+    ]
+    ref_loss = sum((o * torch.linspace(-1, 1, n_rows).double()).sum() for o in ref)
+    ref_grads = torch.autograd.grad(ref_loss, [*ref_rows, ref_head.weight, ref_head.bias])
+    for got, want in zip([*outs, *grads], [*ref, *ref_grads]):
+        reference.assert_close_rel(got, want, 1e-5, "value or gradient")
+    return probe, held
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_alive_together_share_one_budget(backend):
+    """Three forwards alive at once, each wanting all its N x V logits (4 N V bytes), under a
+    budget of 1.5 x that: the first saves all, the second the 64 columns the rest holds, the third
+    nothing; at no time are more than the budget's bytes alive, and the backward gives them all
+    back. (A budget per call would keep 3 x 4 N V.)"""
+    skip_unless_backend_runs(backend)
+    n_rows = 30
+    one_call = 4 * n_rows * V
+    budget = one_call * 3 // 2
+    probe, held = _alive_calls(backend, budget, calls=3, n_rows=n_rows)
+    assert probe.calls == [one_call, 4 * n_rows * 64, 0]
+    assert probe.peak_bytes <= budget and held == one_call + 4 * n_rows * 64
+    assert probe.live_bytes == 0 and LEDGER.in_use("cpu") == 0
+
+
+def test_the_budget_comes_back_when_a_graph_is_dropped_or_a_forward_raises():
+    """Bytes are given back when the saved logits are freed without a backward (the output and
+    its graph dropped), and when the forward raises; nothing is taken without autograd."""
+    from solopo_kernels.ops import torch_tiles
+
+    head = Head.random(V, H, bias=False)
+    rows, targets = random_hidden(20, H), torch.randint(0, V, (20,))
+
+    def call():
+        return response_logprobs(rows, head.weight, targets, backend="torch")
+
+    out = call()
+    assert LEDGER.in_use("cpu") == 4 * 20 * V
+    del out
+    assert LEDGER.in_use("cpu") == 0
+    with torch.no_grad():
+        call()
+        assert LEDGER.in_use("cpu") == 0
+    with mock.patch.object(torch_tiles, "forward", side_effect=RuntimeError("out of memory")):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            call()
+    assert LEDGER.in_use("cpu") == 0
+    assert LEDGER.peak("cpu") >= 4 * 20 * V
+
+
+def test_a_saved_logits_policy_is_one_method():
+    """The budget's size is a policy object with one method (columns for a call, given the bytes
+    in use); the options select it. A different policy is a subclass of it."""
+    from solopo_kernels.ops.saved_logits import SavedLogitsBudget, SavedLogitsLedger
+
+    assert KernelOptions(saved_logits_bytes=1000).saved_logits_budget == SavedLogitsBudget(1000)
+    budget = SavedLogitsBudget(4 * 10 * 200)
+    assert budget.columns(10, 150, in_use=0) == 150
+    assert budget.columns(10, 500, in_use=0) == 192  # a multiple of 64 columns
+    assert budget.columns(10, 500, in_use=4 * 10 * 100) == 64
+    assert budget.columns(10, 500, in_use=10**9) == 0
+
+    class Half(SavedLogitsBudget):
+        def columns(self, n_rows, vocab, in_use):
+            return super().columns(n_rows, vocab, in_use) // 2
+
+    ledger = SavedLogitsLedger()
+    first = ledger.reserve(Half(4 * 10 * 150), "cpu", 10, 150, most_columns=150)
+    assert first.columns == 75 and ledger.in_use("cpu") == 4 * 10 * 75
+    first.release()
+    first.release()  # once
+    assert ledger.in_use("cpu") == 0

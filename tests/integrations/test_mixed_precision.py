@@ -1,0 +1,153 @@
+"""Mixed precision in the trainer: every SoLoPO forward (policy and reference) runs under the
+autocast that accelerate gives the model's own forward, and the first bf16 loss is the one the
+model's own bf16 forward gives (not the float32 one)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the trl extra is not installed")
+
+from solopo_kernels.integrations import trl as solopo_trl  # noqa: E402
+from tests.integrations import common  # noqa: E402
+
+
+def _record_autocast(model: torch.nn.Module, name: str, seen: list) -> None:
+    """Record, at every call of the first decoder layer, whether autocast is on and its dtype."""
+
+    def hook(module, args):
+        on = torch.is_autocast_enabled("cpu")
+        seen.append((name, torch.get_autocast_dtype("cpu") if on else None))
+
+    model.model.layers[0].register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize(
+    ("reference", "padding_free"),
+    [("model", False), ("model", True), ("precomputed by the policy", False)],
+)
+def test_bf16_runs_every_solopo_forward_under_autocast(tmp_path, reference, padding_free):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    precompute = reference != "model"
+    seen: list = []
+    _record_autocast(policy, "policy", seen)
+    _record_autocast(ref, "reference", seen)
+    trainer = common.trainer(
+        tmp_path,
+        tok=tok,
+        policy=policy,
+        ref=None if precompute else ref,
+        solopo_loss_type="dpo",
+        bf16=True,
+        max_steps=1,
+        padding_free=padding_free,
+        precompute_ref_log_probs=precompute,
+    )
+    at_init = list(seen)
+    seen.clear()
+    trainer.train()
+    # Padded: two forwards each (short, long); packed: one. The precomputed reference is scored
+    # by the policy before training (2 batches of 2 pairs, 2 forwards each).
+    forwards = 1 if padding_free else 2
+    if precompute:
+        assert at_init == [("policy", torch.bfloat16)] * 4
+        assert seen == [("policy", torch.bfloat16)] * forwards
+    else:
+        assert at_init == []
+        assert (
+            seen
+            == [("policy", torch.bfloat16)] * forwards + [("reference", torch.bfloat16)] * forwards
+        )
+
+
+def test_fp16_runs_the_solopo_forwards_under_fp16_autocast(tmp_path, monkeypatch):
+    # accelerate refuses fp16 on the CPU; its state is switched to fp16 after a bf16 build, which
+    # is what accelerate's autocast context reads.
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    seen: list = []
+    _record_autocast(policy, "policy", seen)
+    _record_autocast(ref, "reference", seen)
+    trainer = common.trainer(tmp_path, tok=tok, policy=policy, ref=ref, bf16=True)
+    monkeypatch.setattr(trainer.accelerator.state, "_mixed_precision", "fp16")
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, common.batch(trainer, [0, 1]))
+    assert torch.isfinite(loss)
+    assert seen == [("policy", torch.float16)] * 2 + [("reference", torch.float16)] * 2
+
+
+def _hand_loss(policy, ref, tok, autocast: bool) -> float:
+    """The dpo objective from the models' own full logits (float64 log-softmax), the forwards
+    run in float64, or in float32 under bf16 autocast."""
+    dtype = torch.float32 if autocast else torch.float64
+    context = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if autocast
+        else contextlib.nullcontext
+    )
+
+    def row_logps(model, ids, start):
+        x = torch.tensor([ids])
+        with context():
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1]
+        logps = torch.log_softmax(logits.double(), -1).gather(-1, x[0, 1:, None])[:, 0]
+        return logps[start - 1 :].sum(), torch.tensor(float(len(ids) - start), dtype=torch.float64)
+
+    original = common._row_logps
+    common._row_logps = row_logps
+    try:
+        with torch.no_grad():
+            return common.reference_loss(
+                copy.deepcopy(policy).to(dtype),
+                copy.deepcopy(ref).to(dtype),
+                tok,
+                common.ROWS,
+                loss_type="dpo",
+                beta=0.5,
+                alpha=1.0,
+            ).item()
+    finally:
+        common._row_logps = original
+
+
+def test_first_bf16_loss_is_the_bf16_forward_not_the_float32_one(tmp_path):
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    float64_loss = _hand_loss(policy, ref, tok, autocast=False)
+    bf16_loss = _hand_loss(policy, ref, tok, autocast=True)
+    trainer = common.trainer(
+        tmp_path,
+        tok=tok,
+        policy=policy,
+        ref=ref,
+        bf16=True,
+        max_steps=1,
+        per_device_train_batch_size=4,  # the first step is the whole dataset
+    )
+    trainer.train()
+    first = trainer.state.log_history[0]["loss"]
+    # Within bf16 error of the exact value, and much nearer the bf16 forward than the exact one
+    # (the float32 patched forward gave the exact value to 1e-6; bf16 moves it by 4e-4).
+    assert abs(first - float64_loss) <= 2**-8 * abs(float64_loss)
+    gap = abs(bf16_loss - float64_loss)
+    assert gap > 1e-4, "the check needs bf16 to move this loss"
+    assert abs(first - bf16_loss) <= 0.25 * gap, (first, bf16_loss, float64_loss)
+
+
+@pytest.mark.parametrize(
+    ("native_amp", "is_fsdp2", "expected"),
+    [(True, False, "accelerate"), (False, False, None), (True, True, None)],
+)
+def test_forward_autocast_follows_the_engine(native_amp, is_fsdp2, expected):
+    """accelerate's autocast where it wraps the model's forward (native AMP); none under DeepSpeed
+    (native_amp is off) or FSDP2 (MixedPrecisionPolicy casts the weights instead)."""
+    marker = contextlib.nullcontext("accelerate")
+    accelerator = SimpleNamespace(native_amp=native_amp, is_fsdp2=is_fsdp2, autocast=lambda: marker)
+    with solopo_trl.forward_autocast(accelerator) as entered:
+        assert entered == expected
