@@ -196,14 +196,17 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 
 
 class _KernelCalls:
-    """Counts the fused kernel's calls and the rows it scored (patched into model_patch)."""
+    """Counts the fused kernel's calls, the rows it scored and their dtype (patched into
+    model_patch)."""
 
     def __init__(self) -> None:
         self.rows: list[int] = []
+        self.dtypes: list[torch.dtype] = []
         self._kernel = model_patch.response_logprobs
 
     def __call__(self, rows: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.rows.append(rows.shape[0])
+        self.dtypes.append(rows.dtype)
         return self._kernel(rows, *args, **kwargs)
 
 
@@ -249,7 +252,10 @@ def test_bf16_fused_head_is_as_close_to_float64_as_llamafactorys(workdir):
     1e-3 absolute), and the losses agree to bf16 precision."""
     options = {"pref_loss": "sigmoid", "bf16": True, "use_cpu": True}
     theirs = _run(_args(workdir, "bf16-lf", **options), patched=False)
-    ours = _run(_args(workdir, "bf16-ours", **options, solopo_alpha=0.0), patched=True)
+    calls = _KernelCalls()
+    with mock.patch.object(model_patch, "response_logprobs", calls):
+        ours = _run(_args(workdir, "bf16-ours", **options, solopo_alpha=0.0), patched=True)
+    assert calls.dtypes == [torch.bfloat16, torch.bfloat16]  # the policy and reference, in autocast
     tokenizer = AutoTokenizer.from_pretrained(workdir / "policy")
     policy = AutoModelForCausalLM.from_pretrained(workdir / "policy", dtype=torch.float64)
     with torch.no_grad():
