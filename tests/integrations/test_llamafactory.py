@@ -411,8 +411,10 @@ def test_precomputed_reference_gives_the_same_step_and_releases_the_reference(wo
     precompute = lf_trainer.SoLoPODPOTrainer._precompute_references
 
     def spy(self):  # noqa: ANN001, ANN202
+        reference = self.ref_model
         precompute(self)
         seen.append((self.ref_model, self.train_dataset.column_names))
+        seen.append(all(p.is_meta for p in reference.parameters()))  # its weights were freed
 
     with mock.patch.object(lf_trainer.SoLoPODPOTrainer, "_precompute_references", spy):
         once = _run(
@@ -420,8 +422,8 @@ def test_precomputed_reference_gives_the_same_step_and_releases_the_reference(wo
             patched=True,
             logs=once_logs,
         )
-    [(ref_model, columns)] = seen
-    assert ref_model is None
+    [(ref_model, columns), freed] = seen
+    assert ref_model is None and freed
     assert {"ref_chosen_logps", "ref_long_rejected_logps"} <= set(columns)
     for key, value in every_step.items():
         assert once[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
@@ -591,6 +593,16 @@ def test_a_missing_long_prompt_column_names_the_fix(workdir):
         (other / "dataset_info.json").write_text(json.dumps(info))
         (other / "chat.json").write_text((workdir / "data" / "chat.json").read_text())
         _pairwise_dataset(workdir, dataset="chat", dataset_dir=str(other), solopo_alpha=1.0)
+
+
+def test_examples_tokenized_without_long_rows_are_refused_by_the_collator():
+    """A dataset tokenized earlier without SoLoPO (LLaMA-Factory's ``tokenized_path``) has no long
+    rows: the collator says so instead of a KeyError."""
+    from solopo_kernels.integrations.llamafactory.data import SoLoPODataCollator
+
+    collator = SoLoPODataCollator(short=lambda features: {}, long_rows=("chosen",))
+    with pytest.raises(ValueError, match="long_prompt: the examples have no long rows"):
+        collator([{"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3]}])
 
 
 # ------------------------------------------------------------------ refusals

@@ -242,6 +242,12 @@ class SoLoPODataCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.short(features)
+        if self.long_rows and f"long_{self.long_rows[-1]}_input_ids" not in features[0]:
+            raise ValueError(
+                "long_prompt: the examples have no long rows (long_chosen_input_ids, ...): the "
+                "dataset was tokenized without solopo_alpha > 0 or with another solopo_ra_target "
+                "(a tokenized_path saved earlier?); tokenize it again through this launcher"
+            )
         if self.long_rows:
             long_features = [
                 {

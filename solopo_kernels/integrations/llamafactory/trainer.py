@@ -213,6 +213,13 @@ class SoLoPODPOTrainer(CustomDPOTrainer):
         self._precomputed = True
         # Every batch now carries its reference sums: a separate reference model is not needed
         # again (with LoRA and no ref_model there is none; the adapter was disabled instead).
+        # Its weights are freed in place (moved to the meta device): run_dpo's own variable still
+        # refers to the module for the whole training, so dropping this reference alone would
+        # free nothing.
+        if self.ref_model is not None and self.ref_model is not self.model:
+            self.ref_model.to("meta")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         self.ref_model = None
 
     def _with_reference_columns(self, dataset: Any, name: str) -> Any:
