@@ -112,6 +112,8 @@ class SoLoPODPOTrainer(CustomDPOTrainer):
     def compute_reference_log_probs(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """LLaMA-Factory's (the reference model, or the adapter disabled), or the precomputed sums
+        of the batch, in LLaMA-Factory's convention (means for ipo/orpo/simpo)."""
         if not self.finetuning_args.use_ref_model:
             return None, None
         if "ref_chosen_logps" not in batch:
