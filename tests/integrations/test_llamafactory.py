@@ -233,6 +233,12 @@ def test_fused_head_gives_llamafactorys_loss_metrics_and_update(workdir, options
     assert calls.rows == [n_response] * (2 if uses_reference else 1)
     assert set(ours) == set(theirs)
     assert abs(theirs["rewards/margins"]) > 1e-3 or not uses_reference  # a non-trivial step
+    worst = max(theirs, key=lambda k: abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12))
+    print(
+        f"{name}: loss {ours['loss']:.8g} vs LLaMA-Factory {theirs['loss']:.8g}; largest relative "
+        f"difference over {len(theirs)} logged values: {worst} "
+        f"{abs(ours[worst] - theirs[worst]) / max(abs(theirs[worst]), 1e-12):.1e}"
+    )
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     before = _weights(str(workdir / "policy"))
@@ -386,6 +392,11 @@ def test_solopo_step_equals_a_float64_hand_computation(workdir, options):
     loss.backward()
     grad_norm = torch.sqrt(
         sum(p.grad.square().sum() for p in policy.parameters() if p.grad is not None)
+    )
+    print(
+        f"{options}: loss {ours['loss']:.8g} vs float64 {loss.item():.8g} (relative "
+        f"{abs(ours['loss'] - loss.item()) / loss.item():.1e}); grad norm {ours['grad_norm']:.8g} "
+        f"vs {grad_norm.item():.8g} ({abs(ours['grad_norm'] - grad_norm.item()) / grad_norm.item():.1e})"
     )
     assert ours["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert ours["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
