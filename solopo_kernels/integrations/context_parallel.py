@@ -78,10 +78,14 @@ def model_inputs(
     completion_mask: torch.Tensor,
     *,
     pad_token_id: int = 0,
+    token_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keyword arguments of a context-parallel forward for a right-padded batch ``(rows, T)``:
     ``input_ids``, ``position_ids`` and ``shift_labels`` (response tokens only), padded to the
-    multiple ``plan.order`` needs and, with ``plan.shard_inputs``, cut to this rank's slice."""
+    multiple ``plan.order`` needs and, with ``plan.shard_inputs``, cut to this rank's slice.
+    ``token_mask`` (the batch's attention mask) is passed on as ``solopo_token_mask`` (padded with
+    0) for what counts tokens inside the forward: an MoE model's router load-balancing sums; an
+    engine that cuts the slices pads and cuts it like every other ``(rows, T)`` argument."""
     labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
     rows, length = input_ids.shape
     total = padded_length(length, plan.size, plan.order)
@@ -91,6 +95,8 @@ def model_inputs(
         "position_ids": torch.arange(total, device=input_ids.device).expand(rows, total),
         "shift_labels": torch.nn.functional.pad(shift_labels(labels), (0, pad), value=IGNORE_INDEX),
     }
+    if token_mask is not None:
+        inputs["solopo_token_mask"] = torch.nn.functional.pad(token_mask, (0, pad), value=0)
     if not plan.shard_inputs:
         return inputs
     index = shard_indices(total, plan.size, plan.rank, plan.order).to(input_ids.device)

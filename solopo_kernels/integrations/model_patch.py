@@ -40,6 +40,7 @@ from ..ops.logprobs import (
     scatter_to_positions,
 )
 from .args import HeadKernel
+from .moe import RouterLoad, moe_sizes, router_load
 
 IGNORE_INDEX = -100
 _PATCHED_FLAG = "_solopo_forward_patched"
@@ -55,11 +56,25 @@ class SoLoPOLogProbsOutput(ModelOutput):
         logit_sums: ``(B,)`` float32, detached: the sum over every position and every vocabulary
             column of the logits the model's head would have produced for each row (padding
             included), or None unless asked for with ``solopo_logit_sums=True``.
+        router_assignments, router_probabilities, router_rows: an MoE model called with
+            ``output_router_logits=True``: the sums of its load-balancing loss over this forward's
+            tokens (``(E,)``, ``(E,)``, ``()`` float32; see :mod:`.moe`), else None.
     """
 
     logps: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     logit_sums: torch.Tensor | None = None
+    router_assignments: torch.Tensor | None = None
+    router_probabilities: torch.Tensor | None = None
+    router_rows: torch.Tensor | None = None
+
+    @property
+    def router_load(self) -> RouterLoad | None:
+        """The load-balancing sums of this forward (:class:`~.moe.RouterLoad`), present when it
+        was called with ``output_router_logits=True``."""
+        if self.router_assignments is None:
+            return None
+        return RouterLoad(self.router_assignments, self.router_probabilities, self.router_rows)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -201,7 +216,12 @@ def patch_solopo_forward(
 
     scores ``shifted[:, t]`` (-100: not a response token) at every position ``t``, including the
     last. The name ``shift_labels`` is the one context-parallel engines pad with -100 when they
-    split the row (Axolotl's ringmaster).
+    split the row (Axolotl's ringmaster). ``solopo_token_mask`` (the slice of the row's attention
+    mask, 0 for padding) says which tokens count in the router sums below; all do without it.
+
+    MoE models: with ``output_router_logits=True`` each convention also returns the sums of the
+    router load-balancing loss over its tokens (``out.router_load``, see :mod:`.moe`), computed
+    here so that the router logits of every layer need not leave the forward.
     """
     target = patch_target(model)
     if not hasattr(target, "base_model") or not hasattr(target, "get_output_embeddings"):
@@ -270,15 +290,15 @@ def _padded_forward(
     logit_sums: bool = False,
 ) -> SoLoPOLogProbsOutput:
     """Padded rows ``(B, T)``, unshifted labels: position ``t`` predicts ``labels[:, t + 1]``."""
-    full_hidden = model.base_model(*args, **kwargs).last_hidden_state
-    hidden = full_hidden[:, :-1]
-    labels = labels[:, 1:]
+    full_hidden, router = _backbone(model, args, kwargs, kwargs.get("attention_mask"))
+    hidden, labels = full_hidden[:, :-1], labels[:, 1:]
     token_logps, positions = _score(model, hidden, labels)
     logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
     return SoLoPOLogProbsOutput(
         logps=logps,
         lengths=(labels != IGNORE_INDEX).sum(-1),
         logit_sums=_logit_sums(model, full_hidden) if logit_sums else None,
+        **router,
     )
 
 
@@ -311,7 +331,8 @@ def _packed_forward(
             f"solopo_sequence_ids: expected the shape of solopo_labels {tuple(labels.shape)}, got "
             f"{tuple(sequence_ids.shape)}"
         )
-    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    hidden, router = _backbone(model, args, kwargs, sequence_ids >= 0)
+    hidden = hidden[:, :-1]
     targets_sequence = sequence_ids[:, 1:]
     # The last token of a sequence does not predict the first token of the next one (the padded
     # layout never scores that position either), and padding (-1) belongs to no sequence.
@@ -322,7 +343,7 @@ def _packed_forward(
     logps, lengths = sums_per_sequence(
         token_logps, positions, targets_sequence, int(sequence_ids.max()) + 1
     )
-    return SoLoPOLogProbsOutput(logps=logps, lengths=lengths)
+    return SoLoPOLogProbsOutput(logps=logps, lengths=lengths, **router)
 
 
 def _sliced_forward(
@@ -340,10 +361,37 @@ def _sliced_forward(
             "shift_labels: solopo_logps=True scores shift_labels (already shifted, the shape of "
             "input_ids) and takes neither solopo_labels nor solopo_sequence_ids"
         )
-    hidden = model.base_model(*args, **kwargs).last_hidden_state
+    # No attention mask reaches a slice (context-parallel attention drops it): the tokens that
+    # count in the router sums come as solopo_token_mask (every token without it).
+    token_mask = kwargs.pop("solopo_token_mask", None)
+    hidden, router = _backbone(model, args, kwargs, token_mask)
     token_logps, positions = _score(model, hidden, shifted)
     logps = scatter_to_positions(token_logps, positions, shifted.shape).sum(-1)
-    return SoLoPOLogProbsOutput(logps=logps, lengths=(shifted != IGNORE_INDEX).sum(-1))
+    return SoLoPOLogProbsOutput(logps=logps, lengths=(shifted != IGNORE_INDEX).sum(-1), **router)
+
+
+def _backbone(
+    model: torch.nn.Module, args: tuple, kwargs: dict, token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The backbone's last hidden states and, when ``output_router_logits=True`` was asked for,
+    the router sums of the tokens ``token_mask`` marks (the output fields, else empty): only the
+    sums leave this function, not the router logits of every layer."""
+    out = model.base_model(*args, **kwargs)
+    if not kwargs.get("output_router_logits"):
+        return out.last_hidden_state, {}
+    sizes = moe_sizes(model.config)
+    if sizes is None or getattr(out, "router_logits", None) is None:
+        raise ValueError(
+            f"output_router_logits: {type(model).__name__} returned no router logits; only an MoE "
+            "model (a config with output_router_logits) has a load-balancing loss"
+        )
+    load = router_load(out.router_logits, *sizes, token_mask)
+    fields = {
+        "router_assignments": load.assignments,
+        "router_probabilities": load.probabilities,
+        "router_rows": load.rows,
+    }
+    return out.last_hidden_state, fields
 
 
 def _score(

@@ -55,6 +55,9 @@ PACKED_KEYS = (PACKED_INPUT_IDS, PACKED_POSITION_IDS, PACKED_COMPLETION_MASK, PA
 # device unchanged): the cumulative sequence lengths and the longest sequence of the row.
 PACKED_CU_SEQ_LENS = "packed_cu_seq_lens"
 PACKED_MAX_LENGTH = "packed_max_length"
+# The number of preference pairs a packed batch holds (an int): the step checks its sequences
+# against it (2 short + the options' long rows per pair).
+PACKED_PAIRS = "packed_pairs"
 # Attention implementations that build a dense (1, 1, L, L) mask for packed rows.
 DENSE_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 

@@ -14,7 +14,8 @@ column holding the same task with the long context. Each step runs
   the same rows, or the values precomputed with ``precompute_ref_log_probs=True``;
 * :func:`solopo_kernels.solopo_loss` on the per-sequence sums.
 
-Long-side truncation (``max_long_length``) cuts the long *prompt from the left*; the response on
+Long-side truncation (``max_long_length``) removes tokens of the long *context* only: the
+template's start and the question stay (see :func:`.trl_data.cut_long_prompt`); the response on
 the long side is always token-for-token the response of the short side (after the short side's own
 ``max_length`` truncation), or the collator raises.
 """
@@ -55,8 +56,15 @@ from .context_parallel import (
     torch_context,
 )
 from .liger import check_liger
-from .model_patch import IGNORE_INDEX, head_temperature, patch_solopo_forward
+from .model_patch import (
+    IGNORE_INDEX,
+    SoLoPOLogProbsOutput,
+    head_temperature,
+    patch_solopo_forward,
+)
+from .moe import RouterLoad, aux_loss_coefficient, moe_sizes
 from .packing import (
+    PACKED_PAIRS,
     PACKED_SEQUENCE_IDS,
     check_packing_attention,
     count_sequences,
@@ -67,9 +75,11 @@ from .packing import (
 from .trl_data import (
     LONG_KEYS,
     LONG_PROMPT_IDS,
+    LONG_PROMPT_LAYOUT,
     REF_COLUMNS,
     SHORT_KEYS,
     DataCollatorForSoLoPO,
+    check_collator,
     tokenize_long_prompt,
 )
 
@@ -89,13 +99,15 @@ class SequenceLogps:
     """Per-sequence response log-prob sums (float32) and token counts (int64) of one step.
 
     ``short_*`` are ``(2B,)`` (chosen rows first); ``long_*`` are ``(B,)`` or ``(2B,)``, or None
-    when the long rows were not run.
+    when the long rows were not run. ``router_load``: an MoE policy's router sums over all the
+    step's forwards (:mod:`.moe`), or None.
     """
 
     short_logps: torch.Tensor
     short_lengths: torch.Tensor
     long_logps: torch.Tensor | None = None
     long_lengths: torch.Tensor | None = None
+    router_load: RouterLoad | None = None
 
 
 @dataclass
@@ -252,6 +264,8 @@ class SoLoPOTrainer(DPOTrainer):
         self._head_kernel = head_kernel(args)
         model_config = _model_config(model, args)
         head_temperature(model_config)  # a head the kernel cannot compute fails here, not at step 1
+        self._moe_sizes = moe_sizes(model_config)
+        self._aux_loss_coef = aux_loss_coefficient(model_config, args)
         check_liger(args, model, ref_model)
         self._check_peft_zero3_checkpointing(model, args, kwargs.get("peft_config"))
         self._check_precompute(args)
@@ -270,6 +284,7 @@ class SoLoPOTrainer(DPOTrainer):
                 f"data_collator: expected a DataCollatorForSoLoPO (it builds the long rows), got "
                 f"{type(data_collator).__name__}; leave it None for the default"
             )
+        check_collator(data_collator, self._solopo, padding_free=args.padding_free)
         reference_free = not self._solopo.needs_reference
         if reference_free:
             if ref_model is not None:
@@ -483,7 +498,7 @@ class SoLoPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Trainer's hook: without it remove_unused_columns drops the long and reference columns.
         super()._set_signature_columns_if_needed()
-        for name in (LONG_PROMPT_IDS, *REF_COLUMNS):
+        for name in (LONG_PROMPT_IDS, LONG_PROMPT_LAYOUT, *REF_COLUMNS):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
@@ -494,23 +509,37 @@ class SoLoPOTrainer(DPOTrainer):
         return options.long_rows_per_pair if options.uses_long else 0
 
     def _step_logps(
-        self, model: torch.nn.Module, inputs: dict[str, Any], *, with_long: bool
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        *,
+        with_long: bool,
+        router: bool = False,
     ) -> SequenceLogps:
         """Per-sequence sums and counts of the short rows and, ``with_long``, of the long rows,
         computed inside ``model``'s forward: two forwards for a padded batch (short, then long),
         one per packed row for a packed batch (one in all without ``max_packed_length``), two
-        context-parallel slices under context parallelism."""
+        context-parallel slices under context parallelism. ``router``: an MoE model also returns
+        the router sums of every forward, added up (:mod:`.moe`); otherwise an MoE model is told
+        not to compute its router logits."""
         patch_solopo_forward(self.accelerator.unwrap_model(model), self._head_kernel)
+        extra = {} if self._moe_sizes is None else {"output_router_logits": router}
         with forward_autocast(self.accelerator):
             if is_packed(inputs):
-                return self._packed_logps(model, inputs, with_long=with_long)
+                return self._packed_logps(model, inputs, with_long=with_long, extra=extra)
             plan = self._cp_plan
             run = (
                 self._padded_logps if plan is None else functools.partial(self._sliced_logps, plan)
             )
-            short = run(model, inputs, SHORT_KEYS)
-            long = run(model, inputs, LONG_KEYS) if with_long else (None, None)
-        return SequenceLogps(*short, *long)
+            short = run(model, inputs, SHORT_KEYS, extra)
+            long = run(model, inputs, LONG_KEYS, extra) if with_long else None
+        return SequenceLogps(
+            short.logps,
+            short.lengths,
+            long.logps if long is not None else None,
+            long.lengths if long is not None else None,
+            _add_loads(short.router_load, long.router_load if long is not None else None),
+        )
 
     # -------------------------------------------------------- context parallelism
     @functools.cached_property
@@ -546,32 +575,43 @@ class SoLoPOTrainer(DPOTrainer):
         model: torch.nn.Module,
         inputs: dict[str, Any],
         keys: tuple[str, str, str],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        extra: dict[str, Any],
+    ) -> SoLoPOLogProbsOutput:
         """This rank's *partial* ``(rows,)`` sums and counts of one padded batch, split along the
         rows' length over ``plan.group`` (all-reduced later, in the loss)."""
-        input_ids, _, completion_mask = (inputs[key] for key in keys)
+        input_ids, attention_mask, completion_mask = (inputs[key] for key in keys)
         pad_token_id = getattr(self.data_collator, "pad_token_id", 0) or 0
-        kwargs = model_inputs(plan, input_ids, completion_mask, pad_token_id=pad_token_id)
-        out = model(**kwargs, solopo_logps=True, use_cache=False)
-        return out.logps, out.lengths
+        token_mask = attention_mask if extra.get("output_router_logits") else None
+        kwargs = model_inputs(
+            plan, input_ids, completion_mask, pad_token_id=pad_token_id, token_mask=token_mask
+        )
+        return model(**kwargs, solopo_logps=True, use_cache=False, **extra)
 
     @staticmethod
     def _padded_logps(
-        model: torch.nn.Module, inputs: dict[str, Any], keys: tuple[str, str, str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        keys: tuple[str, str, str],
+        extra: dict[str, Any],
+    ) -> SoLoPOLogProbsOutput:
         """``(rows,)`` sums and counts of one padded batch (``keys``: ids, attention, completion)."""
         input_ids, attention_mask, completion_mask = (inputs[key] for key in keys)
         labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
-        out = model(
+        return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             solopo_labels=labels,
             use_cache=False,
+            **extra,
         )
-        return out.logps, out.lengths
 
     def _packed_logps(
-        self, model: torch.nn.Module, inputs: dict[str, Any], *, with_long: bool
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        *,
+        with_long: bool,
+        extra: dict[str, Any],
     ) -> SequenceLogps:
         """The packed rows of ``inputs``, one forward each (only their short prefix when the long
         sequences are not needed), summed per sequence and split into short and long. Each
@@ -579,9 +619,18 @@ class SoLoPOTrainer(DPOTrainer):
         the flash-attention varlen kernels need not derive them from the positions in every
         layer."""
         n_sequences = count_sequences(inputs)
-        n_pairs = n_sequences // (2 + self._long_rows_in_batch())
+        long_rows = self._long_rows_in_batch()
+        n_pairs = inputs.get(PACKED_PAIRS, n_sequences // (2 + long_rows))
+        if n_sequences != (2 + long_rows) * n_pairs:
+            raise ValueError(
+                f"data_collator: the packed batch holds n_sequences={n_sequences} for n_pairs="
+                f"{n_pairs}, expected (2 + {long_rows}) * n_pairs = {(2 + long_rows) * n_pairs} "
+                f"(2 short and {long_rows} long per pair for solopo_alpha={self._solopo.alpha}, "
+                f"solopo_ra_target={self._solopo.ra_target!r}); build the collator with the "
+                "trainer's options, or leave data_collator None"
+            )
         wanted = n_sequences if with_long else 2 * n_pairs
-        sums = counts = None
+        sums = counts = load = None
         for pack in iter_packs(inputs, sequences=wanted):
             labels = pack.input_ids.masked_fill(pack.completion_mask == 0, IGNORE_INDEX)
             out = model(
@@ -594,6 +643,7 @@ class SoLoPOTrainer(DPOTrainer):
                 solopo_labels=labels,
                 solopo_sequence_ids=pack.sequence_ids,
                 use_cache=False,
+                **extra,
             )
             # Per-row results have one entry per sequence id up to the row's last; a sequence lies
             # in one row, so adding the rows (zeros elsewhere) is exact.
@@ -601,10 +651,11 @@ class SoLoPOTrainer(DPOTrainer):
             lengths = F.pad(out.lengths, (0, wanted - out.lengths.shape[0]))
             sums = logps if sums is None else sums + logps
             counts = lengths if counts is None else counts + lengths
+            load = _add_loads(load, out.router_load)
         short = 2 * n_pairs
         if not with_long:
-            return SequenceLogps(sums, counts)
-        return SequenceLogps(sums[:short], counts[:short], sums[short:], counts[short:])
+            return SequenceLogps(sums, counts, router_load=load)
+        return SequenceLogps(sums[:short], counts[:short], sums[short:], counts[short:], load)
 
     @contextlib.contextmanager
     def _reference_mode(self) -> Iterator[None]:
@@ -652,6 +703,7 @@ class SoLoPOTrainer(DPOTrainer):
             return dataset
         if isinstance(dataset, IterableDataset):
             raise ValueError("precompute_ref_log_probs: not supported with an IterableDataset")
+        self._check_reference_available("evaluate")
         self._check_precompute(self.args)
         if self.is_deepspeed_enabled:  # a DeepSpeed launch the arguments did not show
             raise ValueError(
@@ -706,7 +758,8 @@ class SoLoPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         options = self._solopo
         plan = self._cp_plan
-        step = self._step_logps(model, inputs, with_long=options.uses_long)
+        aux_coef = self._aux_loss_coef
+        step = self._step_logps(model, inputs, with_long=options.uses_long, router=aux_coef != 0)
         refs: dict[str, torch.Tensor] = {}
         if options.needs_reference:
             if self.precompute_ref_logps:
@@ -743,10 +796,18 @@ class SoLoPOTrainer(DPOTrainer):
             "alignment_loss": out.alignment_loss.detach(),
             **out.metrics,
         }
+        loss = out.loss
+        if aux_coef:  # an MoE policy: the router load-balancing loss, as DPOTrainer adds it
+            load = step.router_load
+            if plan is not None:  # partial sums of this rank's slices, like the log-prob sums
+                load = RouterLoad(*(sum_over_group(t, plan.group) for t in vars(load).values()))
+            aux_loss = load.loss()
+            loss = loss + aux_coef * aux_loss
+            metrics["aux_loss"] = aux_loss.detach()
         self._log_metrics(mode, metrics, _count_tokens(inputs))
         if plan is not None:  # the engine averages the ranks' partial gradients: make it a sum
-            return scale_gradient(out.loss, plan.gradient_scale)
-        return out.loss
+            return scale_gradient(loss, plan.gradient_scale)
+        return loss
 
     def prediction_step(
         self,
@@ -773,8 +834,11 @@ class SoLoPOTrainer(DPOTrainer):
         """Trainer's ``predict``: ``predictions`` and ``label_ids`` are None (no logits exist);
         ``metrics`` holds ``{prefix}_loss`` and the loss metrics (``{prefix}_rewards/chosen``,
         ``{prefix}_preference_loss``, ...), averaged over the dataset."""
+        first = next(iter(test_dataset), {})
+        if self.precompute_ref_logps and "ref_chosen_logps" not in first:
+            self._check_reference_available("predict")  # before any tokenization
         # Prepared like evaluate() prepares a dataset passed to it (Trainer.predict does not).
-        if "prompt_ids" not in next(iter(test_dataset), {"prompt_ids": None}):
+        if first and "prompt_ids" not in first:
             test_dataset = self._prepare_dataset(
                 test_dataset, self.processing_class, self.args, metric_key_prefix
             )
@@ -788,6 +852,24 @@ class SoLoPOTrainer(DPOTrainer):
         )
         collected.clear()
         return output
+
+    def _check_reference_available(self, method: str) -> None:
+        """DPOTrainer's rule for a dataset passed to ``evaluate()``, applied to every reference pass
+        (``evaluate()``, ``predict()``): with ``precompute_ref_log_probs`` and neither a reference
+        model nor PEFT (whose base is the reference), the reference is the policy as it was when
+        the trainer was built, gone once training has started. Scoring a new dataset against the
+        trained policy would give every reward 0 and the loss log 2 (dpo), so it raises with
+        TRL's message. Datasets given to the trainer when it was built keep the reference
+        log-probs computed then (``evaluate()`` without a dataset, ``predict(trainer.eval_dataset)``)."""
+        if self.ref_model is not None or is_peft_model(self.model) or self.state.global_step == 0:
+            return
+        raise ValueError(
+            f"Cannot compute reference log-probs for a dataset passed to `{method}()` after training "
+            "has started, because `precompute_ref_log_probs=True` and no `ref_model` was provided "
+            "(full fine-tuning). In this setup the reference model is not kept in memory, so it is "
+            "only available before training. Provide this dataset as `eval_dataset` at "
+            "initialization, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`."
+        )
 
     def _log_metrics(
         self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor
@@ -825,6 +907,13 @@ def forward_autocast(accelerator: Any) -> contextlib.AbstractContextManager:
     if not getattr(accelerator, "native_amp", False) or getattr(accelerator, "is_fsdp2", False):
         return contextlib.nullcontext()
     return accelerator.autocast()
+
+
+def _add_loads(a: RouterLoad | None, b: RouterLoad | None) -> RouterLoad | None:
+    """The router sums of two sets of forwards (either may be None)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
 
 
 def _count_tokens(inputs: dict[str, Any]) -> torch.Tensor:

@@ -53,6 +53,10 @@ CASES = [
     ("orpo", "chosen", "head_tail", False, "train"),
     ("dpo", "both", "head_tail", True, "eval"),
     ("dpo", "chosen", "head_tail", True, "eval-precomputed"),
+    # An MoE policy (tiny Qwen3-MoE) with its router load-balancing loss: the router sums of the
+    # slices (padding left out) are all-reduced like the log-prob sums.
+    ("simpo", "chosen", "head_tail", True, "train-moe"),
+    ("dpo", "both", "contiguous", False, "train-moe"),
 ]
 # Whether ring attention is on (inside the context-parallel context, or an engine's).
 RING = {"on": False}
@@ -175,7 +179,13 @@ def _ring_on() -> Any:
 def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
     loss_type, ra_target, order, shard_inputs, what = case
     tok = common.tokenizer()
-    policy, ref = common.model_pair(tok)
+    moe = what.endswith("-moe")
+    if moe:
+        from tests.integrations.test_moe import moe_model
+
+        policy, ref = moe_model("qwen3_moe", tok), moe_model("qwen3_moe", tok, seed=1)
+    else:
+        policy, ref = common.model_pair(tok)
     trainer = common.trainer(
         output_dir,
         tok=tok,
@@ -186,6 +196,7 @@ def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
         solopo_alpha=1.5,
         beta=0.5,
         precompute_ref_log_probs=what == "eval-precomputed",
+        **({"router_aux_loss_coef": 0.5} if moe else {}),
     )
     batch = common.batch(trainer, [0, 1, 2, 3])
     if what.startswith("eval"):
@@ -225,6 +236,9 @@ def run_case(case: tuple, output_dir: str) -> dict[str, Any]:
         for name, grad in cp_grads.items():
             dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # the engine's average over the group
             errors[name] = reference.max_relative_error(grad, single_grads[name])
+    if moe:  # the loss held the router term: both logged the same load-balancing loss
+        aux = trainer._metrics["train"]["aux_loss"]
+        errors["aux_loss"] = abs(aux[-1] - aux[-2]) / abs(aux[-2])
     return {
         "loss": (single_loss.item(), cp_loss.item()),
         "ranks_agree": all(torch.equal(x, losses[0]) for x in losses),

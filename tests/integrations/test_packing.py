@@ -381,7 +381,11 @@ def test_a_collator_that_does_not_pack_is_refused(tmp_path):
 
     tok = common.tokenizer()
     policy, ref = common.model_pair(tok)
-    with pytest.raises(ValueError, match="padding_free: the data_collator does not pack"):
+    with pytest.raises(
+        ValueError,
+        match=r"data_collator: DataCollatorForSoLoPO.padding_free=False does not match the "
+        r"trainer's padding_free=True",
+    ):
         SoLoPOTrainer(
             model=policy,
             ref_model=ref,
@@ -390,6 +394,66 @@ def test_a_collator_that_does_not_pack_is_refused(tmp_path):
             train_dataset=common.dataset(),
             processing_class=tok,
         )
+
+
+@pytest.mark.parametrize(
+    ("collator_fields", "options", "message"),
+    [
+        (
+            {"long_rows": "chosen", "padding_free": True},
+            {"solopo_ra_target": "both", "padding_free": True},
+            r"long_rows='chosen' does not match the trainer's solopo_ra_target='both'",
+        ),
+        (
+            {"include_long": True},
+            {"solopo_alpha": 0.0},
+            r"include_long=True does not match the trainer's solopo_alpha=0.0",
+        ),
+        (
+            {"padding_free": True},
+            {},
+            r"padding_free=True does not match the trainer's padding_free=False",
+        ),
+    ],
+    ids=["long_rows", "include_long", "packs"],
+)
+def test_a_collator_built_for_other_options_is_refused_at_construction(
+    tmp_path, collator_fields, options, message
+):
+    from solopo_kernels.integrations.trl import DataCollatorForSoLoPO, SoLoPOTrainer
+
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    with pytest.raises(ValueError, match=r"data_collator: DataCollatorForSoLoPO\." + message):
+        SoLoPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=common.config(tmp_path, **options),
+            data_collator=DataCollatorForSoLoPO(pad_token_id=tok.pad_token_id, **collator_fields),
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
+
+
+def test_a_packed_batch_of_other_long_rows_is_refused_in_the_step(tmp_path):
+    """4 pairs packed with one long row each are 12 sequences, which also reads as 3 pairs of
+    ra_target="both" (2 + 2 per pair): the step must not split them that way."""
+    from solopo_kernels.integrations.trl import DataCollatorForSoLoPO
+
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    trainer = common.trainer(
+        tmp_path, tok=tok, policy=policy, ref=ref, solopo_ra_target="both", padding_free=True
+    )
+    chosen_only = DataCollatorForSoLoPO(
+        pad_token_id=tok.pad_token_id, long_rows="chosen", padding_free=True
+    )
+    batch = chosen_only([trainer.train_dataset[i] for i in range(4)])
+    with pytest.raises(
+        ValueError,
+        match=r"n_sequences=12 for n_pairs=4, expected \(2 \+ 2\) \* n_pairs = 16",
+    ):
+        trainer.compute_loss(trainer.model, batch)
 
 
 @pytest.mark.parametrize("value", [1, 0, 2.5, True])
