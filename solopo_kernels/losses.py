@@ -131,6 +131,25 @@ class SoLoPOOptions:
         return 2 if self.ra_target == "both" else 1
 
 
+def _call_options(options: SoLoPOOptions | None, **keywords: Any) -> SoLoPOOptions:
+    """The loss options of one call, built once at the edge: ``options`` itself when given, else a
+    :class:`SoLoPOOptions` built **by name** from the loose ``keywords`` (by position, two options
+    of one type could trade places and pass every check). Loose keywords that differ from their
+    defaults next to ``options`` raise ``ValueError``: one call, one source of options."""
+    if options is None:
+        return SoLoPOOptions(**keywords)
+    if not isinstance(options, SoLoPOOptions):
+        raise TypeError(f"options: expected a SoLoPOOptions or None, got {type(options).__name__}")
+    defaults = SoLoPOOptions()
+    both = [name for name, value in keywords.items() if value != getattr(defaults, name)]
+    if both:
+        raise ValueError(
+            f"options: given together with {both[0]}={keywords[both[0]]!r}; pass the loss options "
+            "either as one SoLoPOOptions or as keywords, not both"
+        )
+    return options
+
+
 @dataclass
 class SoLoPOOutput:
     """What the SoLoPO losses return.
@@ -365,6 +384,7 @@ def solopo_loss(
     ra_use_reference: bool = True,
     ra_gradient: str = "both",
     context_parallel_group: Any = None,
+    options: SoLoPOOptions | None = None,
 ) -> SoLoPOOutput:
     """The SoLoPO objective from per-sequence sums of response-token log-probs.
 
@@ -381,20 +401,22 @@ def solopo_loss(
             then ``short_logps``, ``short_lengths``, ``long_logps`` and ``long_lengths`` are this
             rank's *partial* sums and counts (its slice's response tokens; 0 where it holds none),
             all-reduced here; every rank gets the same loss. The ``ref_*`` sums are the full ones.
-        Other options: see :class:`SoLoPOOptions`.
+        Other options: see :class:`SoLoPOOptions`; or pass them as one ``options=``
+            :class:`SoLoPOOptions` (then leave the loose ones at their defaults).
     Returns:
         :class:`SoLoPOOutput`.
     """
-    options = SoLoPOOptions(
-        loss_type,
-        beta,
-        alpha,
-        gamma,
-        label_smoothing,
-        ra_target,
-        ra_distance,
-        ra_use_reference,
-        ra_gradient,
+    options = _call_options(
+        options,
+        loss_type=loss_type,
+        beta=beta,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        ra_target=ra_target,
+        ra_distance=ra_distance,
+        ra_use_reference=ra_use_reference,
+        ra_gradient=ra_gradient,
     )
     short_logps = check_tensor("short_logps", short_logps)
     check_float("short_logps", short_logps)
@@ -411,7 +433,7 @@ def solopo_loss(
         meaning = "(B,)" if n_long == n_pairs else "(2B,)"
         if long_logps is None or long_lengths is None:
             raise ValueError(
-                f"long_logps: required when alpha > 0 (got alpha={alpha}): long-input sums of shape "
+                f"long_logps: required when alpha > 0 (got alpha={options.alpha}): long-input sums of shape "
                 f"{meaning} = ({n_long},) with their long_lengths; pass alpha=0 to train without SoLo-RA"
             )
         check_float(
@@ -511,6 +533,7 @@ def fused_solopo_loss(
     backend: str = "auto",
     kernel_options: KernelOptions | None = None,
     context_parallel_group: Any = None,
+    options: SoLoPOOptions | None = None,
 ) -> SoLoPOOutput:
     """The SoLoPO loss from last hidden states and the lm_head weight, without ``[T x V]`` logits.
 
@@ -534,23 +557,25 @@ def fused_solopo_loss(
             ``bias`` gradients summed over the group are the unsplit ones. A row may have no
             response token on some rank, but needs one somewhere in the group. The ``ref_*`` sums
             are the full ones.
-        Other options: see :class:`SoLoPOOptions`.
+        Other options: see :class:`SoLoPOOptions`; or pass them as one ``options=``
+            :class:`SoLoPOOptions` (then leave the loose ones at their defaults).
     Returns:
         :class:`SoLoPOOutput`; ``loss`` is differentiable in the hidden states, weight and bias.
 
     Short and long response rows are gathered into one row set and go through the kernel in one
     call (one pass over the weight); the result equals two separate calls.
     """
-    options = SoLoPOOptions(
-        loss_type,
-        beta,
-        alpha,
-        gamma,
-        label_smoothing,
-        ra_target,
-        ra_distance,
-        ra_use_reference,
-        ra_gradient,
+    options = _call_options(
+        options,
+        loss_type=loss_type,
+        beta=beta,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        ra_target=ra_target,
+        ra_distance=ra_distance,
+        ra_use_reference=ra_use_reference,
+        ra_gradient=ra_gradient,
     )
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("short_hidden", short_hidden, "short_labels", short_labels, weight)
@@ -566,7 +591,7 @@ def fused_solopo_loss(
         meaning = f"({'B' if n_long == n_pairs else '2B'}, Tl, H)"
         if long_hidden is None or long_labels is None:
             raise ValueError(
-                f"long_hidden: required when alpha > 0 (got alpha={alpha}): expected shape {meaning} "
+                f"long_hidden: required when alpha > 0 (got alpha={options.alpha}): expected shape {meaning} "
                 f"= ({n_long}, Tl, {weight.shape[1]}) with its long_labels; pass alpha=0 to skip SoLo-RA"
             )
         check_hidden_and_labels("long_hidden", long_hidden, "long_labels", long_labels, weight)
@@ -620,7 +645,8 @@ def fused_solopo_loss(
 
 
 class FusedSoLoPOLoss(nn.Module):
-    """``nn.Module`` form of :func:`fused_solopo_loss`; the keyword options are fixed at init.
+    """``nn.Module`` form of :func:`fused_solopo_loss`; the keyword options are fixed at init
+    (loose, or as one ``options=`` :class:`SoLoPOOptions`) and passed on as one object.
 
     Example::
 
@@ -647,18 +673,20 @@ class FusedSoLoPOLoss(nn.Module):
         backend: str = "auto",
         kernel_options: KernelOptions | None = None,
         context_parallel_group: Any = None,
+        options: SoLoPOOptions | None = None,
     ) -> None:
         super().__init__()
-        self.options = SoLoPOOptions(
-            loss_type,
-            beta,
-            alpha,
-            gamma,
-            label_smoothing,
-            ra_target,
-            ra_distance,
-            ra_use_reference,
-            ra_gradient,
+        self.options = _call_options(
+            options,
+            loss_type=loss_type,
+            beta=beta,
+            alpha=alpha,
+            gamma=gamma,
+            label_smoothing=label_smoothing,
+            ra_target=ra_target,
+            ra_distance=ra_distance,
+            ra_use_reference=ra_use_reference,
+            ra_gradient=ra_gradient,
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
@@ -690,7 +718,7 @@ class FusedSoLoPOLoss(nn.Module):
             bias,
             ref_short_logps=ref_short_logps,
             ref_long_logps=ref_long_logps,
-            **self.options.as_kwargs(),  # every loss option, so none can be left behind
+            options=self.options,  # the loss options as one object
             ignore_index=self.ignore_index,
             temperature=self.temperature,
             chunk_size=self.chunk_size,

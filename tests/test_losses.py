@@ -301,6 +301,55 @@ def test_module_form_equals_function():
     assert "ipo" in repr(module) and "ra_gradient='long'" in repr(module)
 
 
+def test_the_options_pass_as_one_object_through_every_entry_point():
+    """``options=SoLoPOOptions(...)`` gives what the loose keywords give, for the three entry
+    points; both at once raise; the loose keywords' defaults are SoLoPOOptions' (which the
+    both-at-once check relies on)."""
+    import inspect
+    from dataclasses import fields
+
+    from solopo_kernels import SoLoPOOptions
+
+    loose = dict(
+        loss_type="dpo",
+        beta=0.3,
+        alpha=0.7,
+        gamma=0.2,
+        label_smoothing=0.1,
+        ra_target="both",
+        ra_distance="squared",
+        ra_use_reference=False,
+        ra_gradient="long",
+    )
+    options = SoLoPOOptions(**loose)
+    head = Head.random(V, H, bias=False)
+    sh, sl, lh, ll, ref_s, ref_l = _batch("both", 1.0)
+    refs = dict(ref_short_logps=ref_s, ref_long_logps=ref_l)
+    by_keywords = fused_solopo_loss(head.weight, sh, sl, lh, ll, **loose, **refs)
+    as_object = fused_solopo_loss(head.weight, sh, sl, lh, ll, options=options, **refs)
+    assert torch.equal(by_keywords.loss, as_object.loss)
+    sums = (as_object.short_logps, as_object.short_lengths, as_object.long_logps)
+    sums += (as_object.long_lengths,)
+    from_sums = solopo_loss(*sums, options=options, ref_short_logps=ref_s)
+    assert torch.equal(from_sums.loss, solopo_loss(*sums, **loose, ref_short_logps=ref_s).loss)
+    module = FusedSoLoPOLoss(options=options)
+    assert module.options is options
+    assert torch.equal(module(head.weight, sh, sl, lh, ll, **refs).loss, as_object.loss)
+    for call in (
+        lambda: fused_solopo_loss(head.weight, sh, sl, lh, ll, beta=0.3, options=options),
+        lambda: solopo_loss(*sums, beta=0.3, options=options, ref_short_logps=ref_s),
+        lambda: FusedSoLoPOLoss(beta=0.3, options=options),
+    ):
+        with pytest.raises(ValueError, match=r"options: given together with beta=0.3"):
+            call()
+    with pytest.raises(TypeError, match="options: expected a SoLoPOOptions or None, got dict"):
+        solopo_loss(*sums, options=loose)
+    defaults = {f.name: f.default for f in fields(SoLoPOOptions)}
+    for entry in (solopo_loss, fused_solopo_loss, FusedSoLoPOLoss.__init__):
+        parameters = inspect.signature(entry).parameters
+        assert {name: parameters[name].default for name in defaults} == defaults, entry
+
+
 @pytest.mark.parametrize("loss_type", ["dpo", "simpo", "orpo"])
 @pytest.mark.parametrize("ra_target", ["chosen", "both"])
 def test_ra_gradient_long_leaves_the_short_side_to_the_preference_loss(loss_type, ra_target):

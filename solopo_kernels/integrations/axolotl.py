@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, model_validator
 
-from ..losses import SoLoPOOptions
-from .args import HeadKernel
+from ..losses import REFERENCE_LOSS_TYPES, SoLoPOOptions
+from .args import AXOLOTL_NAMES, HeadKernel, check_parallel_setup
 
 try:
     from axolotl.integrations.base import BasePlugin
@@ -109,19 +109,15 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
             "gradient_checkpointing_kwargs: use_reentrant: true breaks SoLoPO's two policy forwards per "
             "step under DDP; use use_reentrant: false"
         )
-    if (cfg.get("context_parallel_size") or 1) > 1 and cfg.get("dpo_padding_free"):
-        raise ValueError(
-            "dpo_padding_free: not supported with context_parallel_size > 1 (the context-parallel "
-            "ring attention is causal over the whole row and would let packed sequences see each "
-            "other); set dpo_padding_free: false"
-        )
-    if (cfg.get("context_parallel_size") or 1) > 1 and cfg.get("precompute_ref_log_probs"):
-        raise ValueError(
-            "precompute_ref_log_probs: not supported with context_parallel_size > 1 (the reference "
-            "pass would run on full rows on every GPU before the context-parallel setup); either set "
-            "precompute_ref_log_probs: false (the reference then runs in context-parallel slices "
-            "every step) or context_parallel_size: 1"
-        )
+    # The setups the trainer refuses too, refused here with the YAML keys' names.
+    check_parallel_setup(
+        precompute=bool(cfg.get("precompute_ref_log_probs")),
+        needs_reference=(cfg.get("solopo_loss_type") or "dpo") in REFERENCE_LOSS_TYPES,
+        cp_size=int(cfg.get("context_parallel_size") or 1),
+        deepspeed=bool(cfg.get("deepspeed")),
+        padding_free=bool(cfg.get("dpo_padding_free")),
+        names=AXOLOTL_NAMES,
+    )
     HeadKernel.coerce(cfg.get("solopo_head_kernel"), "solopo_head_kernel")
     max_long = cfg.get("solopo_max_long_length")
     if max_long is not None and (not isinstance(max_long, int) or max_long < 2):

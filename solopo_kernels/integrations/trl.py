@@ -46,11 +46,17 @@ from trl.trainer.utils import use_adapter
 
 from ..context_parallel import scale_gradient, sum_over_group
 from ..losses import SoLoPOOptions, solopo_loss
-from .args import HeadKernel, SoLoPOArguments, check_solopo_args, head_kernel, solopo_options
+from .args import (
+    HeadKernel,
+    SoLoPOArguments,
+    check_parallel_setup,
+    check_solopo_args,
+    head_kernel,
+    solopo_options,
+)
 from .context_parallel import (
     ContextParallelPlan,
     accelerate_plan,
-    check_combination,
     model_inputs,
     prepare_torch_models,
     torch_context,
@@ -189,6 +195,13 @@ def _model_config(model: Any, args: Any) -> Any:
     return model.config
 
 
+def _deepspeed_requested(args: Any) -> bool:
+    """Whether the arguments (or ``accelerate launch``) ask for DeepSpeed."""
+    return bool(getattr(args, "deepspeed", None)) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    )
+
+
 def _context_parallel_size(args: Any) -> int:
     """The context-parallel size the arguments ask for (accelerate's ``parallelism_config``)."""
     config = getattr(args, "parallelism_config", None)
@@ -227,6 +240,11 @@ class SoLoPOTrainer(DPOTrainer):
       :mod:`.context_parallel`), in training, evaluation and prediction alike. Not combined with
       ``padding_free`` or ``precompute_ref_log_probs``.
 
+    Construction runs in named steps: :meth:`_check_setup` (everything known before loading),
+    :meth:`_text_tokenizer`, :meth:`_build_collator`, :meth:`_plan_reference`,
+    :meth:`_init_dpo_trainer` (DPOTrainer's own ``__init__``, and what this trainer decides
+    differently) and :meth:`_check_prepared_models`.
+
     Overrides (each for one feature; everything else is DPOTrainer's):
 
     * ``_prepare_dataset``: tokenize the long-prompt column after TRL's own tokenization.
@@ -258,6 +276,30 @@ class SoLoPOTrainer(DPOTrainer):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
+        peft_config = kwargs.get("peft_config")
+        model_config = self._check_setup(model, ref_model, args, kwargs)
+        processing_class = self._text_tokenizer(model, processing_class)
+        data_collator = self._build_collator(data_collator, processing_class, args)
+        ref_model = self._plan_reference(model, ref_model, args, model_config, peft_config)
+        self._init_dpo_trainer(
+            model,
+            ref_model,
+            args,
+            data_collator,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            **kwargs,
+        )
+        self._check_prepared_models(args)
+
+    # ------------------------------------------------------------------ construction steps
+    def _check_setup(self, model: Any, ref_model: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """Everything that can be checked before anything is loaded or tokenized: the options
+        (:func:`~.args.check_solopo_args`), the kernel settings, the model's head, the MoE
+        auxiliary loss, Liger, PEFT with ZeRO-3 checkpointing and the parallel setups SoLoPO
+        refuses (:func:`~.args.check_parallel_setup`). Keeps the options; returns the model's
+        config (read without loading weights)."""
         if kwargs.get("compute_metrics") is not None:
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
         self._solopo = check_solopo_args(args)
@@ -268,8 +310,19 @@ class SoLoPOTrainer(DPOTrainer):
         self._aux_loss_coef = aux_loss_coefficient(model_config, args)
         check_liger(args, model, ref_model)
         self._check_peft_zero3_checkpointing(model, args, kwargs.get("peft_config"))
-        self._check_precompute(args)
-        if processing_class is None:  # what DPOTrainer would load, needed here for the collator
+        check_parallel_setup(
+            precompute=args.precompute_ref_log_probs,
+            needs_reference=self._solopo.needs_reference,
+            cp_size=_context_parallel_size(args),
+            deepspeed=_deepspeed_requested(args),
+            padding_free=args.padding_free,
+        )
+        return model_config
+
+    @staticmethod
+    def _text_tokenizer(model: Any, processing_class: Any) -> PreTrainedTokenizerBase:
+        """The tokenizer the collator needs now (DPOTrainer would load the same one later)."""
+        if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
             )
@@ -277,16 +330,30 @@ class SoLoPOTrainer(DPOTrainer):
             raise ValueError(
                 "processing_class: SoLoPOTrainer supports text tokenizers only (no vision processors)"
             )
+        return processing_class
+
+    def _build_collator(
+        self, data_collator: Any, tokenizer: PreTrainedTokenizerBase, args: Any
+    ) -> Any:
+        """The default :class:`DataCollatorForSoLoPO` for these options, or the one given,
+        checked against them (:func:`~.trl_data.check_collator`)."""
         if data_collator is None:
-            data_collator = self._default_collator(processing_class, args)
-        elif self._solopo.uses_long and not isinstance(data_collator, DataCollatorForSoLoPO):
+            return self._default_collator(tokenizer, args)
+        if self._solopo.uses_long and not isinstance(data_collator, DataCollatorForSoLoPO):
             raise ValueError(
                 f"data_collator: expected a DataCollatorForSoLoPO (it builds the long rows), got "
                 f"{type(data_collator).__name__}; leave it None for the default"
             )
         check_collator(data_collator, self._solopo, padding_free=args.padding_free)
-        reference_free = not self._solopo.needs_reference
-        if reference_free:
+        return data_collator
+
+    def _plan_reference(
+        self, model: Any, ref_model: Any, args: Any, model_config: Any, peft_config: Any
+    ) -> torch.nn.Module | None:
+        """What DPOTrainer gets as ``ref_model``: a stand-in for a reference-free loss type (a
+        passed reference is released), the one given, a frozen copy of an in-memory policy, or
+        None where DPOTrainer finds the reference itself (see :meth:`_reference_copy`)."""
+        if not self._solopo.needs_reference:
             if ref_model is not None:
                 logger.warning(
                     "ref_model: not used by solopo_loss_type=%r (reference-free); released",
@@ -294,30 +361,36 @@ class SoLoPOTrainer(DPOTrainer):
                 )
             # (FSDP1 takes its auto-wrap policy from the first model it prepares, which is this
             # stand-in: create_accelerator_and_postprocess sets it from the policy first.)
-            ref_model = _NoReference(model_config)
-        elif ref_model is None:
-            ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
+            return _NoReference(model_config)
+        if ref_model is None:
+            return self._reference_copy(model, args, peft_config)
+        return ref_model
+
+    def _init_dpo_trainer(self, *positional: Any, **kwargs: Any) -> None:
+        """``DPOTrainer.__init__`` (it loads the model, tokenizes, prepares the reference and
+        precomputes through this trainer's hooks), then what it decides differently: packing
+        stays on (the collator packs; its warning that it turns ``padding_free`` off is dropped),
+        nothing is precomputed or kept for a reference-free type, and tokens are counted here."""
+        args = positional[2]
         dpo_logger = logging.getLogger("trl.trainer.dpo_trainer")
         quiet = _DropPaddingFreeWarning()
         dpo_logger.addFilter(quiet)
         try:
-            super().__init__(
-                model,
-                ref_model,
-                args,
-                data_collator,
-                train_dataset,
-                eval_dataset,
-                processing_class,
-                **kwargs,
-            )
+            super().__init__(*positional, **kwargs)
         finally:
             dpo_logger.removeFilter(quiet)
+        reference_free = not self._solopo.needs_reference
         self.padding_free = args.padding_free  # DPOTrainer set it False; the collator packs
         self.precompute_ref_logps = args.precompute_ref_log_probs and not reference_free
         if reference_free:
-            self.ref_model = None
+            self.ref_model = None  # the stand-in is never run
         self._total_tokens = 0
+
+    def _check_prepared_models(self, args: Any) -> None:
+        """What can only be checked on the models DPOTrainer built: PEFT (no prompt learning,
+        no adapter on the head the kernel reads), packing (attention that keeps the sequences
+        apart; a collator that packs), the parallel setup the accelerator ended up with; and
+        the models readied for accelerate's context parallelism."""
         if (
             is_peft_model(self.model)
             and self.model.peft_config[self.model.active_adapter].is_prompt_learning
@@ -346,9 +419,22 @@ class SoLoPOTrainer(DPOTrainer):
                     "padding_free: the data_collator does not pack; pass a DataCollatorForSoLoPO with "
                     "padding_free=True, or leave data_collator None"
                 )
-        check_combination(self.accelerator, padding_free=args.padding_free)
+        self._check_parallel_setup(precompute=False, padding_free=args.padding_free)
         if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
             prepare_torch_models(self.model, self.ref_model)
+
+    def _check_parallel_setup(self, *, precompute: bool, padding_free: bool) -> None:
+        """:func:`~.args.check_parallel_setup` on what the accelerator runs (a DeepSpeed launch or
+        a context-parallel group the arguments did not show)."""
+        config = getattr(self.accelerator, "parallelism_config", None)
+        cp_size = int(config.cp_size) if getattr(config, "cp_enabled", False) else 1
+        check_parallel_setup(
+            precompute=precompute,
+            needs_reference=self._solopo.needs_reference,
+            cp_size=cp_size,
+            deepspeed=self.is_deepspeed_enabled,
+            padding_free=padding_free,
+        )
 
     def create_accelerator_and_postprocess(self) -> None:
         """Trainer's hook, extended: under FSDP1 the auto-wrap policy comes from the policy model.
@@ -361,28 +447,6 @@ class SoLoPOTrainer(DPOTrainer):
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
             plugin.set_auto_wrap_policy(self.model)  # the policy: Trainer set self.model already
-
-    def _check_precompute(self, args: Any) -> None:
-        """Refuse, before anything is loaded, the precompute setups this trainer cannot run right."""
-        if not (args.precompute_ref_log_probs and self._solopo.needs_reference):
-            return
-        cp_size = _context_parallel_size(args)
-        if cp_size > 1:
-            # DPOTrainer precomputes while it is built, before the context-parallel setup: every
-            # GPU would score full rows, and the results would be gathered over the whole world.
-            raise ValueError(
-                f"precompute_ref_log_probs: not supported with context parallelism "
-                f"(parallelism_config.cp_size={cp_size}); either set precompute_ref_log_probs=False "
-                "(the reference then runs in context-parallel slices every step) or turn context "
-                "parallelism off (cp_size=1)"
-            )
-        if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-            raise ValueError(
-                "precompute_ref_log_probs: not supported under DeepSpeed by SoLoPOTrainer (the "
-                "policy is not wrapped by DeepSpeed yet when the reference pass runs, so its ZeRO-3 "
-                "partitions cannot be read); set precompute_ref_log_probs=False (the reference then "
-                "runs every step, partitioned like the policy)"
-            )
 
     def _check_peft_zero3_checkpointing(self, model: Any, args: Any, peft_config: Any) -> None:
         """DPOTrainer forces reentrant gradient checkpointing for PEFT under DeepSpeed ZeRO-3, and
@@ -704,17 +768,9 @@ class SoLoPOTrainer(DPOTrainer):
         if isinstance(dataset, IterableDataset):
             raise ValueError("precompute_ref_log_probs: not supported with an IterableDataset")
         self._check_reference_available("evaluate")
-        self._check_precompute(self.args)
-        if self.is_deepspeed_enabled:  # a DeepSpeed launch the arguments did not show
-            raise ValueError(
-                "precompute_ref_log_probs: not supported under DeepSpeed by SoLoPOTrainer; set "
-                "precompute_ref_log_probs=False"
-            )
-        if self._cp_plan is not None:  # evaluate(dataset) under an engine's context parallelism
-            raise ValueError(
-                "precompute_ref_log_probs: not supported with context parallelism; set "
-                "precompute_ref_log_probs=False or turn context parallelism off"
-            )
+        # A DeepSpeed launch or a context-parallel group (an engine's: evaluate(dataset) under
+        # Axolotl's) that the arguments did not show.
+        self._check_parallel_setup(precompute=True, padding_free=False)
         loader = self.accelerator.prepare(
             DataLoader(
                 dataset,
@@ -789,7 +845,7 @@ class SoLoPOTrainer(DPOTrainer):
             ref_short_logps=ref_short,
             ref_long_logps=ref_long,
             context_parallel_group=plan.group if plan is not None else None,
-            **options.as_kwargs(),
+            options=options,
         )
         metrics = {
             "preference_loss": out.preference_loss.detach(),

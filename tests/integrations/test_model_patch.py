@@ -61,7 +61,9 @@ def test_autocast_makes_no_copy_of_the_head(model_and_batch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=ids, solopo_labels=labels)
         out.logps.sum().backward()
-    head_sized = [a for a in rec.allocations if a[1] == torch.bfloat16 and a[2] == tuple(head.shape)]
+    head_sized = [
+        a for a in rec.allocations if a[1] == torch.bfloat16 and a[2] == tuple(head.shape)
+    ]
     assert not head_sized, head_sized
     tiles = [a for a in rec.allocations if a[1] == torch.bfloat16 and a[2] == (8, head.shape[1])]
     assert tiles  # the head was used, in bf16, one tile at a time
