@@ -46,6 +46,8 @@ REFERENCE_LOSS_TYPES = ("dpo", "ipo")
 RA_TARGETS = ("chosen", "both")
 RA_DISTANCES = ("abs", "squared")
 RA_GRADIENTS = ("both", "long")
+NLL_AVERAGES = ("sequence", "token")
+NLL_LOSS_TYPES = ("orpo", "cpo")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class SoLoPOOptions:
             SoLo-RA is a fixed target (detached), so SoLo-RA moves only the long side and the
             short side gets exactly the preference loss's gradient. Not in the paper; see
             docs/objective.md for why it exists.
+        nll_average: orpo/cpo, how the negative log-likelihood term on the chosen responses is
+            averaged: ``"sequence"`` (default, the ORPO paper's ``-mean_i mlogp_i``: each
+            response's token mean, then the mean over pairs) or ``"token"`` (``-sum_i logp_i /
+            sum_i n_i``: over all chosen response tokens of the batch, as TRL's CPOTrainer and
+            ORPOTrainer average their cross-entropy; longer responses weigh more).
     """
 
     loss_type: str = "dpo"
@@ -80,6 +87,7 @@ class SoLoPOOptions:
     ra_distance: str = "abs"
     ra_use_reference: bool = True
     ra_gradient: str = "both"
+    nll_average: str = "sequence"
 
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -107,6 +115,12 @@ class SoLoPOOptions:
         if not isinstance(self.ra_use_reference, bool):
             raise TypeError(
                 f"ra_use_reference: expected a bool, got {type(self.ra_use_reference).__name__}"
+            )
+        check_choice("nll_average", self.nll_average, NLL_AVERAGES)
+        if self.nll_average != "sequence" and self.loss_type not in NLL_LOSS_TYPES:
+            raise ValueError(
+                f"nll_average: only used by loss_type 'orpo' and 'cpo' (their NLL term), got "
+                f"{self.nll_average!r} with loss_type={self.loss_type!r}"
             )
 
     def as_kwargs(self) -> dict[str, Any]:
@@ -167,7 +181,8 @@ class SoLoPOOutput:
             ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and,
             when alpha > 0, ``rewards/long_chosen``, ``solo_ra/distance`` (mean ``|r(x_s, y_w) -
             r(x_l, y_w)|`` of the rewards inside SoLo-RA), ``logps/long_chosen`` (plus
-            ``rewards/long_rejected`` and ``logps/long_rejected`` for ``ra_target="both"``).
+            ``rewards/long_rejected`` and ``logps/long_rejected`` for ``ra_target="both"``);
+            orpo/cpo also ``nll_loss`` (the NLL term inside ``preference_loss``).
     """
 
     loss: torch.Tensor
@@ -230,9 +245,9 @@ def preference_losses(
     options: SoLoPOOptions,
     chosen_reward: torch.Tensor,
     rejected_reward: torch.Tensor,
-    chosen_mean_logp: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-pair preference loss of ``options.loss_type`` with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
+    """Per-pair preference loss of ``options.loss_type`` with ``D = r(x_s, y_w) - r(x_s, y_l)``,
+    without the orpo/cpo NLL term (:func:`nll_loss`, a batch average)."""
     margin = chosen_reward - rejected_reward
     beta = options.beta
     if options.loss_type == "dpo":
@@ -243,8 +258,21 @@ def preference_losses(
     if options.loss_type == "simpo":
         return -F.logsigmoid(margin - options.gamma)
     if options.loss_type == "orpo":
-        return -chosen_mean_logp - beta * F.logsigmoid(margin)
-    return -F.logsigmoid(margin) - chosen_mean_logp  # cpo
+        return -beta * F.logsigmoid(margin)
+    return -F.logsigmoid(margin)  # cpo
+
+
+def nll_loss(
+    options: SoLoPOOptions, chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor
+) -> torch.Tensor | None:
+    """The orpo/cpo negative log-likelihood of the chosen responses on the short input (a
+    scalar), averaged as ``options.nll_average`` says, from their ``(B,)`` sums and token counts;
+    None for the other loss types."""
+    if options.loss_type not in NLL_LOSS_TYPES:
+        return None
+    if options.nll_average == "token":
+        return -chosen_logps.sum() / chosen_lengths.sum()
+    return -(chosen_logps / chosen_lengths).mean()
 
 
 def _distance(options: SoLoPOOptions, gap: torch.Tensor) -> torch.Tensor:
@@ -269,8 +297,10 @@ def _objective(
 
     short_rewards = rewards(options, short_logps, short_lengths, ref_short)
     chosen_reward, rejected_reward = short_rewards[:n_pairs], short_rewards[n_pairs:]
-    chosen_mean_logp = short_logps[:n_pairs] / short_lengths[:n_pairs]
-    preference = preference_losses(options, chosen_reward, rejected_reward, chosen_mean_logp).mean()
+    preference = preference_losses(options, chosen_reward, rejected_reward).mean()
+    nll = nll_loss(options, short_logps[:n_pairs], short_lengths[:n_pairs])
+    if nll is not None:
+        preference = preference + nll
 
     margin = (chosen_reward - rejected_reward).detach()
     metrics = {
@@ -281,6 +311,8 @@ def _objective(
         "logps/chosen": short_logps[:n_pairs].detach().mean(),
         "logps/rejected": short_logps[n_pairs:].detach().mean(),
     }
+    if nll is not None:
+        metrics["nll_loss"] = nll.detach()
 
     if not options.uses_long:
         alignment = torch.zeros((), dtype=acc, device=short_logps.device)
@@ -383,6 +415,7 @@ def solopo_loss(
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
     ra_gradient: str = "both",
+    nll_average: str = "sequence",
     context_parallel_group: Any = None,
     options: SoLoPOOptions | None = None,
 ) -> SoLoPOOutput:
@@ -417,6 +450,7 @@ def solopo_loss(
         ra_distance=ra_distance,
         ra_use_reference=ra_use_reference,
         ra_gradient=ra_gradient,
+        nll_average=nll_average,
     )
     short_logps = check_tensor("short_logps", short_logps)
     check_float("short_logps", short_logps)
@@ -527,6 +561,7 @@ def fused_solopo_loss(
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
     ra_gradient: str = "both",
+    nll_average: str = "sequence",
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
@@ -576,6 +611,7 @@ def fused_solopo_loss(
         ra_distance=ra_distance,
         ra_use_reference=ra_use_reference,
         ra_gradient=ra_gradient,
+        nll_average=nll_average,
     )
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("short_hidden", short_hidden, "short_labels", short_labels, weight)
@@ -667,6 +703,7 @@ class FusedSoLoPOLoss(nn.Module):
         ra_distance: str = "abs",
         ra_use_reference: bool = True,
         ra_gradient: str = "both",
+        nll_average: str = "sequence",
         ignore_index: int = -100,
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
@@ -687,6 +724,7 @@ class FusedSoLoPOLoss(nn.Module):
             ra_distance=ra_distance,
             ra_use_reference=ra_use_reference,
             ra_gradient=ra_gradient,
+            nll_average=nll_average,
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)

@@ -148,6 +148,14 @@ class SoLoPOArguments:
             "'long': the short reward is a fixed target, only the long side is pulled."
         },
     )
+    solopo_nll_average: str = field(
+        default="sequence",
+        metadata={
+            "help": "orpo/cpo: the NLL term's average, 'sequence' (the ORPO paper's: each chosen "
+            "response's token mean, then the mean over pairs) or 'token' (all chosen response "
+            "tokens of the batch, as TRL's CPOTrainer/ORPOTrainer)."
+        },
+    )
     long_prompt_column: str = field(
         default="long_prompt",
         metadata={
@@ -278,6 +286,7 @@ def solopo_options(args: Any) -> SoLoPOOptions:
         ra_distance=args.solopo_ra_distance,
         ra_use_reference=args.solopo_ra_use_reference,
         ra_gradient=args.solopo_ra_gradient,
+        nll_average=getattr(args, "solopo_nll_average", "sequence"),
     )
 
 

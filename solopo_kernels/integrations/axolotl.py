@@ -51,6 +51,7 @@ YAML_TO_TRAINING_ARGS = {
     "solopo_ra_distance": "solopo_ra_distance",
     "solopo_ra_use_reference": "solopo_ra_use_reference",
     "solopo_ra_gradient": "solopo_ra_gradient",
+    "solopo_nll_average": "solopo_nll_average",
     "solopo_long_prompt_field": "long_prompt_column",
     "solopo_max_long_length": "max_long_length",
     "solopo_gamma": "gamma",
@@ -69,6 +70,7 @@ class SoLoPOArgs(BaseModel):
     solopo_ra_distance: Literal["abs", "squared"] | None = None
     solopo_ra_use_reference: bool | None = None
     solopo_ra_gradient: Literal["both", "long"] | None = None
+    solopo_nll_average: Literal["sequence", "token"] | None = None
     solopo_long_prompt_field: str | None = None
     solopo_max_long_length: int | None = None
     solopo_gamma: float | None = None
@@ -136,6 +138,7 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
             if cfg.get("solopo_ra_use_reference") is None
             else cfg["solopo_ra_use_reference"],
             ra_gradient=cfg.get("solopo_ra_gradient") or "both",
+            nll_average=cfg.get("solopo_nll_average") or "sequence",
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"solopo_{error}") from None

@@ -35,13 +35,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..context_parallel import scale_gradient, sum_over_group
@@ -392,14 +390,14 @@ class SoLoPOTrainer(DPOTrainer):
         apart; a collator that packs), the parallel setup the accelerator ended up with; and
         the models readied for accelerate's context parallelism."""
         if (
-            is_peft_model(self.model)
+            _is_peft(self.model)
             and self.model.peft_config[self.model.active_adapter].is_prompt_learning
         ):
             raise ValueError(
                 "peft_config: prompt-learning PEFT methods are not supported (they shift the positions)"
             )
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        if is_peft_model(self.model) and any(
+        if _is_peft(self.model) and any(
             hasattr(head, name) for name in ("base_layer", "original_module", "modules_to_save")
         ):
             # The fused kernel reads lm_head.weight: an adapter or trainable copy around the head
@@ -454,7 +452,7 @@ class SoLoPOTrainer(DPOTrainer):
         it reduces the gradients). One forward per step (packing, no cap; or alpha = 0) is fine."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        peft = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
         one_forward = not self._solopo.uses_long or (
             args.padding_free and getattr(args, "max_packed_length", None) is None
         )
@@ -477,7 +475,7 @@ class SoLoPOTrainer(DPOTrainer):
         if (
             isinstance(model, str)
             or peft_config is not None
-            or is_peft_model(model)
+            or _is_peft(model)
             or args.precompute_ref_log_probs
             or getattr(model.config, "_name_or_path", "")
         ):
@@ -725,14 +723,14 @@ class SoLoPOTrainer(DPOTrainer):
     def _reference_mode(self) -> Iterator[None]:
         """No grad, no checkpointing and, for PEFT without a reference model, the adapter off."""
         adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
+        if self.ref_model is None and _is_peft(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(
                 unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
             )
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            _checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs),
             adapter,
         ):
             yield
@@ -917,7 +915,7 @@ class SoLoPOTrainer(DPOTrainer):
         trained policy would give every reward 0 and the loss log 2 (dpo), so it raises with
         TRL's message. Datasets given to the trainer when it was built keep the reference
         log-probs computed then (``evaluate()`` without a dataset, ``predict(trainer.eval_dataset)``)."""
-        if self.ref_model is not None or is_peft_model(self.model) or self.state.global_step == 0:
+        if self.ref_model is not None or _is_peft(self.model) or self.state.global_step == 0:
             return
         raise ValueError(
             f"Cannot compute reference log-probs for a dataset passed to `{method}()` after training "
@@ -931,20 +929,69 @@ class SoLoPOTrainer(DPOTrainer):
         self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor
     ) -> None:
         """Batch means of the loss metrics (docs/objective.md) averaged over processes, and
-        ``num_tokens`` (tokens of the training batches so far, like DPOTrainer's), with one
-        gather for all."""
+        ``num_tokens``, with one gather for all: in training the tokens of the training batches
+        so far (like DPOTrainer's), in evaluation the tokens of this evaluation's batches (the
+        eval metrics are cleared when an evaluation is logged, which restarts the count;
+        DPOTrainer logs the training count as ``eval_num_tokens``)."""
         names = list(metrics)
         values = torch.stack([metrics[k].float() for k in names] + [tokens.float()]).unsqueeze(0)
         gathered = self.accelerator.gather(values)
         means = gathered[:, :-1].mean(0).tolist()
         for key, value in zip(names, means, strict=True):
             self._metrics[mode][key].append(value)
+        # The ranks of a context- or tensor-parallel group hold the same batch: count it once.
+        plan = self._cp_plan
+        replicas = (plan.size if plan is not None else 1) * _tensor_parallel_size(self)
+        batch_tokens = int(gathered[:, -1].sum().item()) // replicas
         if mode == "train":
-            # The ranks of a context- or tensor-parallel group hold the same batch: count it once.
-            plan = self._cp_plan
-            replicas = (plan.size if plan is not None else 1) * _tensor_parallel_size(self)
-            self._total_tokens += int(gathered[:, -1].sum().item()) // replicas
-        self._metrics[mode]["num_tokens"] = [self._total_tokens]
+            self._total_tokens += batch_tokens
+            self._metrics[mode]["num_tokens"] = [self._total_tokens]
+        else:
+            so_far = self._metrics[mode].get("num_tokens") or [0]
+            self._metrics[mode]["num_tokens"] = [so_far[-1] + batch_tokens]
+
+
+@contextlib.contextmanager
+def _checkpointing_off(model: Any, checkpointing_kwargs: dict | None) -> Iterator[None]:
+    """Activation checkpointing off for a no-grad forward (the reference), back on afterwards:
+    TRL's ``disable_gradient_checkpointing``, minus its FutureWarning. transformers 5.25 renamed
+    the methods (``is_gradient_checkpointing`` -> ``is_activation_checkpointing``, ...) and warns on
+    every use of the old names, which TRL reads at every call, checkpointing on or not; the new
+    names are used where they exist (transformers 5.20 has only the old ones)."""
+    new_names = hasattr(type(_unwrap_peft(model)), "is_activation_checkpointing")
+    enabled = model.is_activation_checkpointing if new_names else model.is_gradient_checkpointing
+    if not enabled:
+        yield
+        return
+    if new_names:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if new_names:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable(checkpointing_kwargs)
+
+
+def _is_peft(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model. accelerate's ``is_peft_model`` first unwraps DDP and
+    DeepSpeed engines, importing DeepSpeed wherever it is installed (on a host without CUDA it then
+    logs "Setting accelerator to CPU"); the models asked about here are never wrapped (what the
+    user passed, or the trainer's ``self.model``), so this one only checks the type."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _unwrap_peft(model: Any) -> Any:
+    """The transformers model under a PEFT model (whose wrappers forward attribute reads to it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def forward_autocast(accelerator: Any) -> contextlib.AbstractContextManager:
