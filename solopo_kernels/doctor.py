@@ -25,7 +25,9 @@ Default shapes (``N x H x V``): on CUDA 8192x4096x128256 (Llama-3's head) and 81
 (Qwen2.5-7B's), bf16; on the CPU 256x64x1000, float32. The report is printed as markdown; ``--json
 PATH`` (and ``--markdown PATH``) write it, after every method, so a run cut short keeps what it
 measured. Exit status 1 if any correctness check failed or raised, 0 otherwise (2: bad usage).
-``benchmarks/gpu_check.py`` is a caller of this module.
+A peer that cannot run on this device (Liger's and CCE's Triton kernels need CUDA) is one line,
+``cut-cross-entropy: needs CUDA, skipped``, and a row with that status; an error is one line
+too, its traceback only with ``--verbose``. ``benchmarks/gpu_check.py`` is a caller of this module.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-timing", action="store_true", help="environment and correctness only")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as markdown here")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the traceback of every error, not one line"
+    )
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
@@ -138,11 +143,19 @@ def our_methods(args: argparse.Namespace, n: int, vocab: int) -> dict[str, Any]:
     return table
 
 
-def peer_methods(wanted: list[str] | None) -> dict[str, Any]:
-    """The peers' methods that import (a string with the reason for those that do not)."""
+def peer_methods(wanted: list[str] | None, device: Any = None) -> dict[str, Any]:
+    """The peers' methods that import and can run on ``device`` (a string with the reason for
+    those that do not: ``"skipped: needs CUDA"``, ``"unavailable: ..."``). Prints one line per
+    peer package skipped for its device."""
     table: dict[str, Any] = {}
+    device_type = getattr(device, "type", device)
     for names, importer in PEER_IMPORTS.items():
         if wanted is not None and not set(names) & set(wanted):
+            continue
+        package = PEER_PACKAGES[names]
+        if device_type is not None and package in NEEDS_CUDA and device_type != "cuda":
+            print(f"{package}: needs CUDA, skipped", flush=True)
+            table.update(dict.fromkeys(names, "skipped: needs CUDA"))
             continue
         try:
             table.update(zip(names, importer()))
@@ -199,6 +212,14 @@ PEER_IMPORTS = {
     ("cce", "cce-exact"): _cce,
     ("liger-flce",): _liger,
 }
+# Peer method names -> the package they come from (named when a peer is skipped).
+PEER_PACKAGES = {
+    ("trl-chunked-logprob",): "trl",
+    ("cce", "cce-exact"): "cut-cross-entropy",
+    ("liger-flce",): "liger-kernel",
+}
+# Peers whose kernels are Triton GPU kernels with no CPU path (TRL's falls back to torch).
+NEEDS_CUDA = {"cut-cross-entropy", "liger-kernel"}
 
 
 def reference_fp64(rows, weight, targets, upstream, chunk: int = 1024):
@@ -232,6 +253,15 @@ def relative_error(actual, expected) -> float:
 def short_error(error: BaseException) -> str:
     message = (str(error).splitlines() or [""])[0][:200].replace("|", "/")
     return f"{type(error).__name__}: {message}"
+
+
+def report_error(what: str, error: BaseException, verbose: bool) -> None:
+    """One line on stderr for an error the doctor caught (and goes on after); the traceback
+    too with ``--verbose``."""
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    hint = "" if verbose else " (--verbose for the traceback)"
+    print(f"{what}: {short_error(error)}{hint}", file=sys.stderr, flush=True)
 
 
 class Timer:
@@ -277,7 +307,9 @@ def matmul_tflops(timer: Timer, n: int, hidden: int, dtype, device, args) -> flo
     return 2 * n * hidden * MATMUL_COLUMNS / (ms * 1e-3) / 1e12
 
 
-def check_correctness(name: str, fn, rows, weight, targets, upstream, reference) -> dict:
+def check_correctness(
+    name: str, fn, rows, weight, targets, upstream, reference, verbose: bool = False
+) -> dict:
     """Errors of one of our methods against the float64 reference."""
     import torch
 
@@ -288,7 +320,7 @@ def check_correctness(name: str, fn, rows, weight, targets, upstream, reference)
         logp = fn(rows, weight, targets)
         grad_rows, grad_weight = torch.autograd.grad(logp, [rows, weight], upstream)
     except Exception as error:
-        traceback.print_exc(file=sys.stderr)
+        report_error(f"correctness of {name}", error, verbose)
         return {"pass": False, "error": short_error(error)}
     ref_logp, ref_grad_rows, ref_grad_weight = reference
     errors = {
@@ -398,7 +430,9 @@ def _warnings_as_notes(entry: dict[str, Any]):
         entry.setdefault("warnings", []).extend(str(w.message) for w in caught)
 
 
-def check_shape(shape, args, device, dtype, timer: Timer, save) -> dict[str, Any]:
+def check_shape(shape, args, device, dtype, timer: Timer, save, peers=None) -> dict[str, Any]:
+    """Correctness, then timings, of every method at one ``N x H x V`` shape; ``peers``: the
+    peers' table of :func:`peer_methods` (None: built here)."""
     import torch
 
     n, hidden, vocab = shape
@@ -432,10 +466,12 @@ def check_shape(shape, args, device, dtype, timer: Timer, save) -> dict[str, Any
 
             result = check_correctness(
                 name, lambda r, w, t, b=backend: response_logprobs(r, head32, t, backend=b),
-                rows, head32, targets, upstream, reference,
+                rows, head32, targets, upstream, reference, args.verbose,
             )  # fmt: skip
         else:
-            result = check_correctness(name, fn, rows, weight, targets, upstream, reference)
+            result = check_correctness(
+                name, fn, rows, weight, targets, upstream, reference, args.verbose
+            )
         report["correctness"][name] = result
         print(f"{shape} correctness {name}: {result}", flush=True)
         save(report)
@@ -447,7 +483,7 @@ def check_shape(shape, args, device, dtype, timer: Timer, save) -> dict[str, Any
         report["matmul_tflops"] = matmul_tflops(timer, n, hidden, dtype, device, args)
         report["matmul_bound_ms"] = 8 * n * hidden * vocab / (report["matmul_tflops"] * 1e12) * 1e3
     table = {k: v for k, v in ours.items() if v != "mixed"}
-    table.update(peer_methods(args.peers))
+    table.update(peers if peers is not None else peer_methods(args.peers, device))
     for name in args.peers or list(table):
         fn = table.get(name, "unavailable: unknown method")
         if isinstance(fn, str):
@@ -457,7 +493,7 @@ def check_shape(shape, args, device, dtype, timer: Timer, save) -> dict[str, Any
             result = run_method(fn, timer, rows, weight, targets, upstream, args)
         except Exception as error:  # a method failing must not stop the check
             report["results"][name] = {"status": f"error: {short_error(error)}"}
-            traceback.print_exc(file=sys.stderr)
+            report_error(f"{shape} {name}", error, args.verbose)
         else:
             result["tflops"] = 8 * n * hidden * vocab / (result["median_ms"] * 1e-3) / 1e12
             if "matmul_bound_ms" in report:
@@ -597,11 +633,13 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)
             args.markdown.write_text(markdown(snapshot))
 
+    # The peers are imported (or skipped, one line each) once, not once per shape.
+    peers = None if args.no_timing else peer_methods(args.peers, device)
     for shape in args.shapes:
         try:
-            result = check_shape(shape, args, device, dtype, timer, save)
+            result = check_shape(shape, args, device, dtype, timer, save, peers)
         except Exception as error:  # e.g. out of memory building the inputs: keep going
-            traceback.print_exc(file=sys.stderr)
+            report_error(f"{shape}", error, args.verbose)
             result = {"N": shape[0], "H": shape[1], "V": shape[2], "dtype": args.dtype,
                       "correctness": {"setup": {"pass": False, "error": short_error(error)}},
                       "results": {}}  # fmt: skip

@@ -60,6 +60,32 @@ def test_a_wrong_backend_fails_the_doctor(tmp_path):
     assert not check["pass"] and check["rel_err"]["logp"] > doctor.VALUE_TOL
 
 
+def test_peers_that_need_cuda_are_one_line_each_on_the_cpu(tmp_path, capsys):
+    """Liger's and CCE's kernels are Triton GPU kernels: on the CPU each package is one line
+    ("cut-cross-entropy: needs CUDA, skipped") and a row with that status, never run (so no
+    "0 active drivers" traceback), and not a failure; TRL's chunked log-prob runs."""
+    peers = ["cce", "cce-exact", "liger-flce", "trl-chunked-logprob"]
+    code, report = _run(tmp_path, "--peers", *peers)
+    assert code == 0 and report["passed"]
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines.count("cut-cross-entropy: needs CUDA, skipped") == 1
+    assert lines.count("liger-kernel: needs CUDA, skipped") == 1
+    assert "Traceback" not in captured.err and "active drivers" not in captured.err
+    results = report["shapes"][0]["results"]
+    assert {results[k]["status"] for k in ("cce", "cce-exact", "liger-flce")} == {
+        "skipped: needs CUDA"
+    }
+    assert results["trl-chunked-logprob"]["status"] == "ok"
+    assert "| cce | skipped: needs CUDA |" in captured.out
+
+
+def test_on_cuda_the_peers_that_need_it_are_not_skipped():
+    """The skip is by device: for a CUDA device the same peers are imported and returned."""
+    table = doctor.peer_methods(["cce", "liger-flce"], torch.device("cuda"))
+    assert all(callable(table[k]) for k in ("cce", "cce-exact", "liger-flce"))
+
+
 def test_a_raising_method_and_a_broken_peer_are_reported(tmp_path):
     class Broken(types.ModuleType):
         def __getattr__(self, name):
@@ -75,12 +101,32 @@ def test_a_raising_method_and_a_broken_peer_are_reported(tmp_path):
     with (
         mock.patch.dict(sys.modules, {"cut_cross_entropy": Broken("cut_cross_entropy")}),
         mock.patch.object(doctor, "our_methods", methods),
+        mock.patch.object(doctor, "NEEDS_CUDA", set()),  # as on a device CCE runs on
     ):
         code, report = _run(tmp_path, "--peers", "cce")
     assert code == 1
     (shape,) = report["shapes"]
     assert shape["correctness"]["solopo-torch"] == {"pass": False, "error": "ValueError: boom"}
     assert shape["results"]["cce"]["status"].startswith("unavailable: RuntimeError")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_error_is_one_line_and_its_traceback_needs_verbose(tmp_path, capsys, verbose):
+    original = doctor.our_methods
+
+    def methods(args, n, vocab):
+        table = original(args, n, vocab)
+        table["solopo-torch"] = lambda r, w, t: (_ for _ in ()).throw(ValueError("boom"))
+        return table
+
+    with mock.patch.object(doctor, "our_methods", methods):
+        code, _ = _run(tmp_path, "--peers", "solopo-torch", *(["--verbose"] if verbose else []))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "correctness of solopo-torch: ValueError: boom" in err
+    assert "solopo-torch: ValueError: boom" in err.splitlines()[-1]  # the timed run's line
+    assert ("Traceback" in err) == verbose
+    assert ("--verbose for the traceback" in err) != verbose
 
 
 def test_bad_shapes_are_a_usage_error():

@@ -121,7 +121,9 @@ def accumulate_gradients(
         weight_buffer = torch.empty((width, hidden), dtype=acc_dtype, device=device)
 
     for v0, v1 in v_bounds if n_rows and (need_rows or need_weight or need_bias) else []:
-        weight_tile = weight[v0:v1].to(rows.dtype)  # a float32 weight meets 16-bit rows per tile
+        # The weight tile in the rows' dtype for grad_rows' GEMM of plain tiles: a float32 weight
+        # meets 16-bit rows here (a copy), made on first use; factored tiles carry their own.
+        weight_tile = None
         weight_grad_tile = None
         if need_weight:
             weight_grad_tile = (
@@ -140,6 +142,8 @@ def accumulate_gradients(
                 written = written or need_weight
                 continue
             if need_rows:  # with one vocabulary tile, each row block is written once
+                if weight_tile is None:
+                    weight_tile = weight[v0:v1].to(rows.dtype)
                 matmul_into(grad_rows[t0:t1], tile, weight_tile, accumulate=len(v_bounds) > 1)
             if need_weight:
                 matmul_into(weight_grad_tile, tile.t(), rows[t0:t1], accumulate=written)

@@ -148,8 +148,8 @@ def autotuned(
     )(kernel)
 
 
-# (backend, H, V, dtypes, weight strides, bias, dot precision) of the shapes already tuned on a
-# prefix. A cache, like the tuner's own: one entry per shape and process.
+# (backend, H, V, dtypes, weight strides, bias, dot precision, saved logits) of the shapes already
+# tuned on a prefix. A cache, like the tuner's own: one entry per shape and process.
 _tuned_on_prefix: set[tuple] = set()
 
 
@@ -158,7 +158,9 @@ def tune_on_prefix(
 ) -> None:
     """Before a call with more than :data:`TUNE_ROWS_CAP` rows (all in the capped bucket), run it
     once on its first ``TUNE_ROWS_CAP`` rows (``run_prefix(TUNE_ROWS_CAP)``), so that the tuner
-    times its candidates at that size and not at the call's full size."""
+    times its candidates at that size and not at the call's full size. ``run_prefix`` must launch
+    with every tuning-key argument of the call (flags, dtypes) but the rows: only then is the key
+    it tunes the one the call then finds in the tuner's cache."""
     if INTERPRET or n_rows <= TUNE_ROWS_CAP or shape_key in _tuned_on_prefix:
         return
     run_prefix(TUNE_ROWS_CAP)

@@ -269,24 +269,31 @@ def run_forward(
     tuning_key: tuple,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The forward around one kernel launch, shared by both Triton backends: checks, the saved
-    logits and partials buffers, tuning on a prefix for huge calls, the merge of the splits."""
+    logits and partials buffers, tuning on a prefix for huge calls, the merge of the splits.
+
+    The prefix runs with the call's own flags (saved logits included: ``SAVE_LOGITS`` is part of
+    the tuning key, so a prefix without them would tune a key the call never uses, and the call
+    would be tuned again at full size). Its saved logits (``TUNE_ROWS_CAP`` rows) are freed
+    before the call's own are allocated, so the peak stays within the call's share of the
+    budget."""
     check_dtype(rows, weight)
     n_rows = rows.shape[0]
     vocab = weight.shape[0]
     edge = min(tiles.saved_columns, vocab) if save_logits else 0
-    saved = torch.empty((n_rows, edge), dtype=torch.float32, device=rows.device) if edge else None
     if n_rows == 0:
         empty = torch.empty(0, dtype=torch.float32, device=rows.device)
+        saved = torch.empty((0, edge), dtype=torch.float32, device=rows.device) if edge else None
         return empty, empty.clone(), saved
     shape_key = (*tuning_key, rows.dtype, weight.dtype, weight.stride(), bias is not None)
     configs.tune_on_prefix(
         n_rows,
-        (*shape_key, tiles.dot_precision),
+        (*shape_key, tiles.dot_precision, edge > 0),
         lambda cap: run_forward(
             launch, rows[:cap], weight, bias, targets[:cap], temperature=temperature,
-            tiles=tiles, save_logits=False, tuning_key=tuning_key,
+            tiles=tiles, save_logits=save_logits, tuning_key=tuning_key,
         ),  # fmt: skip
     )
+    saved = torch.empty((n_rows, edge), dtype=torch.float32, device=rows.device) if edge else None
     cols_per_split, splits = split_columns(vocab, tiles.splits)
     partial = torch.empty((3, splits, n_rows), dtype=torch.float32, device=rows.device)
     with device_of(rows):

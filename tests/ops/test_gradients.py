@@ -111,3 +111,37 @@ def test_a_vocabulary_tile_with_every_token_tile_skipped_has_zero_gradient():
     )  # fmt: skip
     assert torch.equal(grad_weight[16:32], torch.zeros(16, hidden, dtype=torch.bfloat16))
     assert grad_weight[:16].abs().sum() > 0 and grad_weight[32:].abs().sum() > 0
+
+
+def test_factored_tiles_make_no_copy_of_the_weight_tile():
+    """A float32 weight with 16-bit rows (the torch backend's mixed-dtype case): the factored
+    tiles carry their own up-cast operands, so the loop makes no 16-bit copy of a weight tile that
+    nothing would read; plain tiles (the Triton backend's) get one per vocabulary tile."""
+    n_rows, vocab, hidden, vocab_tile = 12, 96, 16, 32
+    rows = torch.randn(n_rows, hidden).bfloat16()
+    weight = torch.randn(vocab, hidden)
+    dlogits = torch.randn(n_rows, vocab)
+    factor = torch.randn(n_rows)
+
+    def factored(t0, t1, v0, v1):
+        tile = dlogits[t0:t1, v0:v1]
+        return gradients.FactoredTile(tile, factor[t0:t1], rows[t0:t1].float(), weight[v0:v1])
+
+    def plain(t0, t1, v0, v1):
+        return (factor[t0:t1, None] * dlogits[t0:t1, v0:v1]).bfloat16()
+
+    def weight_copies(fill, dlogits_dtype):
+        with AllocationRecorder() as rec:
+            gradients.accumulate_gradients(
+                rows, weight, None, fill, tiles=Tiles(token_tile=4, vocab_tile=vocab_tile),
+                needs_grad=(True, True, False), acc_dtype=torch.float32,
+                dlogits_dtype=dlogits_dtype,
+            )  # fmt: skip
+        return [
+            shape
+            for op, dtype, shape in rec.allocations
+            if dtype == torch.bfloat16 and shape == (vocab_tile, hidden)
+        ]
+
+    assert weight_copies(factored, torch.float32) == []
+    assert len(weight_copies(plain, torch.bfloat16)) == vocab // vocab_tile

@@ -430,21 +430,38 @@ def test_dlogits_rows_past_2_to_31_elements_land_in_place():
     assert ran["dlogits"] == 1
 
 
-def test_a_huge_first_call_tunes_on_a_prefix():
+def _tuning_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """The autotuning key Triton's tuner computes for a launch of ``kernel`` (its ``key``
+    arguments, then the dtype of every tensor argument), from the recorded arguments."""
+    names = kernel.arg_names
+    named = {**dict(zip(names, args)), **kwargs}
+    keys = ["H", "V", "ROWS", *(k for k in triton_configs._FLAG_KEYS if k in names)]
+    dtypes = tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+    return (*(named.get(k) for k in keys), *dtypes)
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["nothing-saved", "saved-logits"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_a_huge_first_call_tunes_on_a_prefix_with_its_own_key(save, bias):
     """More rows than the largest tuning bucket: the first call launches once on the first
-    TUNE_ROWS_CAP rows (where the autotuner benchmarks the configs), then on all rows with the same
-    tuning key; later calls of that shape launch once. Checked on the launch arguments, with the
-    launcher replaced by a recorder (the GPU path, without a GPU)."""
+    TUNE_ROWS_CAP rows (where the autotuner benchmarks the configs), then on all rows, with the
+    same tuning key (saved logits included: SAVE_LOGITS is in the key, and a prefix without them
+    tuned a key the call never used); later calls of that shape launch once. Checked on the launch
+    arguments, with the launcher replaced by a recorder (the GPU path, without a GPU)."""
+    from solopo_kernels.ops import triton_kernels
+
     calls = []
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append(args)
+            return lambda *args, **kwargs: calls.append((args, kwargs))
 
     cap, n = 16, 40
     rows, weight = torch.randn(n, H), torch.randn(V, H)
+    bias_ = torch.randn(V) if bias else None
     targets = torch.randint(0, V, (n,))
-    tiles = triton_tiles.default_tiles(n, H, V, rows.device, None, dtype=rows.dtype)
+    options = KernelOptions(saved_logits_bytes=4 * n * V if save else 0)
+    tiles = triton_tiles.default_tiles(n, H, V, rows.device, None, options, dtype=rows.dtype)
     with (
         mock.patch.object(triton_configs, "INTERPRET", False),
         mock.patch.object(triton_configs, "LAUNCH_CONFIG", {}),
@@ -453,10 +470,16 @@ def test_a_huge_first_call_tunes_on_a_prefix():
         mock.patch.object(triton_configs, "_tuned_on_prefix", set()),
     ):
         for _ in range(2):
-            triton_tiles.forward(rows, weight, None, targets, temperature=1.0, tiles=tiles)
-    n_arg, rows_arg = 6, 9  # positions of N and ROWS in forward_kernel's arguments
-    assert [c[n_arg] for c in calls] == [cap, n, n]
-    assert {c[rows_arg] for c in calls} == {cap}  # one tuning key for all three launches
+            _, _, saved = triton_tiles.forward(
+                rows, weight, bias_, targets, temperature=1.0, tiles=tiles, save_logits=save
+            )
+            assert (saved is not None) == save
+    kernel = triton_kernels.forward_kernel
+    n_index = kernel.arg_names.index("N")
+    assert [args[n_index] for args, _ in calls] == [cap, n, n]
+    keys = {_tuning_key(kernel, args, kwargs) for args, kwargs in calls}
+    assert len(keys) == 1, keys  # the prefix tuned the key the call uses
+    assert {kwargs["SAVE_LOGITS"] for _, kwargs in calls} == {save}
 
 
 def test_no_autotuning_candidate_spills_in_the_compile_report():
