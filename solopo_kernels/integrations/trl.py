@@ -237,6 +237,10 @@ class SoLoPOTrainer(DPOTrainer):
       per-sequence sums are all-reduced and the gradient scaled for the engine's averaging (see
       :mod:`.context_parallel`), in training, evaluation and prediction alike. Not combined with
       ``padding_free`` or ``precompute_ref_log_probs``.
+    * Mixed precision (``bf16``/``fp16``): every policy and reference forward runs under the
+      autocast accelerate gives the model's own forward (:func:`forward_autocast`).
+    * MoE policies: the router load-balancing loss is added as DPOTrainer adds it
+      (``router_aux_loss_coef``), pooled over the step's policy tokens (:mod:`.moe`).
 
     Construction runs in named steps: :meth:`_check_setup` (everything known before loading),
     :meth:`_text_tokenizer`, :meth:`_build_collator`, :meth:`_plan_reference`,
