@@ -91,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         vllm_python=args.vllm_python,
     )
     minutes = (time.monotonic() - began) / 60
+    run = {"minutes_this_run": minutes, "jobs": args.jobs, "threads": args.threads}
+    # a stopped grid still writes what it has, labelled partial
+    write_report(preset, work, prepared, {**run, "complete": done})
     if not done:
         print(f"stopped after {minutes:.1f} min with units left; rerun the same command to go on")
+        print(f"partial results so far: {results / 'smollm2_replication.md'}")
         return 3
-    run = {"minutes_this_run": minutes, "jobs": args.jobs, "threads": args.threads}
-    write_report(preset, work, prepared, run)
     print(f"done in {minutes:.1f} min: {results / 'smollm2_replication.md'}")
     print((results / "smollm2_replication.md").read_text())
     return 0

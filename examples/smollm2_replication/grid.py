@@ -4,9 +4,10 @@ each arm's settings on the dev set (the earlier experiment's rules, :mod:`replic
 Phase 1 (dev), with the first seed, evaluated on the dev questions (short prompt and every dev
 length):
 
-1. the starting model, and SimPO and SimPO expand-long with every learning rate of the preset;
-   each takes the rate with the best mean dev accuracy (the short prompt and every dev length
-   weighted alike; ties go to the first);
+1. the starting model, SimPO with every learning rate of the preset, then SimPO expand-long
+   with every rate (the cheap units first: a grid stopped early has SimPO's rate, which the SoLo
+   arms need); each takes the rate with the best mean dev accuracy (the short prompt and every
+   dev length weighted alike; ties go to the first);
 2. SoLo-SimPO and SoLo-SimPO RA-long with SimPO's rate and every alpha; each takes its best
    alpha by the same rule.
 
@@ -35,10 +36,11 @@ from .training import init_worker, run_unit_in_worker, unit
 
 
 def sweep_units(preset: Preset) -> list[Unit]:
-    """Stage 1: the starting model, then SimPO and SimPO expand-long at each learning rate."""
+    """Stage 1: the starting model, SimPO at each learning rate, then SimPO expand-long at each
+    (SimPO's units first: they are the cheap ones, and the SoLo arms take SimPO's rate)."""
     units = [unit("base", 0, "dev")]
-    for lr in preset.learning_rates:
-        units += [unit(v, preset.seeds[0], "dev", {"lr": lr}) for v in ("short", "expand-long")]
+    for variant in ("short", "expand-long"):
+        units += [unit(variant, preset.seeds[0], "dev", {"lr": lr}) for lr in preset.learning_rates]
     return units
 
 

@@ -153,7 +153,16 @@ def markdown(report: dict[str, Any]) -> str:
     arms = summary["arms"]
     questions = next(iter(arms.values()))["accuracy"]["short"]["questions"] if arms else 0
     head = ["arm", *columns, "long (pooled)", "s / step", "peak MiB", "settings"]
-    lines = [
+    lines = []
+    if not report["run"].get("complete", True):
+        counts = report["units_done"]
+        lines += [
+            f"**Partial results: the grid stopped with units left** ({counts['dev']} dev and "
+            f"{counts['test']} test units finished). The settings of the test arms are chosen on "
+            "dev only once the dev sweep is complete; rerun the same command to go on.",
+            "",
+        ]
+    lines += [
         f"Test accuracy (%, greedy, sub-EM) of SmolLM2-135M-Instruct on {questions} one-hop "
         f"biography questions per column, mean over seeds {preset['seeds']} ± standard error over "
         f"questions; long contexts in tokens (trained at {preset['train_length']}). Cost: median "
@@ -269,15 +278,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def write_report(
     preset: Preset, work: Workspace, prepared: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write ``smollm2_replication.json``, ``.md`` and ``.png`` in the results folder."""
+    """Write ``smollm2_replication.json``, ``.md`` and ``.png`` in the results folder (of the
+    units finished so far: ``run["complete"]`` False labels them partial)."""
     rows = read_jsonl(work.contexts("test", preset.test_lengths[0]))
     summary = aggregate(preset, work)
+    selection = work.results / "selection.json"
     report = {
         "preset": dataclasses.asdict(preset),
         "fingerprint": preset.fingerprint(),
         "short_tokens": round(statistics.fmean(r["metadata"]["short_length"] for r in rows)),
         **prepared,
-        "selection": json.loads((work.results / "selection.json").read_text()),
+        # written once the dev sweep of the learning rate is complete
+        "selection": json.loads(selection.read_text()) if selection.exists() else {},
+        "units_done": {split: len(results_of(work, split, preset)) for split in ("dev", "test")},
         "dev_sweep": dev_sweep(preset, work),
         "summary": {k: v for k, v in summary.items() if k != "correct"},
         "comparisons": comparisons(summary),

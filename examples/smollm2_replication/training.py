@@ -131,7 +131,6 @@ def train(
             max_length=None,
             use_cpu=True,
             bf16=preset.bf16,
-            gradient_checkpointing=False,
             report_to="none",
             save_strategy="no",
             logging_steps=max(1, steps // 10),

@@ -12,6 +12,7 @@ same program.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -233,9 +234,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         if not isinstance(baseline, dict) or "answers" not in baseline:
             raise ValueError(f"--baseline: {args.baseline!r} is not a report of evaluate")
     config = EvaluationConfig(
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size or (8 if args.backend == "transformers" else 64),
-        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or 8, prompts=args.prompts
     )
     engine_options = _engine_options(args)
     files = [read_context_rows(path)[: args.limit] for path in args.input]
@@ -251,6 +250,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     except SamplingServerError as error:
         print(f"solopo-data evaluate: error: {error}", file=sys.stderr)
         return 1
+    if args.batch_size is None and backend.name != "transformers":
+        # the engines batch continuously: a call of many prompts keeps them busy
+        config = dataclasses.replace(config, batch_size=64)
     settings = {
         "model": args.model,
         "tokenizer": tokenizer_name,

@@ -1,6 +1,7 @@
-"""``solopo-data evaluate --backend vllm`` on a real model (SmolLM2-135M-Instruct, vLLM's CPU
-engine): its greedy answers are the transformers backend's. Skipped where vLLM is not installed
-(it has its own virtualenv in CI: .ci/run)."""
+"""``solopo-data evaluate`` on a real model (SmolLM2-135M-Instruct with its chat template): the
+transformers backend's report, and ``--backend vllm`` (vLLM's CPU engine) giving its greedy
+answers. Skipped where vLLM is not installed (it has its own virtualenv in CI: .ci/run), so the
+real model's evaluate runs in that pass only: the default one stays cheap."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from solopo_kernels.data.cli import main as solopo_data  # noqa: E402
 from solopo_kernels.data.contexts import TEMPLATES, TargetLengths, build_contexts  # noqa: E402
+from solopo_kernels.data.judge import make_sub_em_judge  # noqa: E402
 from solopo_kernels.pretrained import SMOLLM2  # noqa: E402
 
 from ..pretrained_models import folder_or_skip  # noqa: E402
@@ -62,3 +64,14 @@ def test_vllm_answers_are_the_transformers_answers(tmp_path, examples, monkeypat
     same = sum(a["response"] == b["response"] for a, b in zip(hf, vllm, strict=True))
     assert same >= len(hf) - 2, [(a["response"], b["response"]) for a, b in zip(hf, vllm)]
     assert reports["vllm"]["settings"]["backend"] == "vllm"
+    # the transformers report, as a user runs evaluate on the real model with its own chat
+    # template: the lengths, the prompt build-contexts measured, judged answers
+    assert [row["length"] for row in reports["transformers"]["accuracy"]] == ["short", "512"]
+    by_id = {row["id"]: row for row in rows}
+    judge = make_sub_em_judge()
+    for answer in hf:
+        row = by_id[answer["example_id"]]
+        field = "short_length" if answer["length"] == "short" else "long_length"
+        assert answer["prompt_tokens"] == row["metadata"][field]
+        assert answer["response"] and "<|im_end|>" not in answer["response"]
+        assert answer["correct"] == judge(answer["response"], answer["answers"])

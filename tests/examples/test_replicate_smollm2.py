@@ -1,10 +1,11 @@
 """The SmolLM2 replication: the biography world (natural names, splits disjoint in people), the
 paired statistics, and the script's plumbing (``--quick``: a tiny random Llama through
 build-contexts, sample-pairs, LoRA training of every arm, ``solopo-data evaluate``, the report;
-a rerun skips finished units). Not the outcome: the quick preset's model cannot answer."""
+a rerun skips finished units; a stopped grid reports what it has, labelled partial). Not the outcome: the quick preset's model cannot answer."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -91,9 +93,8 @@ def test_split_is_reproducible_and_seeded():
 
 def test_grid_stages():
     stage1 = sweep_units(FULL)
-    assert [u.arm for u in stage1] == ["base"] + ["SimPO", "SimPO expand-long"] * len(
-        FULL.learning_rates
-    )
+    rates = len(FULL.learning_rates)
+    assert [u.arm for u in stage1] == ["base"] + ["SimPO"] * rates + ["SimPO expand-long"] * rates
     chosen = {"SimPO": {"lr": 5e-5}, "SimPO expand-long": {"lr": 2e-4}}
     stage2 = alpha_units(FULL, chosen)
     assert {u.hparams["alpha"] for u in stage2} == set(FULL.alphas)
@@ -195,10 +196,40 @@ def test_quick_run_writes_every_result(quick_run):
     assert not any((work / "merged").glob("*"))
 
 
-def test_quick_rerun_skips_finished_units(quick_run):
+def _main_here(work: Path, results: Path, *extra: str) -> int:
+    """The script's main in this process: a rerun with nothing to train pays no second start of
+    torch, transformers and TRL (the pool starts no worker when no unit is submitted)."""
+    spec = importlib.util.spec_from_file_location("replicate_smollm2", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(script)
+        argv = ["--quick", "--work-dir", str(work), "--results", str(results), "--jobs", "1"]
+        return script.main([*argv, *extra])
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(EXAMPLES))  # the script puts examples/ first on the path
+
+
+def test_quick_rerun_skips_finished_units_and_a_stopped_grid_reports_partial(quick_run):
     work, results = quick_run
     before = {p: p.stat().st_mtime_ns for p in (results / "units").rglob("*.json")}
-    run = _run(work, results)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert _main_here(work, results) == 0
     after = {p: p.stat().st_mtime_ns for p in (results / "units").rglob("*.json")}
     assert after == before
+    report = json.loads((results / "smollm2_replication.json").read_text())
+    assert report["run"]["complete"] and report["units_done"] == {"dev": 7, "test": 9}
+    # a grid stopped with a unit left (no time to start it) still reports what it has
+    missing = sorted((results / "units" / "test").glob("simpo-solo-*seed1.json"))[0]
+    kept = missing.read_bytes()
+    missing.unlink()
+    try:
+        assert _main_here(work, results, "--max-minutes", "0") == 3
+        assert not missing.exists()
+        report = json.loads((results / "smollm2_replication.json").read_text())
+        assert not report["run"]["complete"] and report["units_done"] == {"dev": 7, "test": 8}
+        table = (results / "smollm2_replication.md").read_text()
+        assert table.startswith("**Partial results: the grid stopped with units left** (7 dev")
+        assert report["summary"]["arms"]["SoLo-SimPO"]["seeds"] == [0]
+    finally:
+        missing.write_bytes(kept)
