@@ -1,6 +1,9 @@
 """The grid: which units run, in which order, in a pool of worker processes, and the choice of
 each arm's settings on the dev set (the earlier experiment's rules, :mod:`replication.grid`).
 
+Phase 0: the starting model on the dev and the test questions (evaluations only, no training:
+a grid stopped early has the reference curve of every comparison).
+
 Phase 1 (dev), with the first seed, evaluated on the dev questions (short prompt and every dev
 length):
 
@@ -33,6 +36,11 @@ from replication.training import Unit
 from .config import SOLO_VARIANTS, VARIANTS, Preset
 from .pipeline import Workspace
 from .training import init_worker, run_unit_in_worker, unit
+
+
+def base_units() -> list[Unit]:
+    """Phase 0: the starting model on dev and on test (phases 1 and 2 find them done)."""
+    return [unit("base", 0, "dev"), unit("base", 0, "test")]
 
 
 def sweep_units(preset: Preset) -> list[Unit]:
@@ -72,7 +80,7 @@ def run_grid(
     max_minutes: float | None,
     vllm_python: str | None = None,
 ) -> bool:
-    """Phase 1, the choices, phase 2; True when every unit of both phases has its result."""
+    """Phase 0, phase 1, the choices, phase 2; True when every unit has its result."""
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the workers
     worker = functools.partial(run_unit_in_worker, vllm_python=vllm_python)
@@ -83,6 +91,8 @@ def run_grid(
         initargs=(threads,),
     ) as pool:
         options = {"jobs": jobs, "deadline": deadline, "worker": worker}
+        if not run_units(base_units(), preset, work, pool, desc="starting model", **options):
+            return False
         stage1 = sweep_units(preset)
         if not run_units(stage1, preset, work, pool, desc="dev: learning rate", **options):
             return False

@@ -34,7 +34,7 @@ def test_vllm_answers_are_the_transformers_answers(tmp_path, examples, monkeypat
     folder = folder_or_skip(SMOLLM2)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = build_contexts(
-        examples[:8],
+        examples[:4],
         tokenizer,
         TargetLengths.parse("512"),
         template=TEMPLATES["qa"],
@@ -60,9 +60,9 @@ def test_vllm_answers_are_the_transformers_answers(tmp_path, examples, monkeypat
     assert [a["id"] for a in hf] == [a["id"] for a in vllm]
     assert [a["prompt_tokens"] for a in hf] == [a["prompt_tokens"] for a in vllm]
     # float32 greedy on two engines: the same answers, up to a rare flip where two tokens tie
-    # to rounding (two of sixteen allowed)
+    # to rounding (one of eight allowed)
     same = sum(a["response"] == b["response"] for a, b in zip(hf, vllm, strict=True))
-    assert same >= len(hf) - 2, [(a["response"], b["response"]) for a, b in zip(hf, vllm)]
+    assert same >= len(hf) - 1, [(a["response"], b["response"]) for a, b in zip(hf, vllm)]
     assert reports["vllm"]["settings"]["backend"] == "vllm"
     # the transformers report, as a user runs evaluate on the real model with its own chat
     # template: the lengths, the prompt build-contexts measured, judged answers

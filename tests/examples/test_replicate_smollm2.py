@@ -28,7 +28,7 @@ sys.path.insert(0, str(EXAMPLES))
 try:
     from smollm2_replication.biographies import FACTS, SPLIT_BLOCKS, make_split, name_block
     from smollm2_replication.config import FULL, QUICK
-    from smollm2_replication.grid import alpha_units, grid_units, sweep_units
+    from smollm2_replication.grid import alpha_units, base_units, grid_units, sweep_units
     from smollm2_replication.stats import accuracy, paired
 finally:
     sys.path.remove(str(EXAMPLES))
@@ -92,6 +92,7 @@ def test_split_is_reproducible_and_seeded():
 
 
 def test_grid_stages():
+    assert [(u.arm, u.split) for u in base_units()] == [("base", "dev"), ("base", "test")]
     stage1 = sweep_units(FULL)
     rates = len(FULL.learning_rates)
     assert [u.arm for u in stage1] == ["base"] + ["SimPO"] * rates + ["SimPO expand-long"] * rates
