@@ -246,8 +246,12 @@ def _tma_dlogits_kernel(
     )  # fmt: skip
 
 
-FORWARD_LAUNCHER = configs.autotuned(_tma_forward_kernel, TMA_CONFIGS, configs.CONFIGS)
-DLOGITS_LAUNCHER = configs.autotuned(_tma_dlogits_kernel, TMA_CONFIGS, configs.CONFIGS)
+FORWARD_LAUNCHER = configs.autotuned(
+    _tma_forward_kernel, TMA_CONFIGS, configs.CONFIGS, name="tma_forward"
+)
+DLOGITS_LAUNCHER = configs.autotuned(
+    _tma_dlogits_kernel, TMA_CONFIGS, configs.CONFIGS, name="tma_dlogits"
+)
 
 
 def _descriptor(tensor: torch.Tensor, block: list[int]):

@@ -117,14 +117,17 @@ def test_the_tuning_key_holds_every_flag_that_changes_a_configs_fitness(monkeypa
 
     monkeypatch.setattr(triton_configs, "INTERPRET", False)
     forward = triton_configs.autotuned(
-        triton_kernels.even_k(triton_kernels.forward_kernel), triton_configs.CONFIGS
-    )
+        triton_kernels.even_k(triton_kernels.forward_kernel), triton_configs.CONFIGS,
+        name="forward",
+    )  # fmt: skip
     dlogits = triton_configs.autotuned(
-        triton_kernels.even_k(triton_kernels.dlogits_kernel), triton_configs.CONFIGS
-    )
+        triton_kernels.even_k(triton_kernels.dlogits_kernel), triton_configs.CONFIGS,
+        name="dlogits",
+    )  # fmt: skip
     tma = triton_configs.autotuned(
-        triton_tma_tiles._tma_forward_kernel, triton_tma_tiles.TMA_CONFIGS, triton_configs.CONFIGS
-    )
+        triton_tma_tiles._tma_forward_kernel, triton_tma_tiles.TMA_CONFIGS, triton_configs.CONFIGS,
+        name="tma_forward",
+    )  # fmt: skip
     flags = ["HAS_BIAS", "ROUND_HEAD"]
     assert forward.keys == ["H", "V", "ROWS", *flags, "SAVE_LOGITS", "DOT_PRECISION"]
     assert dlogits.keys == ["H", "V", "ROWS", *flags, "TRACK_MAX", "DOT_PRECISION"]
