@@ -5,14 +5,26 @@ Pipeline (also the ``solopo-data`` command line, :mod:`solopo_kernels.data.cli`)
 1. :func:`read_examples` reads MuSiQue or generic QA JSONL into :class:`QAExample` records.
 2. :func:`build_contexts` builds each example's short prompt (relevant passages only) and long
    prompt (the same passages among distractors, up to a target length in tokens).
-3. :func:`sample_pairs` samples responses on the short prompts, judges them by sub-exact-match
+3. :func:`sample_pairs` samples responses on the short prompts with a generation backend
+   (:mod:`~solopo_kernels.data.backends`), judges them by sub-exact-match
    (:func:`sub_exact_match`) and writes chosen/rejected pairs with the long prompt alongside,
-   resumably.
+   resumably (:mod:`~solopo_kernels.data.store`).
 
-Importing this package does not import torch, the kernels or the losses; the sampler's backends
-import torch/transformers/vllm when they are built.
+Importing this package does not import torch, the kernels or the losses; the backends import
+torch/transformers/vllm/openai when they are built.
 """
 
+from .backends import (
+    Generation,
+    GenerationBackend,
+    OpenAIBackend,
+    SamplingServerError,
+    TransformersBackend,
+    VLLMBackend,
+    load_backend,
+    parse_vllm_args,
+    prompt_seed,
+)
 from .contexts import (
     TEMPLATES,
     ContextBuilder,
@@ -31,23 +43,9 @@ from .judge import (
     normalize_answer,
     sub_exact_match,
 )
-from .readers import Passage, QAExample, read_examples
-from .sampler import (
-    Generation,
-    GenerationBackend,
-    OpenAIBackend,
-    ResumableOutput,
-    SamplingConfig,
-    SamplingServerError,
-    SamplingSummary,
-    TransformersBackend,
-    VLLMBackend,
-    load_backend,
-    parse_vllm_args,
-    prompt_seed,
-    read_context_rows,
-    sample_pairs,
-)
+from .readers import Passage, QAExample, read_context_rows, read_examples
+from .sampler import SamplingConfig, SamplingSummary, sample_pairs
+from .store import ResumableOutput, example_key
 
 __all__ = [
     "TEMPLATES",
@@ -67,6 +65,7 @@ __all__ = [
     "TransformersBackend",
     "VLLMBackend",
     "build_contexts",
+    "example_key",
     "extract_final_answer",
     "format_summary",
     "load_backend",

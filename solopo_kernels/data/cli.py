@@ -18,18 +18,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from .backends import SamplingServerError, TransformersBackend, load_backend, parse_vllm_args
 from .contexts import TEMPLATES, TargetLengths, build_contexts, format_summary, summarize_lengths
 from .judge import BUILTIN_JUDGES, DEFAULT_ANSWER_MARKER, load_judge
-from .readers import read_examples
-from .sampler import (
-    SamplingConfig,
-    SamplingServerError,
-    TransformersBackend,
-    load_backend,
-    parse_vllm_args,
-    read_context_rows,
-    sample_pairs,
-)
+from .readers import read_context_rows, read_examples
+from .sampler import SamplingConfig, sample_pairs
 
 #: The bundled MuSiQue-schema sample (31 hand-written two-hop questions).
 SAMPLE_PATH = Path(str(files("solopo_kernels.data") / "samples" / "musique_sample.jsonl"))
@@ -163,15 +156,15 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
             print(f"solopo-data sample-pairs: error: {error}", file=sys.stderr)
             return 1
     # Engine options and the server's address are not part of the resume identity: a run can be
-    # resumed on another number of GPUs or against a server that moved.
+    # resumed on another number of GPUs or against a server that moved. Nor is the input's path:
+    # the store keys every finished example by its content, so a moved input resumes and a
+    # rebuilt one (same ids, other contents) is refused.
     settings = {
         "model": args.model,
         "tokenizer": tokenizer_name,
-        # Unchanged for the default ("sub-em after 'answer is'"), so older runs still resume.
         "judge": f"{args.judge} after {args.answer_marker!r}"
         if args.judge in BUILTIN_JUDGES
         else args.judge,
-        "input": str(Path(args.input).resolve()),
     }
     try:
         summary = sample_pairs(

@@ -10,6 +10,9 @@ Two JSONL schemas are understood, one JSON object per line:
   aliases), ``passages`` (the relevant passages), optional ``distractors``, optional ``id``
   (default: ``line-N``). A passage is a string or ``{"title", "text"}``.
 
+Context rows (the output of ``build-contexts``, the input of ``sample-pairs``) are read and
+checked by :func:`read_context_rows`.
+
 Every problem raises a ``ValueError`` that names the file, the line, the example id and the field.
 """
 
@@ -180,3 +183,37 @@ def read_examples(path: str | Path, input_format: InputFormat = "auto") -> list[
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
+
+
+def read_context_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a context file (``build-contexts`` output); return its rows in order.
+
+    Each row needs a unique string ``id``, ``prompt`` and ``long_prompt`` (both strings or both
+    message lists), and ``answers`` (a non-empty list of strings).
+    """
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for line_number, row in iter_jsonl(path):
+        example_id = row.get("id")
+        where = f"{path}:{line_number}: example {example_id!r}"
+        if not isinstance(example_id, str) or not example_id:
+            raise ValueError(f"{path}:{line_number}: field 'id' must be a non-empty string")
+        if example_id in seen:
+            raise ValueError(f"{where}: field 'id' is repeated")
+        seen.add(example_id)
+        for field in ("prompt", "long_prompt"):
+            if not isinstance(row.get(field), str | list) or not row[field]:
+                raise ValueError(f"{where}: field {field!r} must be a string or a message list")
+        if type(row["prompt"]) is not type(row["long_prompt"]):
+            raise ValueError(f"{where}: fields 'prompt' and 'long_prompt' differ in format")
+        answers = row.get("answers")
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(answer, str) and answer.strip() for answer in answers)
+        ):
+            raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows

@@ -157,7 +157,8 @@ class SoLoPOArguments:
     max_long_length: int | None = field(
         default=None,
         metadata={
-            "help": "Maximum long prompt+response length; the long prompt is cut from the left to fit."
+            "help": "Maximum long prompt+response length; a longer row loses tokens of its long "
+            "context only (the template's start, the question and the short prompt's context stay)."
         },
     )
     gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})

@@ -14,7 +14,8 @@ column holding the same task with the long context. Each step runs
   the same rows, or the values precomputed with ``precompute_ref_log_probs=True``;
 * :func:`solopo_kernels.solopo_loss` on the per-sequence sums.
 
-Long-side truncation (``max_long_length``) cuts the long *prompt from the left*; the response on
+Long-side truncation (``max_long_length``) removes tokens of the long *context* only: the
+template's start and the question stay (see :func:`.trl_data.cut_long_prompt`); the response on
 the long side is always token-for-token the response of the short side (after the short side's own
 ``max_length`` truncation), or the collator raises.
 """
@@ -74,6 +75,7 @@ from .packing import (
 from .trl_data import (
     LONG_KEYS,
     LONG_PROMPT_IDS,
+    LONG_PROMPT_LAYOUT,
     REF_COLUMNS,
     SHORT_KEYS,
     DataCollatorForSoLoPO,
@@ -496,7 +498,7 @@ class SoLoPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Trainer's hook: without it remove_unused_columns drops the long and reference columns.
         super()._set_signature_columns_if_needed()
-        for name in (LONG_PROMPT_IDS, *REF_COLUMNS):
+        for name in (LONG_PROMPT_IDS, LONG_PROMPT_LAYOUT, *REF_COLUMNS):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
@@ -701,6 +703,7 @@ class SoLoPOTrainer(DPOTrainer):
             return dataset
         if isinstance(dataset, IterableDataset):
             raise ValueError("precompute_ref_log_probs: not supported with an IterableDataset")
+        self._check_reference_available("evaluate")
         self._check_precompute(self.args)
         if self.is_deepspeed_enabled:  # a DeepSpeed launch the arguments did not show
             raise ValueError(
@@ -831,8 +834,11 @@ class SoLoPOTrainer(DPOTrainer):
         """Trainer's ``predict``: ``predictions`` and ``label_ids`` are None (no logits exist);
         ``metrics`` holds ``{prefix}_loss`` and the loss metrics (``{prefix}_rewards/chosen``,
         ``{prefix}_preference_loss``, ...), averaged over the dataset."""
+        first = next(iter(test_dataset), {})
+        if self.precompute_ref_logps and "ref_chosen_logps" not in first:
+            self._check_reference_available("predict")  # before any tokenization
         # Prepared like evaluate() prepares a dataset passed to it (Trainer.predict does not).
-        if "prompt_ids" not in next(iter(test_dataset), {"prompt_ids": None}):
+        if first and "prompt_ids" not in first:
             test_dataset = self._prepare_dataset(
                 test_dataset, self.processing_class, self.args, metric_key_prefix
             )
@@ -846,6 +852,24 @@ class SoLoPOTrainer(DPOTrainer):
         )
         collected.clear()
         return output
+
+    def _check_reference_available(self, method: str) -> None:
+        """DPOTrainer's rule for a dataset passed to ``evaluate()``, applied to every reference pass
+        (``evaluate()``, ``predict()``): with ``precompute_ref_log_probs`` and neither a reference
+        model nor PEFT (whose base is the reference), the reference is the policy as it was when
+        the trainer was built, gone once training has started. Scoring a new dataset against the
+        trained policy would give every reward 0 and the loss log 2 (dpo), so it raises with
+        TRL's message. Datasets given to the trainer when it was built keep the reference
+        log-probs computed then (``evaluate()`` without a dataset, ``predict(trainer.eval_dataset)``)."""
+        if self.ref_model is not None or is_peft_model(self.model) or self.state.global_step == 0:
+            return
+        raise ValueError(
+            f"Cannot compute reference log-probs for a dataset passed to `{method}()` after training "
+            "has started, because `precompute_ref_log_probs=True` and no `ref_model` was provided "
+            "(full fine-tuning). In this setup the reference model is not kept in memory, so it is "
+            "only available before training. Provide this dataset as `eval_dataset` at "
+            "initialization, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`."
+        )
 
     def _log_metrics(
         self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor

@@ -8,6 +8,7 @@ read it next to TRL's ``DataCollatorForPreference``, whose output it extends.
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ REF_COLUMNS = (
     "ref_long_rejected_logps",
 )
 LONG_PROMPT_IDS = "long_prompt_ids"
+# Where a long prompt may be cut (see long_prompt_layout): its dataset index, the tokens before
+# and after its context, and the short prompt's context inside it.
+LONG_PROMPT_LAYOUT = "long_prompt_layout"
 # The padded layout's row tensors (TRL's short rows and this collator's long rows).
 SHORT_KEYS = ("input_ids", "attention_mask", "completion_mask")
 LONG_KEYS = tuple(LONG_PREFIX + key for key in SHORT_KEYS)
@@ -58,9 +62,11 @@ class DataCollatorForSoLoPO(DataCollatorForPreference):
     batch also says how many pairs it packs (``packed_pairs``, an int).
 
     A long row is ``long_prompt_ids + r`` where ``r`` is the response exactly as it is kept on the
-    short side (after ``max_length`` truncation). With ``max_long_length`` the long prompt is cut
-    from the left so that the row fits; a response that cannot fit with at least one prompt token,
-    or that the short side truncated away entirely, raises ``ValueError``.
+    short side (after ``max_length`` truncation). With ``max_long_length`` a long row that does not
+    fit loses tokens from its context only (:func:`cut_long_prompt`: the template's start and the
+    question stay, and so does the short prompt's context); a row whose fixed parts alone do not
+    fit, or whose response the short side truncated away entirely, raises ``ValueError`` naming
+    the example.
     """
 
     max_long_length: int | None = None
@@ -115,15 +121,18 @@ class DataCollatorForSoLoPO(DataCollatorForPreference):
                     )
                 response = list(example[f"{side}_ids"][:n_kept])
                 prompt = list(example[LONG_PROMPT_IDS])
-                if self.max_long_length is not None:
-                    budget = self.max_long_length - len(response)
-                    if budget < 1:
+                limit = self.max_long_length
+                if limit is not None and len(prompt) + len(response) > limit:
+                    layout = example.get(LONG_PROMPT_LAYOUT)
+                    if layout is None:
                         raise ValueError(
-                            f"max_long_length={self.max_long_length}: example {i}'s {side} response has "
-                            f"{len(response)} tokens and leaves no room for the long prompt; raise "
-                            "max_long_length or lower max_length"
+                            f"{LONG_PROMPT_LAYOUT}: missing from example {i}, whose long row must be "
+                            f"cut to max_long_length={limit}; prepare the dataset with SoLoPOTrainer "
+                            "(which tokenizes the long-prompt column and records where it may be cut)"
                         )
-                    prompt = prompt[-budget:]  # cut from the left: the instruction at the end stays
+                    prompt = cut_long_prompt(
+                        prompt, layout, limit - len(response), f"{side} response", limit
+                    )
                 rows.append(
                     (
                         torch.tensor(prompt + response),
@@ -149,6 +158,86 @@ class DataCollatorForSoLoPO(DataCollatorForPreference):
             max_tokens=self.max_packed_length,
         )
         return {**output, **packed, PACKED_PAIRS: len(short) // 2}
+
+
+def long_prompt_layout(short_ids: list[int], long_ids: list[int], index: int) -> dict[str, int]:
+    """Where the long prompt ``long_ids`` may be cut, from the short prompt ``short_ids`` of the
+    same example (dataset ``index``).
+
+    The two prompts are the same template around different contexts: the tokens they share at
+    the start (BOS, the system prompt, the user turn's header, the text before the passages) and
+    at the end (the question, the end of the user turn, the generation prompt) are fixed; the
+    tokens between are the long context. When the short prompt's own context (its tokens between
+    the shared parts) lies in one piece inside the long context (one relevant passage, say), it is
+    kept as well. Returns ``{"index", "prefix", "suffix", "keep_start", "keep_end"}``: the fixed
+    token counts at each end and the kept span ``[keep_start, keep_end)`` of ``long_ids``
+    (empty, at the context's end, when the short context is not found in one piece).
+    """
+    shortest = min(len(short_ids), len(long_ids))
+    prefix = _common_prefix_length(short_ids, long_ids)
+    suffix = _common_prefix_length(short_ids[::-1], long_ids[::-1])
+    suffix = min(suffix, shortest - prefix)
+    short_context = short_ids[prefix : len(short_ids) - suffix]
+    keep_start = keep_end = len(long_ids) - suffix  # nothing to keep: the context's end
+    if short_context:
+        found = _find(long_ids[prefix : len(long_ids) - suffix], short_context)
+        if found >= 0:
+            keep_start = prefix + found
+            keep_end = keep_start + len(short_context)
+    return {
+        "index": index,
+        "prefix": prefix,
+        "suffix": suffix,
+        "keep_start": keep_start,
+        "keep_end": keep_end,
+    }
+
+
+def cut_long_prompt(
+    ids: list[int], layout: dict[str, int], budget: int, what: str, max_long_length: int
+) -> list[int]:
+    """``ids`` (a long prompt) cut to ``budget`` tokens by removing tokens of its context only.
+
+    ``layout`` is :func:`long_prompt_layout`'s. The fixed tokens at both ends and the kept span
+    (the short prompt's context) stay, and what remains of the context is one window around the
+    kept span: tokens are removed from the context's start first (the farthest from the question),
+    up to the kept span, then from its end (before the question). Without a kept span the context
+    loses its first tokens. Raises
+    ``ValueError`` naming the example when the fixed parts and the kept span alone exceed
+    ``budget`` (``what`` names the response that takes the rest of ``max_long_length``).
+    """
+    prefix, suffix = layout["prefix"], layout["suffix"]
+    keep_start, keep_end = layout["keep_start"], layout["keep_end"]
+    fixed = prefix + suffix + (keep_end - keep_start)
+    if fixed > budget:
+        kept = keep_end - keep_start
+        raise ValueError(
+            f"max_long_length={max_long_length}: example {layout['index']}'s long prompt keeps "
+            f"{prefix} tokens before its context (the template's start: BOS, system prompt, user "
+            f"header) and {suffix} after it (the question and the generation prompt)"
+            + (f", and the short prompt's context of {kept} tokens" if kept else "")
+            + f"; with its {what} of {max_long_length - budget} tokens that is "
+            f"{fixed + max_long_length - budget} tokens: raise max_long_length (or lower max_length)"
+        )
+    excess = len(ids) - budget
+    if excess <= 0:
+        return ids
+    before = min(excess, keep_start - prefix)
+    after = excess - before
+    context_end = len(ids) - suffix
+    return ids[:prefix] + ids[prefix + before : context_end - after] + ids[context_end:]
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    """The first index of ``needle`` as a contiguous run in ``haystack``, or -1 (a byte search:
+    linear in the lengths, where a slice comparison at every start would be their product at
+    128K-token prompts)."""
+    hay, pin = array("q", haystack).tobytes(), array("q", needle).tobytes()
+    width = array("q").itemsize
+    at = hay.find(pin)
+    while at >= 0 and at % width:  # a match must start on a token boundary
+        at = hay.find(pin, at + 1)
+    return at // width if at >= 0 else -1
 
 
 def check_collator(collator: Any, options: SoLoPOOptions, *, padding_free: bool) -> None:
@@ -215,7 +304,7 @@ def tokenize_long_prompt(
     tokenizer: PreTrainedTokenizerBase,
     column: str,
     check_rejected: bool,
-) -> dict[str, list[int]]:
+) -> dict[str, Any]:
     """``long_prompt_ids`` of one example already processed by ``DPOTrainer._prepare_dataset``.
 
     The long prompt is tokenized like the prompt (string: plain text; message list: the chat
@@ -223,6 +312,8 @@ def tokenize_long_prompt(
     Axolotl's rendered prompts) is rendered with the chat template first. The response tokens that
     follow the long prompt must equal the short side's ``chosen_ids`` (and ``rejected_ids`` when
     ``check_rejected``), or this raises: SoLo-RA compares rewards of the same token sequence.
+    Also returns where the long prompt may be cut (``long_prompt_layout``, see
+    :func:`long_prompt_layout`).
     """
     long_prompt = example[column]
     if _is_empty(long_prompt):
@@ -267,4 +358,8 @@ def tokenize_long_prompt(
                 f"({tokenizer.decode(example[f'{side}_ids'])!r}); make the long prompt end like the short "
                 "one (e.g. with the same instruction) so that both responses are the same tokens"
             )
-    return {LONG_PROMPT_IDS: prompt_ids[:prompt_len]}
+    prompt_ids = prompt_ids[:prompt_len]
+    return {
+        LONG_PROMPT_IDS: prompt_ids,
+        LONG_PROMPT_LAYOUT: long_prompt_layout(list(example["prompt_ids"]), prompt_ids, index),
+    }

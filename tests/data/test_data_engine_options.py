@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 
+from solopo_kernels.data.backends import parse_vllm_args
 from solopo_kernels.data.cli import main
-from solopo_kernels.data.sampler import parse_vllm_args
 
 from .conftest import write_jsonl
 

@@ -15,15 +15,14 @@ import pytest
 
 pytest.importorskip("openai")
 
-from solopo_kernels.data.cli import main  # noqa: E402
-from solopo_kernels.data.sampler import (  # noqa: E402
+from solopo_kernels.data.backends import (  # noqa: E402
     OpenAIBackend,
-    SamplingConfig,
     SamplingServerError,
     load_backend,
     prompt_seed,
-    sample_pairs,
 )
+from solopo_kernels.data.cli import main  # noqa: E402
+from solopo_kernels.data.sampler import SamplingConfig, sample_pairs  # noqa: E402
 
 from .conftest import read_jsonl, write_jsonl  # noqa: E402
 
@@ -156,7 +155,10 @@ def test_requests_carry_token_ids_and_per_sample_seeds(fake):
     )
     assert again.texts == out.texts  # the fake, like vLLM, seeds sample j with seed + j
     # Requests are concurrent: compare them in any order of arrival.
-    assert sorted((r["n"], r["seed"], r["top_k"]) for r in fake.requests) == [(3, 100, 4), (3, 2000, 4)]
+    assert sorted((r["n"], r["seed"], r["top_k"]) for r in fake.requests) == [
+        (3, 100, 4),
+        (3, 2000, 4),
+    ]
 
 
 def test_retries_with_backoff_then_succeeds(fake):

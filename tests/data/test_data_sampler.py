@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from solopo_kernels.data.backends import Generation, TransformersBackend, prompt_seed
 from solopo_kernels.data.contexts import TargetLengths, build_contexts
 from solopo_kernels.data.judge import make_sub_em_judge
-from solopo_kernels.data.sampler import (
-    Generation,
-    SamplingConfig,
-    TransformersBackend,
-    prompt_seed,
-    read_context_rows,
-    sample_pairs,
-)
+from solopo_kernels.data.readers import read_context_rows
+from solopo_kernels.data.sampler import SamplingConfig, sample_pairs
 from solopo_kernels.tiny_models import tiny_llama
 
 from .conftest import read_jsonl, write_jsonl
@@ -301,7 +296,7 @@ def test_duplicate_context_ids_and_bad_config(tmp_path):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1 << 16])
 def test_drop_partial_line(tmp_path, chunk_size):
-    from solopo_kernels.data.sampler import _drop_partial_line
+    from solopo_kernels.data.store import drop_partial_line as _drop_partial_line
 
     path = tmp_path / "rows.jsonl"
     cases = [

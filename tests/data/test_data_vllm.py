@@ -23,16 +23,15 @@ pytest.importorskip("openai")
 # One GiB of KV cache per engine (vLLM's CPU default takes a share of the machine's memory).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from solopo_kernels.data.contexts import TargetLengths, build_contexts  # noqa: E402
-from solopo_kernels.data.sampler import (  # noqa: E402
+from solopo_kernels.data.backends import (  # noqa: E402
     OpenAIBackend,
-    SamplingConfig,
     SamplingServerError,
     load_backend,
     parse_vllm_args,
     prompt_seed,
-    sample_pairs,
 )
+from solopo_kernels.data.contexts import TargetLengths, build_contexts  # noqa: E402
+from solopo_kernels.data.sampler import SamplingConfig, sample_pairs  # noqa: E402
 
 from .conftest import read_jsonl, save_tiny_model, write_jsonl  # noqa: E402
 
@@ -85,7 +84,6 @@ def reference(tmp_path_factory, engine, contexts, tiny_tok, model_dir):
         "model": str(model_dir),
         "tokenizer": str(model_dir),
         "judge": "sub-em after 'answer is'",
-        "input": str(path.resolve()),
     }
     sample_pairs(rows, engine, tiny_tok, output, config=CONFIG, settings=settings, progress=False)
     return output

@@ -57,19 +57,203 @@ def test_long_rows_are_long_prompt_plus_the_short_response(tmp_path):
         assert torch.equal(batch[key], value)
 
 
-def test_max_long_length_cuts_the_long_prompt_from_the_left(tmp_path):
-    tok = common.tokenizer()
-    trainer = common.trainer(tmp_path, tok=tok, max_long_length=12)
-    batch = common.batch(trainer, [0, 1, 2, 3])
-    assert batch["long_attention_mask"].sum(-1).tolist() == [12] * 4
+# A ChatML template (the shape of Qwen's, SmolLM2's, ...): BOS, a system turn, the user turn, the
+# generation prompt; the tiny word-level tokenizer drops the newlines, the tokens stay.
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SYSTEM = "a note says the answer is in the box ."  # words of the tiny vocabulary
+# (short context, long context, question, chosen, rejected): the long context is the short one
+# with distractor sentences around it.
+CHAT_ROWS = [
+    (
+        "the red key is in the box .",
+        "the dog ran far away . the old cat sat on the mat . the red key is in the box . "
+        "the blue cup is on the shelf . a note says the green bag is under the door .",
+        "where is the red key ?",
+        "in the box",
+        "on the mat",
+    ),
+    (
+        "the blue cup is on the shelf .",
+        "the green bag is under the door . the blue cup is on the shelf . the dog ran in the park .",
+        "where is the blue cup ?",
+        "on the shelf",
+        "in the garden",
+    ),
+]
+
+
+def _chat_dataset(rows=CHAT_ROWS):
+    from datasets import Dataset
+
+    def user(context, question):
+        return [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"{context} {question}"},
+        ]
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": user(short, question),
+                "long_prompt": user(long, question),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+            for short, long, question, chosen, rejected in rows
+        ]
+    )
+
+
+def _chatml_tokenizer():
+    tok = common.tiny_tokenizer([*common.WORDS, "system", "user", "assistant"])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML
+    return tok
+
+
+def _chat_ids(tok, messages) -> list[int]:
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _assert_cut_keeps_the_template(tok, prompt, messages, long_context, short_context, limit, n):
+    """The cut prompt is the full one with tokens of the long context removed: everything before
+    the context (BOS, system turn, user header) and after it (question, end of turn, generation
+    prompt) is there, and so is the short prompt's context; the row is exactly ``limit`` long."""
+    full = _chat_ids(tok, messages)
+    context = tok(text=long_context, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(full)) if full[i : i + len(context)] == context)
+    end = start + len(context)
+    assert len(prompt) + n == limit < len(full) + n
+    assert prompt[:start] == full[:start], "the template's start must stay"
+    assert prompt[len(prompt) - (len(full) - end) :] == full[end:], "the question must stay"
+    kept = tok(text=short_context.rstrip(" ."), add_special_tokens=False)["input_ids"]
+    assert any(prompt[i : i + len(kept)] == kept for i in range(len(prompt))), "relevant context"
+    removed = len(full) - len(prompt)
+    middle = prompt[start : len(prompt) - (len(full) - end)]
+    assert len(middle) == len(context) - removed  # only context tokens were removed
+
+
+def test_max_long_length_removes_context_tokens_and_keeps_the_chat_template(tmp_path):
+    tok = _chatml_tokenizer()
+    policy, ref = common.model_pair(tok)
+    limit = 40
+    trainer = common.trainer(
+        tmp_path, tok=tok, policy=policy, ref=ref, data=_chat_dataset(), max_long_length=limit
+    )
+    batch = common.batch(trainer, [0, 1])
     short = _short_responses(batch)
     for row, (prompt, response) in enumerate(_long_rows(batch)):
-        full_prompt = tok(text=common.ROWS[row][1])["input_ids"]
         assert response == short[row]
-        assert (
-            prompt == full_prompt[len(full_prompt) - len(prompt) :]
-        )  # a suffix: the question stays
-        assert tok.decode(prompt).endswith("?")
+        example = trainer.train_dataset[row]
+        _assert_cut_keeps_the_template(
+            tok,
+            prompt,
+            example["long_prompt"],
+            CHAT_ROWS[row][1],
+            CHAT_ROWS[row][0],
+            limit,
+            len(response),
+        )
+    # The first row's relevant sentence sits after two distractors: those go first.
+    first_prompt = _long_rows(batch)[0][0]
+    assert tok.convert_tokens_to_ids("dog") not in first_prompt
+    assert tok.convert_tokens_to_ids("cat") not in first_prompt
+
+
+def test_a_long_row_whose_fixed_parts_do_not_fit_raises_naming_the_example(tmp_path):
+    tok = _chatml_tokenizer()
+    policy, ref = common.model_pair(tok)
+    # 2 examples; the limit fits the template, the question and the response of neither.
+    trainer = common.trainer(
+        tmp_path, tok=tok, policy=policy, ref=ref, data=_chat_dataset(), max_long_length=24
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"max_long_length=24: example 1's long prompt keeps \d+ tokens before its context "
+        r"\(the template's start: BOS, system prompt, user header\) and \d+ after it \(the "
+        r"question and the generation prompt\), and the short prompt's context of \d+ tokens; "
+        r"with its chosen response of \d+ tokens",
+    ):
+        common.batch(trainer, [1])
+
+
+def test_max_long_length_with_smollm2s_chat_template(tmp_path):
+    """The real template (SmolLM2-135M-Instruct's tokenizer; a tiny random model of its
+    vocabulary): a system prompt, passages, the question."""
+    from transformers import AutoTokenizer
+
+    from tests.pretrained_models import folder_or_skip
+
+    tok = AutoTokenizer.from_pretrained(folder_or_skip("smollm2-135m-instruct"))
+    passages = [
+        "Marie Dubois was born in Lyon and works for a bakery in Paris.",
+        "Jonas Berg lives in Oslo. He trained as a pilot and married Anna Holm.",
+        "The river Aare flows through Bern and joins the Rhine at Koblenz.",
+        "Lena Park was born in Busan. She works for a shipping company in Seoul.",
+    ]
+    question = "Question: Where was Jonas Berg born? If the passages do not say, answer unknown."
+    rows = [("\n\n".join(passages[1:2]), "\n\n".join(passages), question, "Unknown.", "Oslo.")]
+
+    def messages(context):
+        return [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": f"Passages:\n\n{context}\n\n{question}"},
+        ]
+
+    from datasets import Dataset
+
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": messages(short),
+                "long_prompt": messages(long),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+            for short, long, _, chosen, rejected in rows
+        ]
+    )
+    trainer = common.trainer(
+        tmp_path, tok=tok, policy=tiny_llama(tok), ref=None, solopo_loss_type="simpo", data=data
+    )
+    (full, response), *_ = _long_rows(common.batch(trainer, [0]))
+    assert full == _chat_ids(tok, messages(rows[0][1]))
+    limit = len(full) + len(response) - 20  # 20 tokens too many
+    trainer.data_collator.max_long_length = limit
+    (prompt, response), *_ = _long_rows(common.batch(trainer, [0]))
+    assert len(prompt) + len(response) == limit
+    text = tok.decode(prompt)
+    head = tok.apply_chat_template(messages(""), add_generation_prompt=True, tokenize=False)
+    assert text.startswith(head.split("Passages:")[0] + "Passages:\n\n"), text[:200]
+    assert text.endswith(f"{question}<|im_end|>\n<|im_start|>assistant\n"), text[-200:]
+    assert passages[1] in text  # the short prompt's passage
+    assert passages[0] not in text  # the first tokens of the context went first
+    assert passages[2] in text  # a window around it: the end of the context went next
+
+
+def test_the_layout_and_the_cut_on_token_lists():
+    from solopo_kernels.integrations.trl_data import cut_long_prompt, long_prompt_layout
+
+    # head 1 2 | context | question 8 9; the short context (5 6) lies inside the long one.
+    short = [1, 2, 5, 6, 8, 9]
+    long = [1, 2, 30, 31, 32, 5, 6, 40, 41, 8, 9]
+    layout = long_prompt_layout(short, long, index=7)
+    assert layout == {"index": 7, "prefix": 2, "suffix": 2, "keep_start": 5, "keep_end": 7}
+    assert cut_long_prompt(long, layout, 11, "r", 20) == long
+    assert cut_long_prompt(long, layout, 9, "r", 20) == [1, 2, 32, 5, 6, 40, 41, 8, 9]
+    assert cut_long_prompt(long, layout, 6, "r", 20) == [1, 2, 5, 6, 8, 9]
+    with pytest.raises(ValueError, match=r"max_long_length=20: example 7's long prompt keeps 2 "):
+        cut_long_prompt(long, layout, 5, "chosen response", 20)
+    # The short context is not in the long one in one piece: only the ends are fixed, and the
+    # context loses its first tokens.
+    layout = long_prompt_layout([1, 2, 5, 7, 6, 8, 9], long, index=0)
+    assert (layout["keep_start"], layout["keep_end"]) == (9, 9)
+    assert cut_long_prompt(long, layout, 6, "r", 20) == [1, 2, 40, 41, 8, 9]
 
 
 def test_short_side_truncation_is_mirrored_on_the_long_side(tmp_path):

@@ -161,6 +161,49 @@ def test_predict_returns_the_loss_and_metrics_and_evaluate_logs_them(tmp_path):
     assert "eval_preference_loss" in metrics and "eval_solo_ra/distance" in metrics
 
 
+def test_predict_after_training_with_precomputed_references_and_no_reference_model(tmp_path):
+    """The reference is then the policy as it was when the trainer was built: a new dataset can be
+    scored before training (the rewards are 0), not after (TRL's rule and message, for predict()
+    as for evaluate()); the eval dataset given at construction keeps its initial reference."""
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    initial64 = copy.deepcopy(policy).double()
+    trainer = SoLoPOTrainer(
+        model=policy,
+        args=common.config(
+            tmp_path,
+            precompute_ref_log_probs=True,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,
+            learning_rate=2e-2,
+            max_steps=2,
+        ),
+        train_dataset=common.dataset(),
+        eval_dataset=common.dataset(),
+        processing_class=tok,
+    )
+    assert trainer.ref_model is None
+    before = trainer.predict(common.dataset()).metrics
+    assert abs(before["test_rewards/chosen"]) < 1e-6 and abs(before["test_rewards/margins"]) < 1e-6
+    assert abs(before["test_loss"] - math.log(2)) < 1e-6  # reference = policy: nothing learnt yet
+
+    trainer.train()
+    refused = r"Cannot compute reference log-probs for a dataset passed to `{}\(\)` after training"
+    with pytest.raises(ValueError, match=refused.format("predict")):
+        trainer.predict(common.dataset())
+    with pytest.raises(ValueError, match=refused.format("evaluate")):
+        trainer.evaluate(common.dataset())
+
+    # The eval dataset precomputed at construction: scored against the initial policy.
+    expected = common.reference_loss(
+        copy.deepcopy(trainer.model).double(), initial64, tok, common.ROWS, beta=0.5, alpha=1.0
+    ).item()
+    after = trainer.predict(trainer.eval_dataset).metrics
+    assert abs(after["test_loss"] - expected) <= 1e-5 * abs(expected), (after, expected)
+    assert after["test_rewards/margins"] > 1e-3  # trained away from the reference
+    assert abs(trainer.evaluate()["eval_loss"] - expected) <= 1e-5 * abs(expected)
+
+
 def test_the_model_card_names_solopo(tmp_path):
     trainer = common.trainer(tmp_path, solopo_loss_type="simpo", ref=None)
     trainer.create_model_card(model_name="tiny")
