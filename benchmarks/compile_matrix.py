@@ -1,8 +1,12 @@
 """Compile every flag combination of the Triton kernels that the public API can reach, for GPUs
 that are not here, and read what ptxas made of each (registers, spills).
 
-    python benchmarks/compile_matrix.py                      # what CI runs: every combination
-                                                             # once, sm_90 and sm_100, ~2 min
+    python benchmarks/compile_matrix.py --representative --arch 90 100 --bf16-only 100
+                                                             # what CI runs: every flag value
+                                                             # once per kernel (27 combinations)
+    python benchmarks/compile_matrix.py --arch 90 100 --bf16-only 100
+                                                             # every combination once (200
+                                                             # compiles, ~5 CPU-min)
     python benchmarks/compile_matrix.py --all-configs --arch 90 \\
         --out benchmarks/results/compile/matrix_triton-3.9.0.json
                                                              # every autotuning config of every
@@ -40,8 +44,9 @@ the committed data; after a kernel change, regenerate both:
         --out benchmarks/results/compile/matrix_triton-3.9.0.json --write-table
 
 (fp16 rows compile like bf16: the table reads them as bf16, and CI compiles them against it.)
-``tests/ops/test_compile.py`` runs the default matrix in CI and checks the committed
-``--all-configs`` data against the pruning rule (``triton_configs.spills``).
+``tests/ops/test_compile.py`` runs the representative subset in CI (the whole default matrix
+with ``SOLOPO_COMPILE_ALL=1``) and checks the committed ``--all-configs`` data against the
+pruning rule (``triton_configs.spills``).
 """
 
 from __future__ import annotations
@@ -126,6 +131,35 @@ def cases() -> list[Case]:
     return out
 
 
+# The representative subset (``--representative``, what CI compiles): per tile kernel, one case
+# per rows/head dtype pair (fp32 rows twice: both dot precisions), with bias, the kernel's flag
+# and EVEN_K (pointer kernels) set so that each value of each appears; case 4 is the trainer's
+# documented path (bf16 rows, float32 head rounded per tile, bias, saved logits), case 2 the
+# plain bf16 one. (rows, head, dot, bias, flag, even_k); TMA kernels always take even_k.
+REPRESENTATIVE = (
+    ("fp32", "fp32", "tf32x3", False, False, True),
+    ("fp32", "fp32", "tf32", True, True, False),
+    ("bf16", "bf16", "tf32", False, False, True),
+    ("fp16", "fp16", "tf32", True, False, False),
+    ("bf16", "fp32", "tf32", True, True, True),
+    ("fp16", "fp32", "tf32", False, True, False),
+)
+REPRESENTATIVE_SAVED = (("fp32", False), ("bf16", True), ("fp16", False))
+
+
+def representative_cases() -> list[Case]:
+    """The subset of :func:`cases` that CI compiles: every value of every flag once per kernel,
+    the trainer's path and the plain bf16 path (:data:`REPRESENTATIVE`)."""
+    out = []
+    for kernel in KERNELS[:4]:
+        for rows, head, dot, bias, flag, even_k in REPRESENTATIVE:
+            even_k = even_k or kernel.startswith("tma")
+            out.append(Case(kernel, rows, head, bias, flag, dot, even_k))
+    for rows, flag in REPRESENTATIVE_SAVED:
+        out.append(Case("saved_dlogits", rows, rows, False, flag, "-", True))
+    return out
+
+
 def capture(case: Case) -> dict[str, Any]:
     """The launch the package makes for ``case`` (kernel, positional and keyword arguments),
     recorded from its launch functions on CPU tensors of the real sizes (never touched)."""
@@ -198,7 +232,8 @@ def kept(case: Case, config: Any, arch: int) -> bool:
     if config is None:
         return True
     configs, _ = _pruning(case, arch)
-    return any(config is c for c in configs)
+    # By name: in a worker ``config`` is an unpickled copy, never one of the package's objects.
+    return config_name(config) in {config_name(c) for c in configs}
 
 
 def all_spill(case: Case, arch: int) -> bool:
@@ -303,15 +338,16 @@ def jobs_for(
     only: str | None = None,
     bf16_only: tuple[int, ...] = (),
     rows: tuple[str, ...] = (),
+    representative: bool = False,
 ) -> list[tuple[Case, Any, int]]:
     """(case, config, arch) to compile: every config of each case, or one kept config per case,
     cycling through the kept ones; ``only``: the cases whose name matches this regex;
     ``bf16_only``: architectures compiled for the cases with bf16 rows only; ``rows``: only the
-    cases with these rows dtypes."""
+    cases with these rows dtypes; ``representative``: only :func:`representative_cases`."""
     out = []
     turn: dict[tuple[int, bool], int] = {}
     for arch in archs:
-        for case in cases():
+        for case in representative_cases() if representative else cases():
             if only and not re.search(only, case.name):
                 continue
             if (arch in bf16_only and case.rows != "bf16") or (rows and case.rows not in rows):
@@ -340,12 +376,15 @@ def run(
     bf16_only: tuple[int, ...] = (),
     rows_dtypes: tuple[str, ...] = (),
     done: dict[tuple[str, str, str], dict[str, Any]] | None = None,
+    representative: bool = False,
 ) -> list[dict[str, Any]]:
     """Compile the jobs of :func:`jobs_for`, each row printed as a JSON line when done; rows
     already in ``done`` (keyed by case, config and arch) are reused, not compiled again."""
     done = done or {}
     jobs, rows = [], []
-    for case, config, arch in jobs_for(archs, all_configs, only, bf16_only, rows_dtypes):
+    for case, config, arch in jobs_for(
+        archs, all_configs, only, bf16_only, rows_dtypes, representative
+    ):
         key = job_key(case.name, config_name(config), f"sm_{arch}")
         if key in done and "error" not in done[key]:
             rows.append(done[key])
@@ -380,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         help="earlier outputs (--out JSON, or the printed JSON lines): their rows are reused",
     )  # fmt: skip
     parser.add_argument(
+        "--representative", action="store_true",
+        help="only the representative subset (every flag value once per kernel; what CI runs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--check-spills", action="store_true", help="exit 1 if a config the pruning keeps spills"
     )
     parser.add_argument(
@@ -402,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = run(
         args.arch, args.all_configs, args.workers, args.only, tuple(args.bf16_only),
-        tuple(args.rows), done,
+        tuple(args.rows), done, args.representative,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     import torch
@@ -416,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     summary = {
         "triton": triton.__version__, "torch": torch.__version__, "archs": args.arch,
-        "all_configs": args.all_configs, "bf16_only": args.bf16_only, "compiles": len(rows), "failed": len(failed),
+        "all_configs": args.all_configs, "representative": args.representative,
+        "bf16_only": args.bf16_only, "compiles": len(rows), "failed": len(failed),
         "kept_and_spilled": len(spilled), "seconds": round(seconds, 1), "workers": args.workers,
     }  # fmt: skip
     if args.out:

@@ -9,7 +9,8 @@ moves with every flag (``ROUND_HEAD``, ``HAS_BIAS``, ``SAVE_LOGITS``, ``TRACK_MA
 registers away), so ``benchmarks/compile_matrix.py --all-configs`` compiles every config of every
 flag combination for sm_80, sm_90 and sm_100 and reads ptxas's report, and
 :mod:`.triton_spills` is the table generated from it (with the Triton 3.6 base report). CI compiles
-every combination again and fails when the compiler's answer moves (tests/ops/test_compile.py).
+every flag value of every kernel again and fails when the compiler's answer moves
+(tests/ops/test_compile.py).
 The tuning key holds every argument that changes which config is fit or fastest: ``H`` (which
 also decides ``EVEN_K``), ``V``, a bucket of the row count (:func:`rows_bucket`), the flags
 ``HAS_BIAS``/``ROUND_HEAD``/``SAVE_LOGITS``/``TRACK_MAX`` and ``DOT_PRECISION``, and the dtype of
@@ -228,9 +229,7 @@ def autotuned(
         extra["cache_results"] = True
 
     def prune(candidates: list, named_args: dict, **kwargs: object) -> list:
-        return configs_for_call(
-            candidates, named_args, originals=originals, kernel=name, **kwargs
-        )
+        return configs_for_call(candidates, named_args, originals=originals, kernel=name, **kwargs)
 
     return triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra
@@ -242,9 +241,7 @@ def autotuned(
 _tuned_on_prefix: set[tuple] = set()
 
 
-def tune_on_prefix(
-    n_rows: int, shape_key: tuple, run_prefix: Callable[[int], object]
-) -> None:
+def tune_on_prefix(n_rows: int, shape_key: tuple, run_prefix: Callable[[int], object]) -> None:
     """Before a call with more than :data:`TUNE_ROWS_CAP` rows (all in the capped bucket), run it
     once on its first ``TUNE_ROWS_CAP`` rows (``run_prefix(TUNE_ROWS_CAP)``), so that the tuner
     times its candidates at that size and not at the call's full size. ``run_prefix`` must launch

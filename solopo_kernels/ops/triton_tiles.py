@@ -292,14 +292,14 @@ def run_forward(
         saved = torch.empty((0, edge), dtype=torch.float32, device=rows.device) if edge else None
         return empty, empty.clone(), saved
     shape_key = (*tuning_key, rows.dtype, weight.dtype, weight.stride(), bias is not None)
-    configs.tune_on_prefix(
-        n_rows,
-        (*shape_key, tiles.dot_precision, edge > 0),
-        lambda cap: run_forward(
+
+    def run_prefix(cap: int) -> object:
+        return run_forward(
             launch, rows[:cap], weight, bias, targets[:cap], temperature=temperature,
             tiles=tiles, save_logits=save_logits, tuning_key=tuning_key,
-        ),  # fmt: skip
-    )
+        )  # fmt: skip
+
+    configs.tune_on_prefix(n_rows, (*shape_key, tiles.dot_precision, edge > 0), run_prefix)
     saved = torch.empty((n_rows, edge), dtype=torch.float32, device=rows.device) if edge else None
     cols_per_split, splits = split_columns(vocab, tiles.splits)
     partial = torch.empty((3, splits, n_rows), dtype=torch.float32, device=rows.device)

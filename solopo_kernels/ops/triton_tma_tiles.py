@@ -138,9 +138,8 @@ def _tma_logits_block(
             w = w.to(tl.float32)
         acc = tl.dot(h, w.T, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += load_bias(
-            bias_ptr, cols, cols < V, rows_desc.dtype, ROUND_HEAD, DOT_IN_FP32
-        )[None, :]
+        bias = load_bias(bias_ptr, cols, cols < V, rows_desc.dtype, ROUND_HEAD, DOT_IN_FP32)
+        acc += bias[None, :]
     return acc * inv_temperature
 
 

@@ -1,15 +1,17 @@
 """The Triton kernels through Triton's real compiler, without a GPU: what the interpreter hides (it
 does not specialise arguments, allocate registers, nor type-check what the compiler rejects).
 
-* Every flag combination the public API can reach (``benchmarks/compile_matrix.py``: the five
+* The flag combinations the public API can reach (``benchmarks/compile_matrix.py``: the five
   kernels, rows and head dtypes with ``ROUND_HEAD``, bias, ``SAVE_LOGITS`` / ``TRACK_MAX``,
-  ``DOT_PRECISION``, ``EVEN_K``, the TMA forward with one split and with eight) compiles to a cubin
-  for sm_90, and those with bf16 rows (what Blackwell trains in) for sm_100 too, each with a
-  config the autotuner keeps for it (cycling through them); no kept config spills registers; and
-  the registers and spills are those of the committed data the spill table is made from (so a
-  kernel change that moves them fails here until the data and the table are regenerated). In a
-  fresh process, since the test session runs Triton in interpreter mode. 200 compiles on two
-  workers; CI time: the figure is in docs/kernels.md.
+  ``DOT_PRECISION``, ``EVEN_K``, the TMA forward with one split and with eight) compile to a
+  cubin for sm_90, and those with bf16 rows (what Blackwell trains in) for sm_100 too, each with
+  a config the autotuner keeps for it (cycling through them); no kept config spills registers;
+  and the registers and spills are those of the committed data the spill table is made from (so
+  a kernel change that moves them fails here until the data and the table are regenerated). In a
+  fresh process, since the test session runs Triton in interpreter mode. CI compiles the
+  representative subset (every value of every flag once per kernel, the trainer's path: 36
+  compiles on two workers; the CI time is in docs/kernels.md); every combination (200 compiles)
+  with ``SOLOPO_COMPILE_ALL=1``.
 * The pruning (``triton_configs.spills``, from ``ops/triton_spills.py``) against the committed
   ``--all-configs`` data, every config of every combination, sm_80, sm_90 and sm_100: a config is
   pruned exactly when ptxas reported spills. Cheap: no compile.
@@ -72,23 +74,24 @@ def _spilled(row: dict) -> bool:
     return bool(row["spill_stores"] or row["spill_loads"])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~2 min on two idle cores; far longer on a loaded machine
-def test_every_flag_combination_compiles_and_no_kept_config_spills(tmp_path):
-    result = _matrix(tmp_path, "--arch", "90", "100", "--bf16-only", "100", "--check-spills")
-    rows = result["rows"]
+def _compile_matrix():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import compile_matrix
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    every = {c.name for c in compile_matrix.cases()}
-    assert {r["case"] for r in rows if r["arch"] == "sm_90"} == every
-    bf16 = {c.name for c in compile_matrix.cases() if c.rows == "bf16"}
+    return compile_matrix
+
+
+def _check_compiled(rows: list[dict], cases: list) -> None:
+    """Each case compiled for sm_90, the bf16 ones for sm_100 too, with kept configs only (none
+    spills: no all-spill case here), and ptxas answers what the committed data says."""
+    assert {r["case"] for r in rows if r["arch"] == "sm_90"} == {c.name for c in cases}
+    bf16 = {c.name for c in cases if c.rows == "bf16"}
     assert {r["case"] for r in rows if r["arch"] == "sm_100"} == bf16
-    assert len({r["config"] for r in rows if r["kernel"] == "forward"}) >= 4  # configs cycled
+    assert all(r["kept"] for r in rows)
     spilled = [f"{r['case']} {r['config']} {r['arch']}" for r in rows if _spilled(r)]
-    assert not spilled, spilled  # every compiled config is a kept one (no all-spill case here)
+    assert not spilled, spilled
     if triton.__version__ != COMMITTED_VERSION:
         return
     # The compiler still answers what the committed data (the spill table's source) says. fp16
@@ -103,6 +106,67 @@ def test_every_flag_combination_compiles_and_no_kept_config_spills(tmp_path):
         if now != before if name == r["case"] else _spilled(r) != _spilled(was):
             moved.append(f"{r['case']} {r['config']} {r['arch']}: {now}, committed {before}")
     assert not moved, f"{len(moved)} compiles moved; {REGENERATE}:\n" + "\n".join(moved[:20])
+
+
+def test_the_representative_subset_has_every_flag_value_of_every_kernel():
+    """What CI compiles (below) is a subset of the combinations: for each kernel, every value
+    of every flag the public API can set is in it, and so are the trainer's documented path
+    (bf16 rows, float32 head rounded per tile, bias, saved logits) and the plain bf16 one."""
+    cm = _compile_matrix()
+    every, subset = cm.cases(), cm.representative_cases()
+    assert set(subset) <= set(every) and len(set(subset)) == len(subset)
+
+    def values(cases: list, kernel: str) -> set:
+        out = set()
+        for c in cases:
+            if c.kernel == kernel:
+                out |= {("dtypes", c.rows, c.head), ("dot", c.dot), ("bias", c.bias)}
+                out |= {("flag", c.flag), ("even_k", c.even_k), ("rows+dot", c.rows, c.dot)}
+        return out
+
+    for kernel in cm.KERNELS:
+        assert values(subset, kernel) == values(every, kernel), kernel
+    trainer = dict(rows="bf16", head="fp32", bias=True, flag=True, even_k=True)
+    plain = dict(rows="bf16", head="bf16", bias=False, flag=False, even_k=True)
+    for kernel in cm.KERNELS[:4]:
+        for path in (trainer, plain):
+            assert cm.Case(kernel, dot="tf32", **path) in subset, (kernel, path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~1 min on two idle cores; far longer on a loaded machine
+def test_representative_combinations_compile_and_no_kept_config_spills(tmp_path):
+    """CI's compile check: the representative subset (27 combinations for sm_90, 9 with bf16
+    rows for sm_100), each with a kept config, cycling through them so that every config kept
+    for one of them on sm_90 is compiled for one of them."""
+    cm = _compile_matrix()
+    result = _matrix(
+        tmp_path, "--representative", "--arch", "90", "100", "--bf16-only", "100", "--check-spills"
+    )
+    rows = result["rows"]
+    _check_compiled(rows, cm.representative_cases())
+    by_name = {c.name: c for c in cm.representative_cases()}
+    compiled = {r["config"] for r in rows if r["arch"] == "sm_90"}
+    keepable = {
+        cm.config_name(config)
+        for r in rows
+        if r["arch"] == "sm_90"
+        for config in cm.candidate_configs(by_name[r["case"]])
+        if cm.kept(by_name[r["case"]], config, 90)
+    }
+    assert keepable <= compiled, sorted(keepable - compiled)
+
+
+@pytest.mark.skipif(
+    os.environ.get("SOLOPO_COMPILE_ALL") != "1",
+    reason="every combination for sm_90 and the bf16 ones for sm_100 (200 compiles, ~5 CPU-min): "
+    "SOLOPO_COMPILE_ALL=1 python -m pytest tests/ops/test_compile.py",
+)
+def test_every_flag_combination_compiles_and_no_kept_config_spills(tmp_path):
+    result = _matrix(tmp_path, "--arch", "90", "100", "--bf16-only", "100", "--check-spills")
+    rows = result["rows"]
+    _check_compiled(rows, _compile_matrix().cases())
+    assert len({r["config"] for r in rows if r["kernel"] == "forward"}) >= 4  # configs cycled
 
 
 def _case_flags(row: dict) -> dict:
@@ -140,11 +204,7 @@ def test_the_pruning_matches_the_compiler_for_every_config():
         if pruned != expected:
             wrong.append(f"{case} {config} {arch}: pruned={pruned}, spills={_spilled(row)}")
     assert not wrong, f"{len(wrong)} configs; {REGENERATE}:\n" + "\n".join(wrong[:20])
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import compile_matrix
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    compile_matrix = _compile_matrix()
     for arch in ("sm_80", "sm_90", "sm_100"):
         measured = {case for case, a in spilling if a == arch}
         wanted = {

@@ -356,7 +356,9 @@ def test_autotuning_buckets_are_few_and_capped(launches):
     buckets = {triton_configs.rows_bucket(n) for n in range(1, 200000, 97)}
     assert buckets == {64, 256, 1024, 4096, triton_configs.TUNE_ROWS_CAP}
     assert triton_configs.rows_bucket(10**9) == triton_configs.TUNE_ROWS_CAP
-    assert all(triton_configs.rows_bucket(n) >= min(n, triton_configs.TUNE_ROWS_CAP) for n in (1, 65))
+    assert all(
+        triton_configs.rows_bucket(n) >= min(n, triton_configs.TUNE_ROWS_CAP) for n in (1, 65)
+    )
 
 
 def test_gpu_configs_are_split_by_operand_dtype(launches):
