@@ -34,9 +34,19 @@ from .config import TINY_MODEL, Preset
 SPLITS = ("train", "dev", "test")
 REPO = Path(__file__).resolve().parents[2]
 #: vLLM engine options of the commands run in a vLLM virtualenv: room for the longest prompt
-#: plus its answer, and no compilation (an engine starts per unit; eager answers were 4.6x
-#: faster than transformers' in the pilot already).
-VLLM_ENGINE = ("--vllm-arg", "max_model_len=4096", "--vllm-arg", "enforce_eager=true")
+#: plus its answer, no compilation (an engine starts per unit; eager answers were 4.6x faster
+#: than transformers' in the pilot already), and the model run in the engine's own process: the
+#: default executor gives up when one model step takes over VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
+#: (300 s), which a step of long prompts did on the shared machine at nice 19, twice (the engine
+#: died with a TimeoutError in its message queue).
+VLLM_ENGINE = (
+    "--vllm-arg",
+    "max_model_len=4096",
+    "--vllm-arg",
+    "enforce_eager=true",
+    "--vllm-arg",
+    "distributed_executor_backend=uni",
+)
 
 
 def vllm_env() -> dict[str, str]:
