@@ -299,5 +299,6 @@ def write_report(
     }
     write_json(work.results / "smollm2_replication.json", report)
     (work.results / "smollm2_replication.md").write_text(markdown(report), encoding="utf-8")
-    plot(report, work.results / "smollm2_replication.png")
+    if summary["arms"]:  # nothing to draw before the first test unit
+        plot(report, work.results / "smollm2_replication.png")
     return report
