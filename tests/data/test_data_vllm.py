@@ -41,8 +41,14 @@ pytestmark = pytest.mark.vllm
 # own: one process start (and vLLM import) less per engine, which CI time notices.
 ENGINE = ["max_model_len=1024", "enforce_eager=true", "distributed_executor_backend=uni"]
 # One prompt per batch: many batches, so that the SIGKILL below lands in the middle of the run.
+# keep_truncated: the random tiny model never stops, so max_new_tokens cuts every sample.
 CONFIG = SamplingConfig(
-    num_samples=4, temperature=1.0, max_new_tokens=12, batch_size=1, include_gold=True
+    num_samples=4,
+    temperature=1.0,
+    max_new_tokens=12,
+    batch_size=1,
+    include_gold=True,
+    keep_truncated=True,
 )
 SERVER_READY_S = 240
 
@@ -130,7 +136,7 @@ def run_cli(model_dir, contexts_path, output, *, in_process_engine=False):
     command += ["--input", str(contexts_path), "--output", str(output), "--quiet"]
     command += ["--model", str(model_dir), "--backend", "vllm", "--dtype", "float32"]
     command += ["--num-samples", "4", "--temperature", "1.0", "--max-new-tokens", "12"]
-    command += ["--batch-size", "1", "--include-gold"]
+    command += ["--batch-size", "1", "--include-gold", "--keep-truncated"]
     command += [part for option in ENGINE for part in ("--vllm-arg", option)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     if in_process_engine:
