@@ -83,3 +83,23 @@ def gemma3_folder():
     from tests.pretrained_models import folder_or_skip
 
     return folder_or_skip(GEMMA3)
+
+
+_conversions = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Start converting, in the background, the real models that the selected tests need and
+    the cache does not hold yet (after -m/-k deselection: trylast)."""
+    global _conversions
+    from tests.pretrained_models import needed_models, start_conversions
+
+    _conversions = start_conversions(needed_models(items))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop a background conversion still running (an interrupted one is redone next time)."""
+    if _conversions is not None and _conversions.poll() is None:
+        _conversions.terminate()
+        _conversions.wait(timeout=60)

