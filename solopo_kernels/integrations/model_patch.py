@@ -53,6 +53,9 @@ class SoLoPOLogProbsOutput(ModelOutput):
     Attributes:
         logps: ``(B,)`` float32 sums of the log-probs of the response tokens of each row.
         lengths: ``(B,)`` int64 response-token counts of each row.
+        logit_sums: ``(B,)`` float32, detached: the sum over every position and every vocabulary
+            column of the logits the model's head would have produced for each row (padding
+            included), or None unless asked for with ``solopo_logit_sums=True``.
         router_assignments, router_probabilities, router_rows: an MoE model called with
             ``output_router_logits=True``: the sums of its load-balancing loss over this forward's
             tokens (``(E,)``, ``(E,)``, ``()`` float32; see :mod:`.moe`), else None.
@@ -60,6 +63,7 @@ class SoLoPOLogProbsOutput(ModelOutput):
 
     logps: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    logit_sums: torch.Tensor | None = None
     router_assignments: torch.Tensor | None = None
     router_probabilities: torch.Tensor | None = None
     router_rows: torch.Tensor | None = None
@@ -190,6 +194,11 @@ def patch_solopo_forward(
     ``labels`` has the shape of ``input_ids`` and is *not* shifted (``labels[:, t]`` is the token
     at position ``t``; -100 marks prompt and padding positions), like the model's own ``labels``.
 
+    With ``solopo_logit_sums=True`` (padded rows only) the output also has ``logit_sums (B,)``:
+    each row's sum of the logits over all its positions and the whole vocabulary, for trainers
+    that log the mean logit (LLaMA-Factory's ``logits/chosen``). It needs no logits: the sum over
+    the vocabulary of ``h . w_v + b_v`` is ``h . sum_v(w_v) + sum_v(b_v)``.
+
     Packed rows (several sequences end to end, see :mod:`.packing`)::
 
         out = model(input_ids=ids, position_ids=pos, solopo_labels=labels, solopo_sequence_ids=seq)
@@ -236,12 +245,23 @@ def patch_solopo_forward(
         solopo_labels: torch.Tensor | None = None,
         solopo_sequence_ids: torch.Tensor | None = None,
         solopo_logps: bool = False,
+        solopo_logit_sums: bool = False,
         **kwargs: Any,
     ) -> Any:
         if solopo_labels is None and not solopo_logps:
-            if solopo_sequence_ids is not None:
-                raise ValueError("solopo_sequence_ids: only meaningful together with solopo_labels")
+            if solopo_sequence_ids is not None or solopo_logit_sums:
+                name = (
+                    "solopo_sequence_ids"
+                    if solopo_sequence_ids is not None
+                    else "solopo_logit_sums"
+                )
+                raise ValueError(f"{name}: only meaningful together with solopo_labels")
             return original_forward(*args, **kwargs)
+        if solopo_logit_sums and (solopo_logps or solopo_sequence_ids is not None):
+            raise ValueError(
+                "solopo_logit_sums: only computed for padded rows (not with solopo_logps or "
+                "solopo_sequence_ids)"
+            )
         if kwargs.pop("labels", None) is not None:
             raise ValueError(
                 "labels: pass either labels (the model's own loss) or solopo_labels, not both"
@@ -253,7 +273,7 @@ def patch_solopo_forward(
             raise ValueError("shift_labels: only read with solopo_logps=True (context parallelism)")
         if solopo_sequence_ids is not None:
             return _packed_forward(self, args, kwargs, solopo_labels, solopo_sequence_ids)
-        return _padded_forward(self, args, kwargs, solopo_labels)
+        return _padded_forward(self, args, kwargs, solopo_labels, logit_sums=solopo_logit_sums)
 
     target.forward = types.MethodType(forward, target)
     setattr(target, _PATCHED_FLAG, True)
@@ -262,14 +282,39 @@ def patch_solopo_forward(
 
 # --------------------------------------------------------------- one function per convention
 def _padded_forward(
-    model: torch.nn.Module, args: tuple, kwargs: dict, labels: torch.Tensor
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    labels: torch.Tensor,
+    *,
+    logit_sums: bool = False,
 ) -> SoLoPOLogProbsOutput:
     """Padded rows ``(B, T)``, unshifted labels: position ``t`` predicts ``labels[:, t + 1]``."""
-    hidden, router = _backbone(model, args, kwargs, kwargs.get("attention_mask"))
-    hidden, labels = hidden[:, :-1], labels[:, 1:]
+    full_hidden, router = _backbone(model, args, kwargs, kwargs.get("attention_mask"))
+    hidden, labels = full_hidden[:, :-1], labels[:, 1:]
     token_logps, positions = _score(model, hidden, labels)
     logps = scatter_to_positions(token_logps, positions, labels.shape).sum(-1)
-    return SoLoPOLogProbsOutput(logps=logps, lengths=(labels != IGNORE_INDEX).sum(-1), **router)
+    return SoLoPOLogProbsOutput(
+        logps=logps,
+        lengths=(labels != IGNORE_INDEX).sum(-1),
+        logit_sums=_logit_sums(model, full_hidden) if logit_sums else None,
+        **router,
+    )
+
+
+@torch.no_grad()
+def _logit_sums(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float32: per row, the sum over all ``T`` positions of ``hidden (B, T, H)`` and all
+    ``V`` columns of the head's logits, ``(sum_t h_t) . (sum_v w_v) + T * sum_v b_v``, divided by
+    the head's temperature. Both sums accumulate in float32 without a float32 copy of either
+    operand (``O(B*T*H + V*H)`` work, ``O(B*H + H)`` memory)."""
+    temperature, _ = model._solopo_head
+    head = model.get_output_embeddings()
+    column_sum = head.weight.sum(0, dtype=torch.float32)
+    row_sums = hidden.sum(1, dtype=torch.float32).to(column_sum.device) @ column_sum
+    if head.bias is not None:
+        row_sums = row_sums + hidden.shape[1] * head.bias.sum(dtype=torch.float32)
+    return row_sums / temperature
 
 
 def _packed_forward(

@@ -61,7 +61,9 @@ def test_autocast_makes_no_copy_of_the_head(model_and_batch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=ids, solopo_labels=labels)
         out.logps.sum().backward()
-    head_sized = [a for a in rec.allocations if a[1] == torch.bfloat16 and a[2] == tuple(head.shape)]
+    head_sized = [
+        a for a in rec.allocations if a[1] == torch.bfloat16 and a[2] == tuple(head.shape)
+    ]
     assert not head_sized, head_sized
     tiles = [a for a in rec.allocations if a[1] == torch.bfloat16 and a[2] == (8, head.shape[1])]
     assert tiles  # the head was used, in bf16, one tile at a time
@@ -100,3 +102,37 @@ def test_shift_labels_without_solopo_logps_is_refused(model_and_batch):
     model, ids, labels = model_and_batch
     with pytest.raises(ValueError, match="shift_labels: only read with solopo_logps=True"):
         model(input_ids=ids, solopo_labels=labels, shift_labels=labels)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_logit_sums_equal_the_sum_of_the_heads_logits(model_and_batch, bias):
+    """``solopo_logit_sums=True`` returns each row's sum of the logits over every position and the
+    whole vocabulary (what LLaMA-Factory's ``logits/chosen`` averages) without computing them,
+    through a logit scale (the kernel's temperature) and a bias."""
+    model, ids, labels = model_and_batch
+    if bias:
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features))
+    model_patch.patch_solopo_forward(model)
+    model._solopo_head = (0.5, model._solopo_head[1])  # as a logit scale of 2 would give
+    out = model(input_ids=ids, solopo_labels=labels, solopo_logit_sums=True)
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state.double()
+        head = model.lm_head.double()
+        expected = (head(hidden) / 0.5).sum((1, 2))
+        model.lm_head.float()
+    assert out.logit_sums.dtype == torch.float32 and not out.logit_sums.requires_grad
+    torch.testing.assert_close(out.logit_sums.double(), expected, rtol=1e-5, atol=1e-4)
+    assert model(input_ids=ids, solopo_labels=labels).logit_sums is None
+
+
+def test_logit_sums_need_padded_labels(model_and_batch):
+    model, ids, labels = model_and_batch
+    with pytest.raises(ValueError, match="solopo_logit_sums: only meaningful together"):
+        model(input_ids=ids, solopo_logit_sums=True)
+    with pytest.raises(ValueError, match="solopo_logit_sums: only computed for padded rows"):
+        model(
+            input_ids=ids,
+            solopo_labels=labels,
+            solopo_sequence_ids=torch.zeros_like(ids),
+            solopo_logit_sums=True,
+        )

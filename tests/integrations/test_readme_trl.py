@@ -1,6 +1,6 @@
 """The README's TRL section runs as written: every ``python`` block of the section
-"Train with it: TRL and Axolotl" is executed, in order, in one namespace, offline, in a scratch
-working directory (the example writes its ``output_dir`` there)."""
+"Train with it: TRL, Axolotl and LLaMA-Factory" is executed, in order, in one namespace, offline,
+in a scratch working directory (the example writes its ``output_dir`` there)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Train with it: TRL and Axolotl"
+SECTION = "## Train with it: TRL, Axolotl and LLaMA-Factory"
 
 
 def python_blocks(text: str, section: str) -> list[str]:
