@@ -42,6 +42,9 @@ for _var in (
     "HF_HUB_DISABLE_TELEMETRY",
 ):
     os.environ.setdefault(_var, "1")
+# This example trains on the CPU: tell DeepSpeed so (accelerate imports it, when it is installed,
+# the first time it unwraps a model; without CUDA it would log that it falls back to the CPU).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402

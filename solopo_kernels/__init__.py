@@ -3,7 +3,8 @@ optimization (SoLoPO: short-to-long preference optimization, arXiv 2505.11166).
 
 Public API (documented in docs/api.md): :func:`fused_linear_logprobs`, :func:`fused_solopo_loss`,
 :class:`FusedSoLoPOLoss`, :func:`solopo_loss` and its output type :class:`SoLoPOOutput`,
-and :class:`KernelOptions` (the kernels' opt-in settings, the ``kernel_options`` argument).
+:class:`SoLoPOOptions` (the loss options as one value, the ``options`` argument) and
+:class:`KernelOptions` (the kernels' opt-in settings, the ``kernel_options`` argument).
 The names are imported on first use, so ``solopo_kernels.data`` (pure Python) does not pull in
 torch.
 """
@@ -21,6 +22,7 @@ _PUBLIC = {
     "FusedSoLoPOLoss": ".losses",
     "KernelOptions": ".ops",
     "solopo_loss": ".losses",
+    "SoLoPOOptions": ".losses",
     "SoLoPOOutput": ".losses",
     "value_checks_disabled": ".checks",
 }
@@ -28,6 +30,7 @@ _PUBLIC = {
 __all__ = [
     "FusedSoLoPOLoss",
     "KernelOptions",
+    "SoLoPOOptions",
     "SoLoPOOutput",
     "__version__",
     "fused_linear_logprobs",
@@ -38,7 +41,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .checks import value_checks_disabled
-    from .losses import FusedSoLoPOLoss, SoLoPOOutput, fused_solopo_loss, solopo_loss
+    from .losses import (
+        FusedSoLoPOLoss,
+        SoLoPOOptions,
+        SoLoPOOutput,
+        fused_solopo_loss,
+        solopo_loss,
+    )
     from .ops import KernelOptions, fused_linear_logprobs
 
 

@@ -46,6 +46,8 @@ REFERENCE_LOSS_TYPES = ("dpo", "ipo")
 RA_TARGETS = ("chosen", "both")
 RA_DISTANCES = ("abs", "squared")
 RA_GRADIENTS = ("both", "long")
+NLL_AVERAGES = ("sequence", "token")
+NLL_LOSS_TYPES = ("orpo", "cpo")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class SoLoPOOptions:
             SoLo-RA is a fixed target (detached), so SoLo-RA moves only the long side and the
             short side gets exactly the preference loss's gradient. Not in the paper; see
             docs/objective.md for why it exists.
+        nll_average: orpo/cpo, how the negative log-likelihood term on the chosen responses is
+            averaged: ``"sequence"`` (default, the ORPO paper's ``-mean_i mlogp_i``: each
+            response's token mean, then the mean over pairs) or ``"token"`` (``-sum_i logp_i /
+            sum_i n_i``: over all chosen response tokens of the batch, as TRL's CPOTrainer and
+            ORPOTrainer average their cross-entropy; longer responses weigh more).
     """
 
     loss_type: str = "dpo"
@@ -80,6 +87,7 @@ class SoLoPOOptions:
     ra_distance: str = "abs"
     ra_use_reference: bool = True
     ra_gradient: str = "both"
+    nll_average: str = "sequence"
 
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -108,6 +116,12 @@ class SoLoPOOptions:
             raise TypeError(
                 f"ra_use_reference: expected a bool, got {type(self.ra_use_reference).__name__}"
             )
+        check_choice("nll_average", self.nll_average, NLL_AVERAGES)
+        if self.nll_average != "sequence" and self.loss_type not in NLL_LOSS_TYPES:
+            raise ValueError(
+                f"nll_average: only used by loss_type 'orpo' and 'cpo' (their NLL term), got "
+                f"{self.nll_average!r} with loss_type={self.loss_type!r}"
+            )
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :func:`solopo_loss` / :func:`fused_solopo_loss`."""
@@ -131,6 +145,25 @@ class SoLoPOOptions:
         return 2 if self.ra_target == "both" else 1
 
 
+def _call_options(options: SoLoPOOptions | None, **keywords: Any) -> SoLoPOOptions:
+    """The loss options of one call, built once at the edge: ``options`` itself when given, else a
+    :class:`SoLoPOOptions` built **by name** from the loose ``keywords`` (by position, two options
+    of one type could trade places and pass every check). Loose keywords that differ from their
+    defaults next to ``options`` raise ``ValueError``: one call, one source of options."""
+    if options is None:
+        return SoLoPOOptions(**keywords)
+    if not isinstance(options, SoLoPOOptions):
+        raise TypeError(f"options: expected a SoLoPOOptions or None, got {type(options).__name__}")
+    defaults = SoLoPOOptions()
+    both = [name for name, value in keywords.items() if value != getattr(defaults, name)]
+    if both:
+        raise ValueError(
+            f"options: given together with {both[0]}={keywords[both[0]]!r}; pass the loss options "
+            "either as one SoLoPOOptions or as keywords, not both"
+        )
+    return options
+
+
 @dataclass
 class SoLoPOOutput:
     """What the SoLoPO losses return.
@@ -148,7 +181,8 @@ class SoLoPOOutput:
             ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and,
             when alpha > 0, ``rewards/long_chosen``, ``solo_ra/distance`` (mean ``|r(x_s, y_w) -
             r(x_l, y_w)|`` of the rewards inside SoLo-RA), ``logps/long_chosen`` (plus
-            ``rewards/long_rejected`` and ``logps/long_rejected`` for ``ra_target="both"``).
+            ``rewards/long_rejected`` and ``logps/long_rejected`` for ``ra_target="both"``);
+            orpo/cpo also ``nll_loss`` (the NLL term inside ``preference_loss``).
     """
 
     loss: torch.Tensor
@@ -211,9 +245,9 @@ def preference_losses(
     options: SoLoPOOptions,
     chosen_reward: torch.Tensor,
     rejected_reward: torch.Tensor,
-    chosen_mean_logp: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-pair preference loss of ``options.loss_type`` with ``D = r(x_s, y_w) - r(x_s, y_l)``."""
+    """Per-pair preference loss of ``options.loss_type`` with ``D = r(x_s, y_w) - r(x_s, y_l)``,
+    without the orpo/cpo NLL term (:func:`nll_loss`, a batch average)."""
     margin = chosen_reward - rejected_reward
     beta = options.beta
     if options.loss_type == "dpo":
@@ -224,8 +258,21 @@ def preference_losses(
     if options.loss_type == "simpo":
         return -F.logsigmoid(margin - options.gamma)
     if options.loss_type == "orpo":
-        return -chosen_mean_logp - beta * F.logsigmoid(margin)
-    return -F.logsigmoid(margin) - chosen_mean_logp  # cpo
+        return -beta * F.logsigmoid(margin)
+    return -F.logsigmoid(margin)  # cpo
+
+
+def nll_loss(
+    options: SoLoPOOptions, chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor
+) -> torch.Tensor | None:
+    """The orpo/cpo negative log-likelihood of the chosen responses on the short input (a
+    scalar), averaged as ``options.nll_average`` says, from their ``(B,)`` sums and token counts;
+    None for the other loss types."""
+    if options.loss_type not in NLL_LOSS_TYPES:
+        return None
+    if options.nll_average == "token":
+        return -chosen_logps.sum() / chosen_lengths.sum()
+    return -(chosen_logps / chosen_lengths).mean()
 
 
 def _distance(options: SoLoPOOptions, gap: torch.Tensor) -> torch.Tensor:
@@ -250,8 +297,10 @@ def _objective(
 
     short_rewards = rewards(options, short_logps, short_lengths, ref_short)
     chosen_reward, rejected_reward = short_rewards[:n_pairs], short_rewards[n_pairs:]
-    chosen_mean_logp = short_logps[:n_pairs] / short_lengths[:n_pairs]
-    preference = preference_losses(options, chosen_reward, rejected_reward, chosen_mean_logp).mean()
+    preference = preference_losses(options, chosen_reward, rejected_reward).mean()
+    nll = nll_loss(options, short_logps[:n_pairs], short_lengths[:n_pairs])
+    if nll is not None:
+        preference = preference + nll
 
     margin = (chosen_reward - rejected_reward).detach()
     metrics = {
@@ -262,6 +311,8 @@ def _objective(
         "logps/chosen": short_logps[:n_pairs].detach().mean(),
         "logps/rejected": short_logps[n_pairs:].detach().mean(),
     }
+    if nll is not None:
+        metrics["nll_loss"] = nll.detach()
 
     if not options.uses_long:
         alignment = torch.zeros((), dtype=acc, device=short_logps.device)
@@ -364,7 +415,9 @@ def solopo_loss(
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
     ra_gradient: str = "both",
+    nll_average: str = "sequence",
     context_parallel_group: Any = None,
+    options: SoLoPOOptions | None = None,
 ) -> SoLoPOOutput:
     """The SoLoPO objective from per-sequence sums of response-token log-probs.
 
@@ -381,20 +434,23 @@ def solopo_loss(
             then ``short_logps``, ``short_lengths``, ``long_logps`` and ``long_lengths`` are this
             rank's *partial* sums and counts (its slice's response tokens; 0 where it holds none),
             all-reduced here; every rank gets the same loss. The ``ref_*`` sums are the full ones.
-        Other options: see :class:`SoLoPOOptions`.
+        Other options: see :class:`SoLoPOOptions`; or pass them as one ``options=``
+            :class:`SoLoPOOptions` (then leave the loose ones at their defaults).
     Returns:
         :class:`SoLoPOOutput`.
     """
-    options = SoLoPOOptions(
-        loss_type,
-        beta,
-        alpha,
-        gamma,
-        label_smoothing,
-        ra_target,
-        ra_distance,
-        ra_use_reference,
-        ra_gradient,
+    options = _call_options(
+        options,
+        loss_type=loss_type,
+        beta=beta,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        ra_target=ra_target,
+        ra_distance=ra_distance,
+        ra_use_reference=ra_use_reference,
+        ra_gradient=ra_gradient,
+        nll_average=nll_average,
     )
     short_logps = check_tensor("short_logps", short_logps)
     check_float("short_logps", short_logps)
@@ -411,7 +467,7 @@ def solopo_loss(
         meaning = "(B,)" if n_long == n_pairs else "(2B,)"
         if long_logps is None or long_lengths is None:
             raise ValueError(
-                f"long_logps: required when alpha > 0 (got alpha={alpha}): long-input sums of shape "
+                f"long_logps: required when alpha > 0 (got alpha={options.alpha}): long-input sums of shape "
                 f"{meaning} = ({n_long},) with their long_lengths; pass alpha=0 to train without SoLo-RA"
             )
         check_float(
@@ -505,12 +561,14 @@ def fused_solopo_loss(
     ra_distance: str = "abs",
     ra_use_reference: bool = True,
     ra_gradient: str = "both",
+    nll_average: str = "sequence",
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: ChunkSize = None,
     backend: str = "auto",
     kernel_options: KernelOptions | None = None,
     context_parallel_group: Any = None,
+    options: SoLoPOOptions | None = None,
 ) -> SoLoPOOutput:
     """The SoLoPO loss from last hidden states and the lm_head weight, without ``[T x V]`` logits.
 
@@ -534,23 +592,26 @@ def fused_solopo_loss(
             ``bias`` gradients summed over the group are the unsplit ones. A row may have no
             response token on some rank, but needs one somewhere in the group. The ``ref_*`` sums
             are the full ones.
-        Other options: see :class:`SoLoPOOptions`.
+        Other options: see :class:`SoLoPOOptions`; or pass them as one ``options=``
+            :class:`SoLoPOOptions` (then leave the loose ones at their defaults).
     Returns:
         :class:`SoLoPOOutput`; ``loss`` is differentiable in the hidden states, weight and bias.
 
     Short and long response rows are gathered into one row set and go through the kernel in one
     call (one pass over the weight); the result equals two separate calls.
     """
-    options = SoLoPOOptions(
-        loss_type,
-        beta,
-        alpha,
-        gamma,
-        label_smoothing,
-        ra_target,
-        ra_distance,
-        ra_use_reference,
-        ra_gradient,
+    options = _call_options(
+        options,
+        loss_type=loss_type,
+        beta=beta,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        ra_target=ra_target,
+        ra_distance=ra_distance,
+        ra_use_reference=ra_use_reference,
+        ra_gradient=ra_gradient,
+        nll_average=nll_average,
     )
     vocab, _ = check_head(weight, bias)
     check_hidden_and_labels("short_hidden", short_hidden, "short_labels", short_labels, weight)
@@ -566,7 +627,7 @@ def fused_solopo_loss(
         meaning = f"({'B' if n_long == n_pairs else '2B'}, Tl, H)"
         if long_hidden is None or long_labels is None:
             raise ValueError(
-                f"long_hidden: required when alpha > 0 (got alpha={alpha}): expected shape {meaning} "
+                f"long_hidden: required when alpha > 0 (got alpha={options.alpha}): expected shape {meaning} "
                 f"= ({n_long}, Tl, {weight.shape[1]}) with its long_labels; pass alpha=0 to skip SoLo-RA"
             )
         check_hidden_and_labels("long_hidden", long_hidden, "long_labels", long_labels, weight)
@@ -620,7 +681,8 @@ def fused_solopo_loss(
 
 
 class FusedSoLoPOLoss(nn.Module):
-    """``nn.Module`` form of :func:`fused_solopo_loss`; the keyword options are fixed at init.
+    """``nn.Module`` form of :func:`fused_solopo_loss`; the keyword options are fixed at init
+    (loose, or as one ``options=`` :class:`SoLoPOOptions`) and passed on as one object.
 
     Example::
 
@@ -641,24 +703,28 @@ class FusedSoLoPOLoss(nn.Module):
         ra_distance: str = "abs",
         ra_use_reference: bool = True,
         ra_gradient: str = "both",
+        nll_average: str = "sequence",
         ignore_index: int = -100,
         temperature: float = 1.0,
         chunk_size: ChunkSize = None,
         backend: str = "auto",
         kernel_options: KernelOptions | None = None,
         context_parallel_group: Any = None,
+        options: SoLoPOOptions | None = None,
     ) -> None:
         super().__init__()
-        self.options = SoLoPOOptions(
-            loss_type,
-            beta,
-            alpha,
-            gamma,
-            label_smoothing,
-            ra_target,
-            ra_distance,
-            ra_use_reference,
-            ra_gradient,
+        self.options = _call_options(
+            options,
+            loss_type=loss_type,
+            beta=beta,
+            alpha=alpha,
+            gamma=gamma,
+            label_smoothing=label_smoothing,
+            ra_target=ra_target,
+            ra_distance=ra_distance,
+            ra_use_reference=ra_use_reference,
+            ra_gradient=ra_gradient,
+            nll_average=nll_average,
         )
         check_positive("temperature", temperature)
         check_chunk_size(chunk_size)
@@ -690,7 +756,7 @@ class FusedSoLoPOLoss(nn.Module):
             bias,
             ref_short_logps=ref_short_logps,
             ref_long_logps=ref_long_logps,
-            **self.options.as_kwargs(),  # every loss option, so none can be left behind
+            options=self.options,  # the loss options as one object
             ignore_index=self.ignore_index,
             temperature=self.temperature,
             chunk_size=self.chunk_size,

@@ -18,6 +18,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     # Triton kernels then run in the interpreter, on CPU tensors (slow: tests keep shapes small).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # DeepSpeed (the dev extra installs it) picks its accelerator when it is first imported, which
+    # accelerate does whenever it unwraps a model (TRL's DPOTrainer, in every trainer test): the
+    # CPU, said here, instead of a "Setting accelerator to CPU" warning in every test process.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 

@@ -59,6 +59,7 @@ def solopo_objective(
     ra_distance="abs",
     ra_use_reference=True,
     ra_gradient="both",
+    nll_average="sequence",
 ):
     """The objective of docs/objective.md in float64, pair by pair. Returns ``(loss, preference, alignment)``."""
     n = short_logps.shape[0] // 2
@@ -92,9 +93,11 @@ def solopo_objective(
         elif loss_type == "simpo":
             pref = -F.logsigmoid(d - gamma)
         elif loss_type == "orpo":
-            pref = -s[i] / sl[i] - beta * F.logsigmoid(d)
+            pref = -beta * F.logsigmoid(d)
         else:
-            pref = -F.logsigmoid(d) - s[i] / sl[i]
+            pref = -F.logsigmoid(d)
+        if loss_type in ("orpo", "cpo") and nll_average == "sequence":
+            pref = pref - s[i] / sl[i]  # the response's token mean, averaged over pairs below
         prefs.append(pref)
         if alpha > 0:
             use_ref = ra_use_reference and loss_type in ("dpo", "ipo")
@@ -115,6 +118,9 @@ def solopo_objective(
                 total = total + (gap.abs() if ra_distance == "abs" else gap**2)
             aligns.append(total)
     preference = torch.stack(prefs).mean()
+    if loss_type in ("orpo", "cpo") and nll_average == "token":
+        # every chosen response token of the batch weighs the same (TRL's cross-entropy mean)
+        preference = preference - s[:n].sum() / sl[:n].sum()
     alignment = torch.stack(aligns).mean() if aligns else torch.zeros((), dtype=torch.float64)
     return preference + alpha * alignment, preference, alignment
 

@@ -45,6 +45,10 @@ def _cases():
     yield dict(loss_type="simpo", ra_target="both", ra_distance="squared", ra_gradient="long")
     for loss_type in ("dpo", "ipo", "simpo", "orpo", "cpo"):
         yield dict(loss_type=loss_type, alpha=0.0)
+    # The NLL term averaged over all chosen response tokens (TRL's CPO/ORPO cross-entropy mean).
+    for loss_type in ("orpo", "cpo"):
+        yield dict(loss_type=loss_type, nll_average="token")
+        yield dict(loss_type=loss_type, ra_target="both", nll_average="token", alpha=0.0)
 
 
 def _case_id(case):
@@ -299,6 +303,83 @@ def test_module_form_equals_function():
     (want,) = torch.autograd.grad(expected.loss, sh)
     assert torch.equal(got, want)
     assert "ipo" in repr(module) and "ra_gradient='long'" in repr(module)
+
+
+def test_the_nll_average_changes_only_the_nll_term_and_is_checked():
+    """Token and sequence averages differ by the length weighting of the chosen responses alone
+    (the logged nll_loss), and only orpo/cpo take the option."""
+    head = Head.random(V, H, bias=False)
+    sh, sl, lh, ll, _, _ = _batch("chosen", 1.0)
+    out = {
+        average: fused_solopo_loss(
+            head.weight, sh, sl, lh, ll, loss_type="cpo", nll_average=average
+        )
+        for average in ("sequence", "token")
+    }
+    chosen, lengths = out["token"].chosen_logps.double(), out["token"].short_lengths[:B].double()
+    assert lengths.unique().numel() > 1  # responses of different lengths, or the two agree
+    torch.testing.assert_close(
+        out["token"].metrics["nll_loss"].double(), -chosen.sum() / lengths.sum(), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        out["sequence"].metrics["nll_loss"].double(), -(chosen / lengths).mean(), rtol=1e-6, atol=0
+    )
+    gap = out["token"].metrics["nll_loss"] - out["sequence"].metrics["nll_loss"]
+    torch.testing.assert_close(out["token"].loss - out["sequence"].loss, gap, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="nll_average: only used by loss_type 'orpo' and 'cpo'"):
+        fused_solopo_loss(head.weight, sh, sl, lh, ll, loss_type="simpo", nll_average="token")
+    with pytest.raises(ValueError, match="nll_average"):
+        fused_solopo_loss(head.weight, sh, sl, lh, ll, loss_type="orpo", nll_average="batch")
+
+
+def test_the_options_pass_as_one_object_through_every_entry_point():
+    """``options=SoLoPOOptions(...)`` gives what the loose keywords give, for the three entry
+    points; both at once raise; the loose keywords' defaults are SoLoPOOptions' (which the
+    both-at-once check relies on)."""
+    import inspect
+    from dataclasses import fields
+
+    from solopo_kernels import SoLoPOOptions
+
+    loose = dict(
+        loss_type="dpo",
+        beta=0.3,
+        alpha=0.7,
+        gamma=0.2,
+        label_smoothing=0.1,
+        ra_target="both",
+        ra_distance="squared",
+        ra_use_reference=False,
+        ra_gradient="long",
+        nll_average="sequence",
+    )
+    options = SoLoPOOptions(**loose)
+    head = Head.random(V, H, bias=False)
+    sh, sl, lh, ll, ref_s, ref_l = _batch("both", 1.0)
+    refs = dict(ref_short_logps=ref_s, ref_long_logps=ref_l)
+    by_keywords = fused_solopo_loss(head.weight, sh, sl, lh, ll, **loose, **refs)
+    as_object = fused_solopo_loss(head.weight, sh, sl, lh, ll, options=options, **refs)
+    assert torch.equal(by_keywords.loss, as_object.loss)
+    sums = (as_object.short_logps, as_object.short_lengths, as_object.long_logps)
+    sums += (as_object.long_lengths,)
+    from_sums = solopo_loss(*sums, options=options, ref_short_logps=ref_s)
+    assert torch.equal(from_sums.loss, solopo_loss(*sums, **loose, ref_short_logps=ref_s).loss)
+    module = FusedSoLoPOLoss(options=options)
+    assert module.options is options
+    assert torch.equal(module(head.weight, sh, sl, lh, ll, **refs).loss, as_object.loss)
+    for call in (
+        lambda: fused_solopo_loss(head.weight, sh, sl, lh, ll, beta=0.3, options=options),
+        lambda: solopo_loss(*sums, beta=0.3, options=options, ref_short_logps=ref_s),
+        lambda: FusedSoLoPOLoss(beta=0.3, options=options),
+    ):
+        with pytest.raises(ValueError, match=r"options: given together with beta=0.3"):
+            call()
+    with pytest.raises(TypeError, match="options: expected a SoLoPOOptions or None, got dict"):
+        solopo_loss(*sums, options=loose)
+    defaults = {f.name: f.default for f in fields(SoLoPOOptions)}
+    for entry in (solopo_loss, fused_solopo_loss, FusedSoLoPOLoss.__init__):
+        parameters = inspect.signature(entry).parameters
+        assert {name: parameters[name].default for name in defaults} == defaults, entry
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "simpo", "orpo"])

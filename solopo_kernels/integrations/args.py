@@ -148,6 +148,14 @@ class SoLoPOArguments:
             "'long': the short reward is a fixed target, only the long side is pulled."
         },
     )
+    solopo_nll_average: str = field(
+        default="sequence",
+        metadata={
+            "help": "orpo/cpo: the NLL term's average, 'sequence' (the ORPO paper's: each chosen "
+            "response's token mean, then the mean over pairs) or 'token' (all chosen response "
+            "tokens of the batch, as TRL's CPOTrainer/ORPOTrainer)."
+        },
+    )
     long_prompt_column: str = field(
         default="long_prompt",
         metadata={
@@ -191,6 +199,74 @@ _DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class SetupNames:
+    """How a user wrote the options :func:`check_parallel_setup` names: TRL's training arguments
+    (``name=value``) or Axolotl's YAML keys (``name: value``)."""
+
+    precompute: str = "precompute_ref_log_probs"
+    cp_size: str = "parallelism_config.cp_size"
+    padding_free: str = "padding_free"
+    deepspeed: str = "deepspeed"
+    yaml: bool = False
+
+    def set(self, name: str, value: Any) -> str:
+        if self.yaml:
+            return f"{name}: {str(value).lower() if isinstance(value, bool) else value}"
+        return f"{name}={value!r}"
+
+
+TRL_NAMES = SetupNames()
+AXOLOTL_NAMES = SetupNames(
+    cp_size="context_parallel_size", padding_free="dpo_padding_free", yaml=True
+)
+
+
+def check_parallel_setup(
+    *,
+    precompute: bool,
+    needs_reference: bool,
+    cp_size: int,
+    deepspeed: bool,
+    padding_free: bool,
+    names: SetupNames = TRL_NAMES,
+) -> None:
+    """The setups SoLoPO refuses, in one place for the trainer (its arguments when it is built, the
+    accelerator's state when it precomputes) and for the Axolotl plugin (its config): a
+    ``ValueError`` naming the options as ``names`` spells them, and what to set instead.
+
+    * precomputed reference log-probs (dpo/ipo) with context parallelism: DPOTrainer computes them
+      while it is built, before the context-parallel setup, so every GPU would score full rows
+      and the results would be gathered over all ranks, ``cp_size`` times too many;
+    * precomputed reference log-probs under DeepSpeed: the reference pass runs before DeepSpeed
+      wraps the policy, whose ZeRO-3 partitions cannot be read then;
+    * packing with context parallelism: the engines' ring attention is causal over the whole row
+      and would let the packed sequences see each other.
+    """
+    n = names
+    if precompute and needs_reference and cp_size > 1:
+        raise ValueError(
+            f"{n.precompute}: not supported with context parallelism ({n.set(n.cp_size, cp_size)}): "
+            "the reference pass would run on full rows on every GPU, before the context-parallel "
+            f"setup; either set {n.set(n.precompute, False)} (the reference then runs in "
+            f"context-parallel slices every step) or turn context parallelism off "
+            f"({n.set(n.cp_size, 1)})"
+        )
+    if precompute and needs_reference and deepspeed:
+        raise ValueError(
+            f"{n.precompute}: not supported under DeepSpeed by SoLoPOTrainer (the policy is not "
+            "wrapped by DeepSpeed yet when the reference pass runs, so its ZeRO-3 partitions cannot "
+            f"be read); set {n.set(n.precompute, False)} (the reference then runs every step, "
+            "partitioned like the policy)"
+        )
+    if padding_free and cp_size > 1:
+        raise ValueError(
+            f"{n.padding_free}: not supported with context parallelism ({n.set(n.cp_size, cp_size)}): "
+            "the ring attention of the context-parallel engines is causal over the whole row and "
+            f"would let packed sequences see each other; set {n.set(n.padding_free, False)}"
+        )
+
+
 def solopo_options(args: Any) -> SoLoPOOptions:
     """The validated :class:`~solopo_kernels.losses.SoLoPOOptions` of a config with the
     :class:`SoLoPOArguments` fields plus ``beta`` and ``label_smoothing``."""
@@ -210,6 +286,7 @@ def solopo_options(args: Any) -> SoLoPOOptions:
         ra_distance=args.solopo_ra_distance,
         ra_use_reference=args.solopo_ra_use_reference,
         ra_gradient=args.solopo_ra_gradient,
+        nll_average=getattr(args, "solopo_nll_average", "sequence"),
     )
 
 

@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, model_validator
 
-from ..losses import SoLoPOOptions
-from .args import HeadKernel
+from ..losses import REFERENCE_LOSS_TYPES, SoLoPOOptions
+from .args import AXOLOTL_NAMES, HeadKernel, check_parallel_setup
 
 try:
     from axolotl.integrations.base import BasePlugin
@@ -51,6 +51,7 @@ YAML_TO_TRAINING_ARGS = {
     "solopo_ra_distance": "solopo_ra_distance",
     "solopo_ra_use_reference": "solopo_ra_use_reference",
     "solopo_ra_gradient": "solopo_ra_gradient",
+    "solopo_nll_average": "solopo_nll_average",
     "solopo_long_prompt_field": "long_prompt_column",
     "solopo_max_long_length": "max_long_length",
     "solopo_gamma": "gamma",
@@ -69,6 +70,7 @@ class SoLoPOArgs(BaseModel):
     solopo_ra_distance: Literal["abs", "squared"] | None = None
     solopo_ra_use_reference: bool | None = None
     solopo_ra_gradient: Literal["both", "long"] | None = None
+    solopo_nll_average: Literal["sequence", "token"] | None = None
     solopo_long_prompt_field: str | None = None
     solopo_max_long_length: int | None = None
     solopo_gamma: float | None = None
@@ -109,19 +111,15 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
             "gradient_checkpointing_kwargs: use_reentrant: true breaks SoLoPO's two policy forwards per "
             "step under DDP; use use_reentrant: false"
         )
-    if (cfg.get("context_parallel_size") or 1) > 1 and cfg.get("dpo_padding_free"):
-        raise ValueError(
-            "dpo_padding_free: not supported with context_parallel_size > 1 (the context-parallel "
-            "ring attention is causal over the whole row and would let packed sequences see each "
-            "other); set dpo_padding_free: false"
-        )
-    if (cfg.get("context_parallel_size") or 1) > 1 and cfg.get("precompute_ref_log_probs"):
-        raise ValueError(
-            "precompute_ref_log_probs: not supported with context_parallel_size > 1 (the reference "
-            "pass would run on full rows on every GPU before the context-parallel setup); either set "
-            "precompute_ref_log_probs: false (the reference then runs in context-parallel slices "
-            "every step) or context_parallel_size: 1"
-        )
+    # The setups the trainer refuses too, refused here with the YAML keys' names.
+    check_parallel_setup(
+        precompute=bool(cfg.get("precompute_ref_log_probs")),
+        needs_reference=(cfg.get("solopo_loss_type") or "dpo") in REFERENCE_LOSS_TYPES,
+        cp_size=int(cfg.get("context_parallel_size") or 1),
+        deepspeed=bool(cfg.get("deepspeed")),
+        padding_free=bool(cfg.get("dpo_padding_free")),
+        names=AXOLOTL_NAMES,
+    )
     HeadKernel.coerce(cfg.get("solopo_head_kernel"), "solopo_head_kernel")
     max_long = cfg.get("solopo_max_long_length")
     if max_long is not None and (not isinstance(max_long, int) or max_long < 2):
@@ -140,6 +138,7 @@ def check_axolotl_config(cfg: dict[str, Any]) -> None:
             if cfg.get("solopo_ra_use_reference") is None
             else cfg["solopo_ra_use_reference"],
             ra_gradient=cfg.get("solopo_ra_gradient") or "both",
+            nll_average=cfg.get("solopo_nll_average") or "sequence",
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"solopo_{error}") from None

@@ -142,18 +142,6 @@ def engine_plan(accelerator: Any, group: Any) -> ContextParallelPlan | None:
     )
 
 
-def check_combination(accelerator: Any, *, padding_free: bool) -> None:
-    """Raise ``ValueError`` naming the options for what does not combine with context
-    parallelism: packing (the engines' ring attention is causal over the whole row)."""
-    config = getattr(accelerator, "parallelism_config", None)
-    if padding_free and config is not None and getattr(config, "cp_enabled", False):
-        raise ValueError(
-            f"padding_free: not supported with context parallelism (parallelism_config.cp_size="
-            f"{config.cp_size}): the ring attention of the context-parallel engines is causal over "
-            "the whole row and would let packed sequences see each other; set padding_free=False"
-        )
-
-
 def prepare_torch_models(*models: torch.nn.Module | None) -> None:
     """Check and prepare the models for PyTorch's context parallelism through accelerate: SDPA
     attention (the only kind its ring attention replaces), and accelerate's hooks that drop the

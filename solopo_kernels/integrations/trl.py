@@ -35,22 +35,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..context_parallel import scale_gradient, sum_over_group
 from ..losses import SoLoPOOptions, solopo_loss
-from .args import HeadKernel, SoLoPOArguments, check_solopo_args, head_kernel, solopo_options
+from .args import (
+    HeadKernel,
+    SoLoPOArguments,
+    check_parallel_setup,
+    check_solopo_args,
+    head_kernel,
+    solopo_options,
+)
 from .context_parallel import (
     ContextParallelPlan,
     accelerate_plan,
-    check_combination,
     model_inputs,
     prepare_torch_models,
     torch_context,
@@ -189,6 +193,13 @@ def _model_config(model: Any, args: Any) -> Any:
     return model.config
 
 
+def _deepspeed_requested(args: Any) -> bool:
+    """Whether the arguments (or ``accelerate launch``) ask for DeepSpeed."""
+    return bool(getattr(args, "deepspeed", None)) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    )
+
+
 def _context_parallel_size(args: Any) -> int:
     """The context-parallel size the arguments ask for (accelerate's ``parallelism_config``)."""
     config = getattr(args, "parallelism_config", None)
@@ -226,6 +237,15 @@ class SoLoPOTrainer(DPOTrainer):
       per-sequence sums are all-reduced and the gradient scaled for the engine's averaging (see
       :mod:`.context_parallel`), in training, evaluation and prediction alike. Not combined with
       ``padding_free`` or ``precompute_ref_log_probs``.
+    * Mixed precision (``bf16``/``fp16``): every policy and reference forward runs under the
+      autocast accelerate gives the model's own forward (:func:`forward_autocast`).
+    * MoE policies: the router load-balancing loss is added as DPOTrainer adds it
+      (``router_aux_loss_coef``), pooled over the step's policy tokens (:mod:`.moe`).
+
+    Construction runs in named steps: :meth:`_check_setup` (everything known before loading),
+    :meth:`_text_tokenizer`, :meth:`_build_collator`, :meth:`_plan_reference`,
+    :meth:`_init_dpo_trainer` (DPOTrainer's own ``__init__``, and what this trainer decides
+    differently) and :meth:`_check_prepared_models`.
 
     Overrides (each for one feature; everything else is DPOTrainer's):
 
@@ -258,6 +278,30 @@ class SoLoPOTrainer(DPOTrainer):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
+        peft_config = kwargs.get("peft_config")
+        model_config = self._check_setup(model, ref_model, args, kwargs)
+        processing_class = self._text_tokenizer(model, processing_class)
+        data_collator = self._build_collator(data_collator, processing_class, args)
+        ref_model = self._plan_reference(model, ref_model, args, model_config, peft_config)
+        self._init_dpo_trainer(
+            model,
+            ref_model,
+            args,
+            data_collator,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            **kwargs,
+        )
+        self._check_prepared_models(args)
+
+    # ------------------------------------------------------------------ construction steps
+    def _check_setup(self, model: Any, ref_model: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """Everything that can be checked before anything is loaded or tokenized: the options
+        (:func:`~.args.check_solopo_args`), the kernel settings, the model's head, the MoE
+        auxiliary loss, Liger, PEFT with ZeRO-3 checkpointing and the parallel setups SoLoPO
+        refuses (:func:`~.args.check_parallel_setup`). Keeps the options; returns the model's
+        config (read without loading weights)."""
         if kwargs.get("compute_metrics") is not None:
             raise ValueError("compute_metrics: not supported, SoLoPOTrainer computes no logits")
         self._solopo = check_solopo_args(args)
@@ -268,8 +312,19 @@ class SoLoPOTrainer(DPOTrainer):
         self._aux_loss_coef = aux_loss_coefficient(model_config, args)
         check_liger(args, model, ref_model)
         self._check_peft_zero3_checkpointing(model, args, kwargs.get("peft_config"))
-        self._check_precompute(args)
-        if processing_class is None:  # what DPOTrainer would load, needed here for the collator
+        check_parallel_setup(
+            precompute=args.precompute_ref_log_probs,
+            needs_reference=self._solopo.needs_reference,
+            cp_size=_context_parallel_size(args),
+            deepspeed=_deepspeed_requested(args),
+            padding_free=args.padding_free,
+        )
+        return model_config
+
+    @staticmethod
+    def _text_tokenizer(model: Any, processing_class: Any) -> PreTrainedTokenizerBase:
+        """The tokenizer the collator needs now (DPOTrainer would load the same one later)."""
+        if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(
                 model if isinstance(model, str) else model.config._name_or_path
             )
@@ -277,16 +332,30 @@ class SoLoPOTrainer(DPOTrainer):
             raise ValueError(
                 "processing_class: SoLoPOTrainer supports text tokenizers only (no vision processors)"
             )
+        return processing_class
+
+    def _build_collator(
+        self, data_collator: Any, tokenizer: PreTrainedTokenizerBase, args: Any
+    ) -> Any:
+        """The default :class:`DataCollatorForSoLoPO` for these options, or the one given,
+        checked against them (:func:`~.trl_data.check_collator`)."""
         if data_collator is None:
-            data_collator = self._default_collator(processing_class, args)
-        elif self._solopo.uses_long and not isinstance(data_collator, DataCollatorForSoLoPO):
+            return self._default_collator(tokenizer, args)
+        if self._solopo.uses_long and not isinstance(data_collator, DataCollatorForSoLoPO):
             raise ValueError(
                 f"data_collator: expected a DataCollatorForSoLoPO (it builds the long rows), got "
                 f"{type(data_collator).__name__}; leave it None for the default"
             )
         check_collator(data_collator, self._solopo, padding_free=args.padding_free)
-        reference_free = not self._solopo.needs_reference
-        if reference_free:
+        return data_collator
+
+    def _plan_reference(
+        self, model: Any, ref_model: Any, args: Any, model_config: Any, peft_config: Any
+    ) -> torch.nn.Module | None:
+        """What DPOTrainer gets as ``ref_model``: a stand-in for a reference-free loss type (a
+        passed reference is released), the one given, a frozen copy of an in-memory policy, or
+        None where DPOTrainer finds the reference itself (see :meth:`_reference_copy`)."""
+        if not self._solopo.needs_reference:
             if ref_model is not None:
                 logger.warning(
                     "ref_model: not used by solopo_loss_type=%r (reference-free); released",
@@ -294,39 +363,45 @@ class SoLoPOTrainer(DPOTrainer):
                 )
             # (FSDP1 takes its auto-wrap policy from the first model it prepares, which is this
             # stand-in: create_accelerator_and_postprocess sets it from the policy first.)
-            ref_model = _NoReference(model_config)
-        elif ref_model is None:
-            ref_model = self._reference_copy(model, args, kwargs.get("peft_config"))
+            return _NoReference(model_config)
+        if ref_model is None:
+            return self._reference_copy(model, args, peft_config)
+        return ref_model
+
+    def _init_dpo_trainer(self, *positional: Any, **kwargs: Any) -> None:
+        """``DPOTrainer.__init__`` (it loads the model, tokenizes, prepares the reference and
+        precomputes through this trainer's hooks), then what it decides differently: packing
+        stays on (the collator packs; its warning that it turns ``padding_free`` off is dropped),
+        nothing is precomputed or kept for a reference-free type, and tokens are counted here."""
+        args = positional[2]
         dpo_logger = logging.getLogger("trl.trainer.dpo_trainer")
         quiet = _DropPaddingFreeWarning()
         dpo_logger.addFilter(quiet)
         try:
-            super().__init__(
-                model,
-                ref_model,
-                args,
-                data_collator,
-                train_dataset,
-                eval_dataset,
-                processing_class,
-                **kwargs,
-            )
+            super().__init__(*positional, **kwargs)
         finally:
             dpo_logger.removeFilter(quiet)
+        reference_free = not self._solopo.needs_reference
         self.padding_free = args.padding_free  # DPOTrainer set it False; the collator packs
         self.precompute_ref_logps = args.precompute_ref_log_probs and not reference_free
         if reference_free:
-            self.ref_model = None
+            self.ref_model = None  # the stand-in is never run
         self._total_tokens = 0
+
+    def _check_prepared_models(self, args: Any) -> None:
+        """What can only be checked on the models DPOTrainer built: PEFT (no prompt learning,
+        no adapter on the head the kernel reads), packing (attention that keeps the sequences
+        apart; a collator that packs), the parallel setup the accelerator ended up with; and
+        the models readied for accelerate's context parallelism."""
         if (
-            is_peft_model(self.model)
+            _is_peft(self.model)
             and self.model.peft_config[self.model.active_adapter].is_prompt_learning
         ):
             raise ValueError(
                 "peft_config: prompt-learning PEFT methods are not supported (they shift the positions)"
             )
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        if is_peft_model(self.model) and any(
+        if _is_peft(self.model) and any(
             hasattr(head, name) for name in ("base_layer", "original_module", "modules_to_save")
         ):
             # The fused kernel reads lm_head.weight: an adapter or trainable copy around the head
@@ -346,9 +421,22 @@ class SoLoPOTrainer(DPOTrainer):
                     "padding_free: the data_collator does not pack; pass a DataCollatorForSoLoPO with "
                     "padding_free=True, or leave data_collator None"
                 )
-        check_combination(self.accelerator, padding_free=args.padding_free)
+        self._check_parallel_setup(precompute=False, padding_free=args.padding_free)
         if self._context_parallel_engine == "accelerate" and accelerate_plan(self.accelerator):
             prepare_torch_models(self.model, self.ref_model)
+
+    def _check_parallel_setup(self, *, precompute: bool, padding_free: bool) -> None:
+        """:func:`~.args.check_parallel_setup` on what the accelerator runs (a DeepSpeed launch or
+        a context-parallel group the arguments did not show)."""
+        config = getattr(self.accelerator, "parallelism_config", None)
+        cp_size = int(config.cp_size) if getattr(config, "cp_enabled", False) else 1
+        check_parallel_setup(
+            precompute=precompute,
+            needs_reference=self._solopo.needs_reference,
+            cp_size=cp_size,
+            deepspeed=self.is_deepspeed_enabled,
+            padding_free=padding_free,
+        )
 
     def create_accelerator_and_postprocess(self) -> None:
         """Trainer's hook, extended: under FSDP1 the auto-wrap policy comes from the policy model.
@@ -362,35 +450,13 @@ class SoLoPOTrainer(DPOTrainer):
         if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
             plugin.set_auto_wrap_policy(self.model)  # the policy: Trainer set self.model already
 
-    def _check_precompute(self, args: Any) -> None:
-        """Refuse, before anything is loaded, the precompute setups this trainer cannot run right."""
-        if not (args.precompute_ref_log_probs and self._solopo.needs_reference):
-            return
-        cp_size = _context_parallel_size(args)
-        if cp_size > 1:
-            # DPOTrainer precomputes while it is built, before the context-parallel setup: every
-            # GPU would score full rows, and the results would be gathered over the whole world.
-            raise ValueError(
-                f"precompute_ref_log_probs: not supported with context parallelism "
-                f"(parallelism_config.cp_size={cp_size}); either set precompute_ref_log_probs=False "
-                "(the reference then runs in context-parallel slices every step) or turn context "
-                "parallelism off (cp_size=1)"
-            )
-        if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-            raise ValueError(
-                "precompute_ref_log_probs: not supported under DeepSpeed by SoLoPOTrainer (the "
-                "policy is not wrapped by DeepSpeed yet when the reference pass runs, so its ZeRO-3 "
-                "partitions cannot be read); set precompute_ref_log_probs=False (the reference then "
-                "runs every step, partitioned like the policy)"
-            )
-
     def _check_peft_zero3_checkpointing(self, model: Any, args: Any, peft_config: Any) -> None:
         """DPOTrainer forces reentrant gradient checkpointing for PEFT under DeepSpeed ZeRO-3, and
         reentrant checkpointing breaks several policy forwards per step (DeepSpeed asserts while
         it reduces the gradients). One forward per step (packing, no cap; or alpha = 0) is fine."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        peft = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
         one_forward = not self._solopo.uses_long or (
             args.padding_free and getattr(args, "max_packed_length", None) is None
         )
@@ -413,7 +479,7 @@ class SoLoPOTrainer(DPOTrainer):
         if (
             isinstance(model, str)
             or peft_config is not None
-            or is_peft_model(model)
+            or _is_peft(model)
             or args.precompute_ref_log_probs
             or getattr(model.config, "_name_or_path", "")
         ):
@@ -661,14 +727,14 @@ class SoLoPOTrainer(DPOTrainer):
     def _reference_mode(self) -> Iterator[None]:
         """No grad, no checkpointing and, for PEFT without a reference model, the adapter off."""
         adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
+        if self.ref_model is None and _is_peft(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(
                 unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
             )
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            _checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs),
             adapter,
         ):
             yield
@@ -704,17 +770,9 @@ class SoLoPOTrainer(DPOTrainer):
         if isinstance(dataset, IterableDataset):
             raise ValueError("precompute_ref_log_probs: not supported with an IterableDataset")
         self._check_reference_available("evaluate")
-        self._check_precompute(self.args)
-        if self.is_deepspeed_enabled:  # a DeepSpeed launch the arguments did not show
-            raise ValueError(
-                "precompute_ref_log_probs: not supported under DeepSpeed by SoLoPOTrainer; set "
-                "precompute_ref_log_probs=False"
-            )
-        if self._cp_plan is not None:  # evaluate(dataset) under an engine's context parallelism
-            raise ValueError(
-                "precompute_ref_log_probs: not supported with context parallelism; set "
-                "precompute_ref_log_probs=False or turn context parallelism off"
-            )
+        # A DeepSpeed launch or a context-parallel group (an engine's: evaluate(dataset) under
+        # Axolotl's) that the arguments did not show.
+        self._check_parallel_setup(precompute=True, padding_free=False)
         loader = self.accelerator.prepare(
             DataLoader(
                 dataset,
@@ -789,7 +847,7 @@ class SoLoPOTrainer(DPOTrainer):
             ref_short_logps=ref_short,
             ref_long_logps=ref_long,
             context_parallel_group=plan.group if plan is not None else None,
-            **options.as_kwargs(),
+            options=options,
         )
         metrics = {
             "preference_loss": out.preference_loss.detach(),
@@ -861,7 +919,7 @@ class SoLoPOTrainer(DPOTrainer):
         trained policy would give every reward 0 and the loss log 2 (dpo), so it raises with
         TRL's message. Datasets given to the trainer when it was built keep the reference
         log-probs computed then (``evaluate()`` without a dataset, ``predict(trainer.eval_dataset)``)."""
-        if self.ref_model is not None or is_peft_model(self.model) or self.state.global_step == 0:
+        if self.ref_model is not None or _is_peft(self.model) or self.state.global_step == 0:
             return
         raise ValueError(
             f"Cannot compute reference log-probs for a dataset passed to `{method}()` after training "
@@ -875,20 +933,69 @@ class SoLoPOTrainer(DPOTrainer):
         self, mode: str, metrics: dict[str, torch.Tensor], tokens: torch.Tensor
     ) -> None:
         """Batch means of the loss metrics (docs/objective.md) averaged over processes, and
-        ``num_tokens`` (tokens of the training batches so far, like DPOTrainer's), with one
-        gather for all."""
+        ``num_tokens``, with one gather for all: in training the tokens of the training batches
+        so far (like DPOTrainer's), in evaluation the tokens of this evaluation's batches (the
+        eval metrics are cleared when an evaluation is logged, which restarts the count;
+        DPOTrainer logs the training count as ``eval_num_tokens``)."""
         names = list(metrics)
         values = torch.stack([metrics[k].float() for k in names] + [tokens.float()]).unsqueeze(0)
         gathered = self.accelerator.gather(values)
         means = gathered[:, :-1].mean(0).tolist()
         for key, value in zip(names, means, strict=True):
             self._metrics[mode][key].append(value)
+        # The ranks of a context- or tensor-parallel group hold the same batch: count it once.
+        plan = self._cp_plan
+        replicas = (plan.size if plan is not None else 1) * _tensor_parallel_size(self)
+        batch_tokens = int(gathered[:, -1].sum().item()) // replicas
         if mode == "train":
-            # The ranks of a context- or tensor-parallel group hold the same batch: count it once.
-            plan = self._cp_plan
-            replicas = (plan.size if plan is not None else 1) * _tensor_parallel_size(self)
-            self._total_tokens += int(gathered[:, -1].sum().item()) // replicas
-        self._metrics[mode]["num_tokens"] = [self._total_tokens]
+            self._total_tokens += batch_tokens
+            self._metrics[mode]["num_tokens"] = [self._total_tokens]
+        else:
+            so_far = self._metrics[mode].get("num_tokens") or [0]
+            self._metrics[mode]["num_tokens"] = [so_far[-1] + batch_tokens]
+
+
+@contextlib.contextmanager
+def _checkpointing_off(model: Any, checkpointing_kwargs: dict | None) -> Iterator[None]:
+    """Activation checkpointing off for a no-grad forward (the reference), back on afterwards:
+    TRL's ``disable_gradient_checkpointing``, minus its FutureWarning. transformers 5.25 renamed
+    the methods (``is_gradient_checkpointing`` -> ``is_activation_checkpointing``, ...) and warns on
+    every use of the old names, which TRL reads at every call, checkpointing on or not; the new
+    names are used where they exist (transformers 5.20 has only the old ones)."""
+    new_names = hasattr(type(_unwrap_peft(model)), "is_activation_checkpointing")
+    enabled = model.is_activation_checkpointing if new_names else model.is_gradient_checkpointing
+    if not enabled:
+        yield
+        return
+    if new_names:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if new_names:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable(checkpointing_kwargs)
+
+
+def _is_peft(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model. accelerate's ``is_peft_model`` first unwraps DDP and
+    DeepSpeed engines, importing DeepSpeed wherever it is installed (on a host without CUDA it then
+    logs "Setting accelerator to CPU"); the models asked about here are never wrapped (what the
+    user passed, or the trainer's ``self.model``), so this one only checks the type."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _unwrap_peft(model: Any) -> Any:
+    """The transformers model under a PEFT model (whose wrappers forward attribute reads to it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def forward_autocast(accelerator: Any) -> contextlib.AbstractContextManager:

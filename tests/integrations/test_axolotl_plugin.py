@@ -73,6 +73,8 @@ def test_valid_config_parses():
         ({"solopo_alpha": -1.0}, "solopo_alpha"),
         ({"solopo_loss_type": "kto"}, "solopo_loss_type"),
         ({"solopo_ra_gradient": "short"}, "solopo_ra_gradient"),
+        ({"solopo_nll_average": "batch"}, "solopo_nll_average"),
+        ({"solopo_nll_average": "token", "solopo_loss_type": "simpo"}, "solopo_nll_average"),
     ],
 )
 def test_invalid_config_is_rejected(extra, match):
@@ -116,6 +118,7 @@ def test_training_args_map_yaml_keys_to_a_solopo_config(tmp_path):
         solopo_ra_distance="squared",
         solopo_ra_use_reference=None,
         solopo_ra_gradient="long",
+        solopo_nll_average="token",
         solopo_long_prompt_field="context_long",
         solopo_max_long_length=300,
         solopo_gamma=None,
@@ -127,6 +130,7 @@ def test_training_args_map_yaml_keys_to_a_solopo_config(tmp_path):
         "solopo_ra_target": "both",
         "solopo_ra_distance": "squared",
         "solopo_ra_gradient": "long",
+        "solopo_nll_average": "token",
         "long_prompt_column": "context_long",
         "max_long_length": 300,
     }
@@ -140,7 +144,8 @@ def test_training_args_map_yaml_keys_to_a_solopo_config(tmp_path):
         options.ra_target,
         options.ra_distance,
         options.ra_gradient,
-    ) == ("orpo", 2.0, "both", "squared", "long")
+        options.nll_average,
+    ) == ("orpo", 2.0, "both", "squared", "long", "token")
 
 
 def test_post_trainer_create_refuses_a_trainer_that_is_not_solopo():

@@ -70,11 +70,39 @@ def test_another_context_parallel_backend_is_refused_naming_it():
         integration.accelerate_plan(_accelerator(2, backend="deepspeed"))
 
 
-def test_packing_with_context_parallelism_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="padding_free: not supported with context parallelism"):
-        integration.check_combination(_accelerator(2), padding_free=True)
-    integration.check_combination(_accelerator(2), padding_free=False)
-    integration.check_combination(_accelerator(1), padding_free=True)
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            {"padding_free": True, "cp_size": 2},
+            r"padding_free: not supported with context parallelism "
+            r"\(parallelism_config.cp_size=2\).* set padding_free=False",
+        ),
+        (
+            {"precompute": True, "cp_size": 2},
+            r"precompute_ref_log_probs: not supported with context parallelism "
+            r"\(parallelism_config.cp_size=2\).* precompute_ref_log_probs=False .*"
+            r"\(parallelism_config.cp_size=1\)",
+        ),
+        (
+            {"precompute": True, "deepspeed": True},
+            r"precompute_ref_log_probs: not supported under DeepSpeed .*=False",
+        ),
+    ],
+    ids=["packing+cp", "precompute+cp", "precompute+deepspeed"],
+)
+def test_the_parallel_setups_solopo_refuses(setup, message):
+    from solopo_kernels.integrations.args import check_parallel_setup
+
+    facts = dict(precompute=False, needs_reference=True, cp_size=1, deepspeed=False)
+    facts["padding_free"] = False
+    with pytest.raises(ValueError, match=message):
+        check_parallel_setup(**{**facts, **setup})
+    # Each part alone is fine, and so is a reference-free type that has nothing to precompute.
+    for name, value in setup.items():
+        check_parallel_setup(**{**facts, name: value})
+    if "precompute" in setup:
+        check_parallel_setup(**{**facts, **setup, "needs_reference": False})
 
 
 def test_an_engine_that_cuts_the_slices_gives_an_unsharded_plan():
@@ -93,7 +121,9 @@ def test_axolotl_packing_with_context_parallelism_is_refused():
 
     cfg = {"rl": "dpo", "solopo": True, "context_parallel_size": 2, "dpo_padding_free": True}
     with pytest.raises(
-        ValueError, match="dpo_padding_free: not supported with context_parallel_size"
+        ValueError,
+        match=r"dpo_padding_free: not supported with context parallelism \(context_parallel_size: "
+        r"2\).* set dpo_padding_free: false",
     ):
         check_axolotl_config(cfg)
     check_axolotl_config({**cfg, "dpo_padding_free": False})
@@ -131,8 +161,9 @@ def test_precomputed_reference_with_context_parallelism_is_refused_naming_both_o
 
     with pytest.raises(
         ValueError,
-        match=r"precompute_ref_log_probs: not supported with context parallelism .*cp_size=2.* "
-        r"precompute_ref_log_probs=False .*\(cp_size=1\)",
+        match=r"precompute_ref_log_probs: not supported with context parallelism "
+        r"\(parallelism_config.cp_size=2\).* precompute_ref_log_probs=False .*"
+        r"\(parallelism_config.cp_size=1\)",
     ):
         SoLoPOTrainer(
             model=policy,
@@ -155,8 +186,8 @@ def test_axolotl_precompute_with_context_parallelism_is_refused_naming_both_opti
     }
     with pytest.raises(
         ValueError,
-        match=r"precompute_ref_log_probs: not supported with context_parallel_size > 1.*"
-        r"precompute_ref_log_probs: false.*context_parallel_size: 1",
+        match=r"precompute_ref_log_probs: not supported with context parallelism "
+        r"\(context_parallel_size: 2\).*precompute_ref_log_probs: false.*context_parallel_size: 1",
     ):
         check_axolotl_config(cfg)
     check_axolotl_config({**cfg, "precompute_ref_log_probs": False})

@@ -151,3 +151,51 @@ def test_forward_autocast_follows_the_engine(native_amp, is_fsdp2, expected):
     accelerator = SimpleNamespace(native_amp=native_amp, is_fsdp2=is_fsdp2, autocast=lambda: marker)
     with solopo_trl.forward_autocast(accelerator) as entered:
         assert entered == expected
+
+
+@pytest.mark.slow
+def test_bf16_with_smollm2_runs_its_decoder_layers_under_autocast(tmp_path):
+    """The way users run it: SmolLM2-135M-Instruct (float32 weights), its chat template,
+    ``bf16=True``; a hook on the first decoder layer sees bf16 autocast in both forwards of an
+    evaluation step (short and long rows; forward only, to keep the test cheap: the tiny-model
+    tests above cover training), and the loss is finite."""
+    from datasets import Dataset
+
+    from solopo_kernels.pretrained import load_pretrained
+    from tests.pretrained_models import folder_or_skip
+
+    folder_or_skip("smollm2-135m-instruct")
+    model, tok = load_pretrained("smollm2-135m-instruct")
+    seen: list = []
+    _record_autocast(model, "policy", seen)
+
+    def chat(context):
+        return [{"role": "user", "content": f"{context}\n\nWhere was Jonas Berg born?"}]
+
+    fact = "Jonas Berg was born in Bergen and lives in Oslo."
+    distractor = "Lena Park was born in Busan. She works for a shipping company in Seoul."
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": chat(fact),
+                "long_prompt": chat(f"{distractor}\n\n{fact}\n\n{distractor}"),
+                "chosen": [{"role": "assistant", "content": "Bergen."}],
+                "rejected": [{"role": "assistant", "content": "Oslo."}],
+            }
+        ]
+        * 2
+    )
+    trainer = common.trainer(
+        tmp_path,
+        tok=tok,
+        policy=model,
+        ref=None,
+        data=data,
+        solopo_loss_type="simpo",
+        beta=2.0,
+        bf16=True,
+        per_device_eval_batch_size=2,
+    )
+    metrics = trainer.evaluate(data)
+    assert seen == [("policy", torch.bfloat16)] * 2
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,40 @@ def test_loss_and_gradient_match_float64_full_logits(tmp_path, loss_type, ra_tar
     reference.assert_close_rel(
         grads["q_proj"], policy64.model.layers[0].self_attn.q_proj.weight.grad, 1e-5, "q_proj grad"
     )
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "cpo"])
+def test_the_token_averaged_nll_term_matches_float64_full_logits(tmp_path, loss_type):
+    """solopo_nll_average="token": the NLL term over all chosen response tokens of the batch
+    (chosen responses of 4 and 8 tokens here, so the two averages differ)."""
+    rows = [
+        (r[0], r[1], r[2] + (" on the old shelf" if i % 2 else ""), r[3])
+        for i, r in enumerate(common.ROWS)
+    ]
+    tok = common.tokenizer()
+    policy, _ = common.model_pair(tok)
+    policy64 = copy.deepcopy(policy).double()
+    trainer = common.trainer(
+        tmp_path,
+        tok=tok,
+        policy=policy,
+        ref=None,
+        data=common.dataset(rows),
+        solopo_loss_type=loss_type,
+        solopo_nll_average="token",
+        beta=0.5,
+    )
+    loss, grads = _loss_and_grads(trainer, [0, 1, 2, 3])
+    expected = common.reference_loss(
+        policy64, None, tok, rows, loss_type=loss_type, beta=0.5, nll_average="token"
+    )
+    expected.backward()
+    reference.assert_close_rel(loss, expected.detach(), 2e-6, f"{loss_type} token-NLL loss")
+    reference.assert_close_rel(grads["lm_head"], policy64.lm_head.weight.grad, 1e-5, "lm_head")
+    sequence = common.reference_loss(
+        copy.deepcopy(policy).double(), None, tok, rows, loss_type=loss_type, beta=0.5
+    )
+    assert abs(sequence.item() - expected.item()) > 1e-3  # the option changed the loss
 
 
 def test_alpha_zero_needs_no_long_prompt_and_is_the_preference_loss(tmp_path):
@@ -202,6 +237,73 @@ def test_predict_after_training_with_precomputed_references_and_no_reference_mod
     assert abs(after["test_loss"] - expected) <= 1e-5 * abs(expected), (after, expected)
     assert after["test_rewards/margins"] > 1e-3  # trained away from the reference
     assert abs(trainer.evaluate()["eval_loss"] - expected) <= 1e-5 * abs(expected)
+
+
+def test_eval_num_tokens_counts_the_evaluated_tokens_not_the_training_ones(tmp_path):
+    trainer = common.trainer(
+        tmp_path, per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2
+    )
+    trainer.train()
+    batch = common.batch(trainer, [0, 1, 2, 3])
+    per_batch = int(batch["attention_mask"].sum() + batch["long_attention_mask"].sum())
+    assert trainer.state.log_history[1]["num_tokens"] == 2 * per_batch  # two training steps
+    for _ in range(2):  # each evaluation counts its own batches
+        assert trainer.evaluate(common.dataset())["eval_num_tokens"] == per_batch
+    assert trainer.predict(common.dataset()).metrics["test_num_tokens"] == per_batch
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_run_raises_no_checkpointing_deprecation_warning(tmp_path, checkpointing):
+    """transformers 5.25 deprecates the gradient_checkpointing* model methods; TRL's
+    disable_gradient_checkpointing, which the reference forward used, read them at every call,
+    checkpointing on or not (a FutureWarning in every run)."""
+    import warnings
+
+    tok = common.tokenizer()
+    policy, ref = common.model_pair(tok)
+    args = common.config(tmp_path, gradient_checkpointing=checkpointing, max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = SoLoPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=common.dataset(),
+            processing_class=tok,
+        )
+        trainer.train()
+        trainer.evaluate(common.dataset())
+    deprecated = [str(w.message) for w in caught if "checkpointing" in str(w.message).lower()]
+    assert not deprecated, deprecated
+
+
+def test_the_trainers_own_peft_checks_do_not_import_deepspeed():
+    """accelerate's is_peft_model imports DeepSpeed where it is installed (which, without CUDA,
+    logs "Setting accelerator to CPU"); the trainer's own checks do not (TRL's DPOTrainer still
+    calls accelerate's, so a run imports it once anyway: tests/conftest.py sets DS_ACCELERATOR)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed")
+    code = (
+        "import sys\n"
+        "from solopo_kernels.integrations.trl import _is_peft\n"
+        "from tests.integrations import common\n"
+        "policy, _ = common.model_pair(common.tokenizer())\n"
+        "assert not _is_peft(policy)\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
 
 
 def test_the_model_card_names_solopo(tmp_path):
