@@ -1,10 +1,12 @@
 """solopo-data on real pretrained models, run the way users run it (the command line, the
 converted folder as --tokenizer and --model): build-contexts counts lengths in the model's own
-tokens (SmolLM2's chat template), and sample-pairs on SmolLM2-135M-Instruct
-with transformers writes pairs a user would accept. The same sampling on vLLM is in
-test_data_vllm.py (vLLM's own virtualenv)."""
+tokens (SmolLM2's chat template; Gemma's plain text, marked heavy), and sample-pairs on
+SmolLM2-135M-Instruct with transformers (heavy) writes pairs a user would accept. The same
+sampling on vLLM is in test_data_vllm.py (vLLM's own virtualenv)."""
 
 from __future__ import annotations
+
+import pytest
 
 from solopo_kernels.data.cli import main
 
@@ -42,6 +44,23 @@ def test_build_contexts_counts_smollm2_chat_tokens(smollm2_folder, sample_path, 
         assert _within_one_percent(len(ids), target), (row["id"], len(ids), target)
 
 
+@pytest.mark.heavy  # Gemma's tokenizer of 262K tokens loads in tens of seconds on two cores
+def test_build_contexts_counts_gemma3_tokens_in_plain_text(gemma3_folder, sample_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    output = tmp_path / "contexts.jsonl"
+    command = ["build-contexts", "--input", str(sample_path), "--output", str(output)]
+    command += ["--tokenizer", str(gemma3_folder), "--target-lengths", "1k", "--format"]
+    assert main([*command, "standard", "--limit", "4", "--quiet"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_folder)
+    for row in read_jsonl(output):
+        assert isinstance(row["long_prompt"], str) and row["long_prompt"].endswith("Answer:")
+        ids = tokenizer(row["long_prompt"])["input_ids"]  # with <bos>, as the model reads it
+        assert ids[0] == tokenizer.bos_token_id and len(ids) == row["metadata"]["long_length"] + 1
+        assert _within_one_percent(len(ids), 1024), (row["id"], len(ids))
+
+
+@pytest.mark.heavy  # ~2 min on two cores; CI's vLLM pass samples SmolLM2's pairs (test_data_vllm.py)
 def test_sample_pairs_on_smollm2_with_transformers(smollm2_folder, tmp_path, capsys):
     from transformers import AutoTokenizer
 

@@ -11,7 +11,6 @@ bf16 and accumulated exactly, as the kernel does), not the float32 one.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import pytest
@@ -137,15 +136,6 @@ def smollm2(smollm2_folder):
     return model, AutoTokenizer.from_pretrained(smollm2_folder)
 
 
-@functools.cache
-def _float32_hand_loss(folder: str) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return _hand_loss(model, tokenizer, _rows(), autocast=False, **OPTIONS)
-
-
 def _first_loss(trainer) -> float:
     """The loss of the first batch (every row), as the first training step computes it (without
     the backward and the optimizer step: the value is what this test checks)."""
@@ -154,13 +144,14 @@ def _first_loss(trainer) -> float:
         return trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item()
 
 
-def test_first_loss_on_chat_rows_is_the_hand_computation(smollm2, smollm2_folder, tmp_path):
+def test_first_loss_on_chat_rows_is_the_hand_computation(smollm2, tmp_path):
     model, tokenizer = smollm2
-    expected = _float32_hand_loss(str(smollm2_folder))
+    expected = _hand_loss(model, tokenizer, _rows(), autocast=False, **OPTIONS)
     first = _first_loss(_trainer(model, tokenizer, _rows(), tmp_path, bf16=False, **OPTIONS))
     assert abs(first - expected) <= 2e-6 * abs(expected), (first, expected)
 
 
+@pytest.mark.heavy  # ~90 s on two cores; tests/integrations/test_mixed_precision.py covers bf16 in CI
 def test_first_bf16_loss_is_the_models_bf16_forward(smollm2, tmp_path):
     # One pair: bf16 matmuls are slow on CPUs without bf16 units.
     model, tokenizer = smollm2
