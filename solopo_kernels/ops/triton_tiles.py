@@ -8,13 +8,15 @@ Forward (one kernel, split-V, no logits in global memory)
     Program ``(row block, split)`` owns ``BLOCK_N`` rows and a contiguous range of the vocabulary
     (its *split*). It walks the split in ``BLOCK_V``-column tiles; each logits tile is a ``tl.dot``
     K-loop over ``H`` with float32 accumulation, bias and ``1 / temperature`` applied in registers,
-    folded into a running max and a rescaled sum of exponentials, and the target logit is picked up
-    when the target id falls in the tile. Only three float32 numbers per (split, row) are written,
-    into a ``(3, splits, N)`` buffer; a few torch ops merge the splits (``O(splits * N)``, a fixed
-    order: deterministic, no atomics, no locks). The number of splits comes from the SM count
-    (:func:`vocab_splits`), so that small ``N`` still fills the GPU. With a saved-logits budget
-    (:class:`.tiles.KernelOptions`) the kernel also stores the float32 logits of the first
-    ``saved_columns`` columns.
+    folded into a running max and a rescaled sum of exponentials (right for masked columns too:
+    a split or a tail of ``-inf`` adds 0, not NaN; see :func:`.triton_kernels.fold_tile`), and
+    the target logit is picked up when the target id falls in the tile. Only three float32 numbers
+    per (split, row) are written, into a ``(3, splits, N)`` buffer; a few torch ops merge the
+    splits (``O(splits * N)``, a fixed order: deterministic, no atomics, no locks). The number of
+    splits comes from the SM count (:func:`vocab_splits`), so that small ``N`` still fills the
+    GPU. With a saved-logits budget (:class:`.tiles.KernelOptions`: one per device, shared by the
+    calls alive at once) the kernel also stores the float32 logits of the first ``saved_columns``
+    columns.
 
 Backward (a Triton tile kernel + cuBLAS GEMMs; exact by default)
     For a ``[token_tile, vocab_tile]`` tile, :func:`.triton_kernels.dlogits_kernel` recomputes the logits (same
@@ -62,7 +64,8 @@ as ``max |err| / max |ref|``): float32: values and gradients <= 1e-5; bfloat16/f
 <= 1e-5, gradients <= 1e-2 (the gradients are returned in the input dtype).
 
 Block sizes: on CUDA ``triton.autotune`` over a short list of configs per operand dtype, less
-those the compile report found spilling, keyed on everything that changes a config's fitness
+those that spill registers for the launch's flags and GPU (a table of what ptxas reported for
+every config of every flag combination), keyed on everything that changes a config's fitness
 (:mod:`.triton_configs`). Under ``TRITON_INTERPRET=1``, one fixed small config.
 ``TRITON_INTERPRET`` must be set before this module (and Triton) is imported. The kernels
 themselves are in :mod:`.triton_kernels`; this module sizes the grids and launches them.
@@ -116,8 +119,12 @@ _MAX_TOKEN_TILE = 8192
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-FORWARD_LAUNCHER = configs.autotuned(kernels.even_k(kernels.forward_kernel), configs.CONFIGS)
-DLOGITS_LAUNCHER = configs.autotuned(kernels.even_k(kernels.dlogits_kernel), configs.CONFIGS)
+FORWARD_LAUNCHER = configs.autotuned(
+    kernels.even_k(kernels.forward_kernel), configs.CONFIGS, name="forward"
+)
+DLOGITS_LAUNCHER = configs.autotuned(
+    kernels.even_k(kernels.dlogits_kernel), configs.CONFIGS, name="dlogits"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,14 +292,14 @@ def run_forward(
         saved = torch.empty((0, edge), dtype=torch.float32, device=rows.device) if edge else None
         return empty, empty.clone(), saved
     shape_key = (*tuning_key, rows.dtype, weight.dtype, weight.stride(), bias is not None)
-    configs.tune_on_prefix(
-        n_rows,
-        (*shape_key, tiles.dot_precision, edge > 0),
-        lambda cap: run_forward(
+
+    def run_prefix(cap: int) -> object:
+        return run_forward(
             launch, rows[:cap], weight, bias, targets[:cap], temperature=temperature,
             tiles=tiles, save_logits=save_logits, tuning_key=tuning_key,
-        ),  # fmt: skip
-    )
+        )  # fmt: skip
+
+    configs.tune_on_prefix(n_rows, (*shape_key, tiles.dot_precision, edge > 0), run_prefix)
     saved = torch.empty((n_rows, edge), dtype=torch.float32, device=rows.device) if edge else None
     cols_per_split, splits = split_columns(vocab, tiles.splits)
     partial = torch.empty((3, splits, n_rows), dtype=torch.float32, device=rows.device)

@@ -138,9 +138,8 @@ def _tma_logits_block(
             w = w.to(tl.float32)
         acc = tl.dot(h, w.T, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += load_bias(
-            bias_ptr, cols, cols < V, rows_desc.dtype, ROUND_HEAD, DOT_IN_FP32
-        )[None, :]
+        bias = load_bias(bias_ptr, cols, cols < V, rows_desc.dtype, ROUND_HEAD, DOT_IN_FP32)
+        acc += bias[None, :]
     return acc * inv_temperature
 
 
@@ -246,8 +245,12 @@ def _tma_dlogits_kernel(
     )  # fmt: skip
 
 
-FORWARD_LAUNCHER = configs.autotuned(_tma_forward_kernel, TMA_CONFIGS, configs.CONFIGS)
-DLOGITS_LAUNCHER = configs.autotuned(_tma_dlogits_kernel, TMA_CONFIGS, configs.CONFIGS)
+FORWARD_LAUNCHER = configs.autotuned(
+    _tma_forward_kernel, TMA_CONFIGS, configs.CONFIGS, name="tma_forward"
+)
+DLOGITS_LAUNCHER = configs.autotuned(
+    _tma_dlogits_kernel, TMA_CONFIGS, configs.CONFIGS, name="tma_dlogits"
+)
 
 
 def _descriptor(tensor: torch.Tensor, block: list[int]):

@@ -703,3 +703,37 @@ def test_the_documented_yaml_runs_from_the_command_line(workdir, capsys):
     [step] = [entry for entry in state["log_history"] if "loss" in entry]
     assert step["solo_ra/alignment_loss"] > 0  # the YAML's solopo_alpha: 1.0 reached the trainer
     assert launcher.main([]) == 2 and "usage:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the environment
+def test_a_missing_mergekit_names_the_fix():
+    """TRL 0.24 with transformers 5 imports mergekit unconditionally (the check it asks transformers
+    for returns a tuple, always true): without mergekit, importing the trainer names the fix
+    instead of TRL's chained RuntimeError. mergekit is hidden in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, importlib.util, sys
+
+class Missing(importlib.abc.Loader):  # mergekit as a fresh environment has it: not there
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise ModuleNotFoundError("No module named 'mergekit'", name="mergekit")
+
+class HideMergekit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mergekit":
+            return importlib.util.spec_from_loader(name, Missing())
+
+sys.meta_path.insert(0, HideMergekit())
+from solopo_kernels.integrations.llamafactory import trainer
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "ImportError: LLaMA-Factory's DPO trainer cannot be imported" in result.stderr
+    assert "pip install mergekit" in result.stderr

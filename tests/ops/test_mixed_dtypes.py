@@ -62,7 +62,11 @@ def test_float32_head_with_16_bit_hidden_states_matches_float64(backend, dtype):
 
 @pytest.mark.parametrize(
     "hidden_dtype, weight_dtype",
-    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, torch.float64)],
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.float64),
+    ],
 )
 def test_other_dtype_pairs_are_refused_by_name(hidden_dtype, weight_dtype):
     weight = torch.randn(V, H).to(weight_dtype)
@@ -103,7 +107,9 @@ def test_a_non_contiguous_bias_is_read_by_its_strides(backend):
         out = fused_linear_logprobs(hidden, head.weight, labels, bias, backend=backend)
         (grad_bias,) = torch.autograd.grad(out.sum(), [bias])
     ref_bias = bias.detach().double().requires_grad_()
-    ref = reference.token_logps(hidden.detach().double(), head.weight.detach().double(), labels, ref_bias)
+    ref = reference.token_logps(
+        hidden.detach().double(), head.weight.detach().double(), labels, ref_bias
+    )
     (ref_grad,) = torch.autograd.grad(ref.sum(), [ref_bias])
     reference.assert_close_rel(out, ref, 1e-5, "logp")
     reference.assert_close_rel(grad_bias, ref_grad, 1e-5, "grad bias")
@@ -117,14 +123,17 @@ def test_the_tuning_key_holds_every_flag_that_changes_a_configs_fitness(monkeypa
 
     monkeypatch.setattr(triton_configs, "INTERPRET", False)
     forward = triton_configs.autotuned(
-        triton_kernels.even_k(triton_kernels.forward_kernel), triton_configs.CONFIGS
-    )
+        triton_kernels.even_k(triton_kernels.forward_kernel), triton_configs.CONFIGS,
+        name="forward",
+    )  # fmt: skip
     dlogits = triton_configs.autotuned(
-        triton_kernels.even_k(triton_kernels.dlogits_kernel), triton_configs.CONFIGS
-    )
+        triton_kernels.even_k(triton_kernels.dlogits_kernel), triton_configs.CONFIGS,
+        name="dlogits",
+    )  # fmt: skip
     tma = triton_configs.autotuned(
-        triton_tma_tiles._tma_forward_kernel, triton_tma_tiles.TMA_CONFIGS, triton_configs.CONFIGS
-    )
+        triton_tma_tiles._tma_forward_kernel, triton_tma_tiles.TMA_CONFIGS, triton_configs.CONFIGS,
+        name="tma_forward",
+    )  # fmt: skip
     flags = ["HAS_BIAS", "ROUND_HEAD"]
     assert forward.keys == ["H", "V", "ROWS", *flags, "SAVE_LOGITS", "DOT_PRECISION"]
     assert dlogits.keys == ["H", "V", "ROWS", *flags, "TRACK_MAX", "DOT_PRECISION"]
@@ -145,8 +154,12 @@ def test_the_solopo_loss_with_a_float32_head_equals_the_loss_with_its_bf16_copy(
     rounded_w = head.weight.detach().bfloat16().requires_grad_()
     rounded_b = head.bias.detach().bfloat16().requires_grad_()
     kwargs = dict(loss_type="simpo", beta=2.0, alpha=0.5, backend="torch")
-    mixed = fused_solopo_loss(head.weight, short, short_labels, long_, long_labels, head.bias, **kwargs)
-    same = fused_solopo_loss(rounded_w, short, short_labels, long_, long_labels, rounded_b, **kwargs)
+    mixed = fused_solopo_loss(
+        head.weight, short, short_labels, long_, long_labels, head.bias, **kwargs
+    )
+    same = fused_solopo_loss(
+        rounded_w, short, short_labels, long_, long_labels, rounded_b, **kwargs
+    )
     reference.assert_close_rel(mixed.loss, same.loss, 1e-5, "loss")
     (grad_mixed,) = torch.autograd.grad(mixed.loss, [head.weight])
     (grad_same,) = torch.autograd.grad(same.loss, [rounded_w])

@@ -22,7 +22,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -30,6 +29,19 @@ from ...losses import solopo_loss
 from ..model_patch import IGNORE_INDEX, head_temperature, patch_solopo_forward
 from .args import AVERAGED_LOSS_TYPES, SoLoPOLlamaFactoryArguments, loss_options
 from .data import LONG_BATCH_KEYS, REF_COLUMNS, SoLoPODataCollator
+
+try:
+    from llamafactory.train.dpo.trainer import CustomDPOTrainer
+except (ImportError, RuntimeError) as error:
+    # TRL 0.24 asks transformers whether mergekit is installed; transformers 5 answers with a
+    # tuple, which is always true, so `from trl import DPOTrainer` imports mergekit and fails
+    # without it. LLaMA-Factory 0.9.5 resolves to exactly that pair (TRL 0.24, transformers 5.6).
+    if "mergekit" not in str(error):
+        raise
+    raise ImportError(
+        "LLaMA-Factory's DPO trainer cannot be imported: TRL 0.24 with transformers 5.x imports "
+        "the optional package mergekit unconditionally. Fix: `pip install mergekit`."
+    ) from error
 
 # Batch keys that are not model inputs.
 _NOT_MODEL_INPUTS = ("labels", *LONG_BATCH_KEYS, *REF_COLUMNS)
