@@ -44,7 +44,7 @@ def test_build_contexts_counts_smollm2_chat_tokens(smollm2_folder, sample_path, 
         assert _within_one_percent(len(ids), target), (row["id"], len(ids), target)
 
 
-@pytest.mark.heavy  # Gemma's tokenizer of 262K tokens loads in tens of seconds on two cores
+@pytest.mark.heavy  # ~10 s more of CI; SmolLM2's case runs the same code by default
 def test_build_contexts_counts_gemma3_tokens_in_plain_text(gemma3_folder, sample_path, tmp_path):
     from transformers import AutoTokenizer
 
