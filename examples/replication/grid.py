@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -119,19 +120,19 @@ def run_units(
     jobs: int,
     deadline: float | None,
     desc: str,
+    worker: Callable[..., dict[str, Any]] = run_unit_in_worker,
 ) -> bool:
     """Run the units without a result file, ``jobs`` at a time in ``pool``; True when all are
     done. No unit is started after ``deadline`` (a ``time.monotonic()`` value); the running ones
-    finish."""
+    finish. ``worker(unit, preset, work_root, results)`` runs one unit in a pool process and
+    returns its result (``accuracy`` by column, ``unit`` with ``arm`` and ``seed``)."""
     todo = [unit for unit in units if load_result(work, unit, preset) is None]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit")
     pending: set = set()
     while todo or pending:
         while todo and len(pending) < jobs and (deadline is None or time.monotonic() < deadline):
             unit = todo.pop(0)
-            pending.add(
-                pool.submit(run_unit_in_worker, unit, preset, str(work.root), str(work.results))
-            )
+            pending.add(pool.submit(worker, unit, preset, str(work.root), str(work.results)))
         if not pending:
             break
         done, pending = wait(pending, return_when=FIRST_COMPLETED)

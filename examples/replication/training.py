@@ -81,7 +81,7 @@ class Unit:
         return f"{self.loss_type}-{self.variant}-{settings}-seed{self.seed}"
 
 
-def _rss_kib(field_name: str) -> int:
+def rss_kib(field_name: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field_name + ":"):
@@ -89,7 +89,7 @@ def _rss_kib(field_name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak RSS mark (Linux); False when the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -99,7 +99,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _StepTimer(TrainerCallback):
+class StepTimer(TrainerCallback):
     """Wall time of every optimizer step."""
 
     def __init__(self) -> None:
@@ -135,9 +135,9 @@ def train(unit: Unit, preset: Preset, work: Workspace, model: Any, tokenizer: An
     from solopo_kernels.integrations.trl import SoLoPOConfig, SoLoPOTrainer
 
     dataset = _dataset(unit, read_jsonl(work.pairs))
-    timer = _StepTimer()
-    rss_before = _rss_kib("VmRSS")
-    peak_valid = _reset_peak_rss()
+    timer = StepTimer()
+    rss_before = rss_kib("VmRSS")
+    peak_valid = reset_peak_rss()
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         config = SoLoPOConfig(
@@ -174,7 +174,7 @@ def train(unit: Unit, preset: Preset, work: Workspace, model: Any, tokenizer: An
         trainer.remove_callback(PrinterCallback)  # disable_tqdm's log printer: one bar is enough
         output = trainer.train()
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    peak = _rss_kib("VmHWM") if peak_valid else None
+    peak = rss_kib("VmHWM") if peak_valid else None
     return {
         "pairs": len(dataset),
         "steps": output.global_step,

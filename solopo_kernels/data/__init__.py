@@ -9,6 +9,9 @@ Pipeline (also the ``solopo-data`` command line, :mod:`solopo_kernels.data.cli`)
    (:mod:`~solopo_kernels.data.backends`), judges them by sub-exact-match
    (:func:`sub_exact_match`) and writes chosen/rejected pairs with the long prompt alongside,
    resumably (:mod:`~solopo_kernels.data.store`).
+4. :func:`evaluate` answers held-out short and long prompts greedily with a backend and
+   reports the accuracy per context length (:mod:`~solopo_kernels.data.evaluate`), resumably;
+   :func:`compare_runs` pairs two runs question by question.
 
 Importing this package does not import torch, the kernels or the losses; the backends import
 torch/transformers/vllm/openai when they are built.
@@ -36,6 +39,18 @@ from .contexts import (
     prompt_text,
     summarize_lengths,
 )
+from .evaluate import (
+    EvaluationConfig,
+    EvaluationItem,
+    EvaluationRun,
+    accuracy_table,
+    build_report,
+    compare_runs,
+    evaluate,
+    evaluation_items,
+    markdown_report,
+    mcnemar_p,
+)
 from .judge import (
     extract_final_answer,
     load_judge,
@@ -51,6 +66,9 @@ __all__ = [
     "TEMPLATES",
     "ContextBuilder",
     "DistractorPool",
+    "EvaluationConfig",
+    "EvaluationItem",
+    "EvaluationRun",
     "Generation",
     "GenerationBackend",
     "OpenAIBackend",
@@ -64,13 +82,20 @@ __all__ = [
     "TargetLengths",
     "TransformersBackend",
     "VLLMBackend",
+    "accuracy_table",
     "build_contexts",
+    "build_report",
+    "compare_runs",
+    "evaluate",
+    "evaluation_items",
     "example_key",
     "extract_final_answer",
     "format_summary",
     "load_backend",
     "load_judge",
     "make_sub_em_judge",
+    "markdown_report",
+    "mcnemar_p",
     "normalize_answer",
     "parse_vllm_args",
     "prompt_seed",

@@ -1,7 +1,9 @@
-"""``solopo-data``: turn QA data into SoLoPO training data in two commands.
+"""``solopo-data``: turn QA data into SoLoPO training data in two commands, and measure a model's
+accuracy by context length before and after training with a third.
 
     solopo-data build-contexts --input qa.jsonl --output contexts.jsonl --tokenizer MODEL
     solopo-data sample-pairs --input contexts.jsonl --output pairs.jsonl --model MODEL
+    solopo-data evaluate --input held-out-contexts.jsonl --output eval.json --model MODEL
 
 Run ``solopo-data COMMAND --help`` for every option. ``python -m solopo_kernels.data`` is the
 same program.
@@ -10,6 +12,7 @@ same program.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +23,13 @@ from typing import Any
 
 from .backends import SamplingServerError, TransformersBackend, load_backend, parse_vllm_args
 from .contexts import TEMPLATES, TargetLengths, build_contexts, format_summary, summarize_lengths
+from .evaluate import (
+    EvaluationConfig,
+    build_report,
+    evaluate,
+    evaluation_items,
+    markdown_report,
+)
 from .judge import BUILTIN_JUDGES, DEFAULT_ANSWER_MARKER, load_judge
 from .readers import read_context_rows, read_examples
 from .sampler import SamplingConfig, sample_pairs
@@ -132,30 +142,11 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
     for row in rows:
         texts += [*_prompt_texts(row["prompt"]), *row["answers"]]
     tokenizer = load_tokenizer(tokenizer_name, texts)
-    if args.model == TINY:
-        if args.backend in ("vllm", "openai") or engine_options.get("vllm_args"):
-            raise ValueError("--model tiny is built in memory and runs on the transformers backend")
-        from ..tiny_models import tiny_llama
-
-        longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
-        model = tiny_llama(
-            tokenizer, max_position_embeddings=max(4096, longest + config.max_new_tokens)
-        )
-        backend = TransformersBackend(model.to(args.device or "cpu"), tokenizer)
-    else:
-        try:
-            backend = load_backend(
-                args.backend,
-                args.model,
-                tokenizer,
-                tokenizer_path=args.tokenizer,
-                device=args.device,
-                dtype=args.dtype,
-                **engine_options,
-            )
-        except SamplingServerError as error:
-            print(f"solopo-data sample-pairs: error: {error}", file=sys.stderr)
-            return 1
+    try:
+        backend = _load_model_backend(args, tokenizer, texts, config.max_new_tokens, engine_options)
+    except SamplingServerError as error:
+        print(f"solopo-data sample-pairs: error: {error}", file=sys.stderr)
+        return 1
     # Engine options and the server's address are not part of the resume identity: a run can be
     # resumed on another number of GPUs or against a server that moved. Nor is the input's path:
     # the store keys every finished example by its content, so a moved input resumes and a
@@ -163,9 +154,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
     settings = {
         "model": args.model,
         "tokenizer": tokenizer_name,
-        "judge": f"{args.judge} after {args.answer_marker!r}"
-        if args.judge in BUILTIN_JUDGES
-        else args.judge,
+        "judge": _judge_setting(args),
     }
     try:
         summary = sample_pairs(
@@ -193,6 +182,128 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         )
         return 1
     print(summary)
+    return 0
+
+
+def _load_model_backend(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    engine_options: dict[str, Any],
+) -> Any:
+    """The generation backend of ``--model`` (``tiny``: a random tiny Llama built in memory on
+    the transformers backend, long enough for ``texts`` plus ``max_new_tokens``)."""
+    if args.model != TINY:
+        return load_backend(
+            args.backend,
+            args.model,
+            tokenizer,
+            tokenizer_path=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            **engine_options,
+        )
+    if args.backend in ("vllm", "openai") or engine_options.get("vllm_args"):
+        raise ValueError("--model tiny is built in memory and runs on the transformers backend")
+    from ..tiny_models import tiny_llama
+
+    longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
+    model = tiny_llama(tokenizer, max_position_embeddings=max(4096, longest + max_new_tokens))
+    return TransformersBackend(model.to(args.device or "cpu"), tokenizer)
+
+
+def _judge_setting(args: argparse.Namespace) -> str:
+    """The judge as recorded in a run's settings."""
+    if args.judge in BUILTIN_JUDGES:
+        return f"{args.judge} after {args.answer_marker!r}"
+    return args.judge
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Run ``evaluate``; return the exit status."""
+    output = Path(args.output)
+    if output.suffix != ".json":
+        raise ValueError(f"--output: the report is a .json file, got {args.output!r}")
+    answers_path = Path(args.answers) if args.answers else output.with_suffix(".answers.jsonl")
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--baseline: cannot read {args.baseline!r} ({error})") from None
+        if not isinstance(baseline, dict) or "answers" not in baseline:
+            raise ValueError(f"--baseline: {args.baseline!r} is not a report of evaluate")
+    config = EvaluationConfig(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or 8, prompts=args.prompts
+    )
+    engine_options = _engine_options(args)
+    files = [read_context_rows(path)[: args.limit] for path in args.input]
+    items = evaluation_items(files, config.prompts)
+    judge = load_judge(args.judge, args.answer_marker)
+    tokenizer_name = args.tokenizer or args.model
+    texts = ["The answer is"]
+    for item in items:
+        texts += [*_prompt_texts(item.prompt), *item.answers]
+    tokenizer = load_tokenizer(tokenizer_name, texts)
+    try:
+        backend = _load_model_backend(args, tokenizer, texts, config.max_new_tokens, engine_options)
+    except SamplingServerError as error:
+        print(f"solopo-data evaluate: error: {error}", file=sys.stderr)
+        return 1
+    if args.batch_size is None and backend.name != "transformers":
+        # the engines batch continuously: a call of many prompts keeps them busy
+        config = dataclasses.replace(config, batch_size=64)
+    settings = {
+        "model": args.model,
+        "tokenizer": tokenizer_name,
+        "dtype": args.dtype,
+        "judge": _judge_setting(args),
+    }
+    try:
+        run = evaluate(
+            items,
+            backend,
+            tokenizer,
+            answers_path,
+            config=config,
+            judge=judge,
+            settings=settings,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished batches are saved; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except SamplingServerError as error:
+        print(
+            f"solopo-data evaluate: error: {error}\nfinished batches are saved; rerun the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 1
+    report = build_report(
+        run,
+        {**settings, "max_new_tokens": config.max_new_tokens, "backend": backend.name},
+        inputs=[str(path) for path in args.input],
+        baseline=baseline,
+        baseline_path=args.baseline,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    partial.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, output)
+    table = markdown_report(report)
+    output.with_suffix(".md").write_text(table, encoding="utf-8")
+    print(table)
+    print(
+        f"{run.answered} answers this run ({run.already_done} of {len(items)} were already done), "
+        f"{run.generated_tokens} generated tokens, {run.seconds:.1f} s generating; report: "
+        f"{output} and {output.with_suffix('.md')}; answers: {answers_path}"
+    )
     return 0
 
 
@@ -283,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Turn QA data into SoLoPO training data in two commands:\n\n"
             "  solopo-data build-contexts --input qa.jsonl --output contexts.jsonl --tokenizer MODEL\n"
             "  solopo-data sample-pairs --input contexts.jsonl --output pairs.jsonl --model MODEL\n\n"
+            "and measure accuracy by context length before and after training:\n\n"
+            "  solopo-data evaluate --input held-out-contexts.jsonl --output eval.json --model MODEL\n\n"
             "Run 'solopo-data COMMAND --help' for every option. 'python -m solopo_kernels.data' "
             "is the same program."
         ),
@@ -481,7 +594,112 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(handler=sample_pairs_command)
+    _add_evaluate_parser(commands)
     return parser
+
+
+def _add_evaluate_parser(commands: Any) -> None:
+    """The ``evaluate`` command's options."""
+    evaluate_parser = commands.add_parser(
+        "evaluate",
+        help="accuracy by context length: greedy answers to the short and long prompts",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Answer the short prompt and the long prompt of every row of the context files\n"
+            "(build-contexts output; use held-out questions, not the ones the pairs came from)\n"
+            "greedily, judge each answer against the gold answers with the sample-pairs judges,\n"
+            "and report the accuracy per context length (the rows' target lengths) with its\n"
+            "standard error. An example in several files (one per length) has its short prompt\n"
+            "answered once. Prompts are grouped by length and batched. Answers are appended and\n"
+            "synced after every batch (ANSWERS, with ANSWERS.progress): rerunning the same\n"
+            "command after an interruption resumes. Writes OUTPUT (JSON: settings, accuracy per\n"
+            "length, every answer) and OUTPUT with .md (the table). Run it before and after\n"
+            "training; --baseline BEFORE.json adds the paired comparison per length (questions\n"
+            "only one run gets right, McNemar's exact p)."
+        ),
+    )
+    evaluate_parser.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="context rows written by build-contexts; repeat for several files (e.g. one per "
+        "length)",
+    )
+    evaluate_parser.add_argument(
+        "--output", required=True, help="the report (.json); the table goes beside it (.md)"
+    )
+    evaluate_parser.add_argument(
+        "--answers",
+        default=None,
+        help="the resumable answers (JSONL; default: OUTPUT with .answers.jsonl)",
+    )
+    evaluate_parser.add_argument(
+        "--model",
+        required=True,
+        help="the model: a local path or hub id (a fine-tuned one: its merged folder), or "
+        "'tiny' for a random tiny Llama built in memory (plumbing checks)",
+    )
+    evaluate_parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer path or hub id if not the model's ('tiny': the offline word-level one); "
+        "use the tokenizer that build-contexts used",
+    )
+    evaluate_parser.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "vllm", "openai"],
+        default="auto",
+        help="generation backend, as for sample-pairs",
+    )
+    _add_engine_options(evaluate_parser)
+    evaluate_parser.add_argument(
+        "--prompts",
+        choices=["both", "short", "long"],
+        default="both",
+        help="which prompts of each row to answer",
+    )
+    evaluate_parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest answer, in tokens"
+    )
+    evaluate_parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts per generation call (default: 8 on transformers, 64 on the engines); "
+        "greedy answers do not depend on it, so a run may resume with another",
+    )
+    evaluate_parser.add_argument(
+        "--judge",
+        default="sub-em",
+        metavar="{sub-em,final-span,MODULE:FUNCTION}",
+        help="as for sample-pairs",
+    )
+    evaluate_parser.add_argument(
+        "--answer-marker", default=DEFAULT_ANSWER_MARKER, help="as for sample-pairs"
+    )
+    evaluate_parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REPORT.json",
+        help="another run's report on the same files: adds the paired comparison per length",
+    )
+    evaluate_parser.add_argument(
+        "--device", default=None, help="torch device for transformers (default: cuda if available)"
+    )
+    evaluate_parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="model weights' dtype (part of the resume settings)",
+    )
+    evaluate_parser.add_argument(
+        "--limit", type=int, default=None, help="only the first N rows of each input"
+    )
+    evaluate_parser.add_argument(
+        "--overwrite", action="store_true", help="discard existing answers instead of resuming"
+    )
+    evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate_parser.set_defaults(handler=evaluate_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

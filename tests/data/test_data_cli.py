@@ -19,7 +19,7 @@ def test_help_explains_every_option(capsys):
     [commands] = [
         action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
     ]
-    assert set(commands.choices) == {"build-contexts", "sample-pairs"}
+    assert set(commands.choices) == {"build-contexts", "sample-pairs", "evaluate"}
     for name, subparser in commands.choices.items():
         options = [
             action

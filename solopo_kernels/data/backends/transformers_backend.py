@@ -14,7 +14,7 @@ class TransformersBackend:
     Note that ``generate`` repeats each prompt ``num_samples`` times, so the prompt is processed
     ``num_samples`` times (no prefix sharing, unlike vLLM). Every sample of the batch comes from
     one torch generator seeded with ``seed``, so samples are independent without
-    ``prompt_seeds`` (accepted and unused).
+    ``prompt_seeds`` (accepted and unused). ``temperature=0`` decodes greedily (``evaluate``).
     """
 
     name = "transformers"
@@ -51,14 +51,22 @@ class TransformersBackend:
             attention_mask[row, width - len(ids) :] = 1
         device = self.model.device
         torch.manual_seed(seed)
+        # temperature 0 is greedy decoding, as on vLLM and OpenAI-compatible servers (generate
+        # itself rejects a zero temperature when sampling)
+        if temperature == 0:
+            decoding: dict[str, Any] = {"do_sample": False}
+        else:
+            decoding = {
+                "do_sample": True,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+            }
         with torch.no_grad():
             output = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
+                **decoding,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=num_samples,
                 pad_token_id=pad_id,
