@@ -61,12 +61,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     """The versions this run tested against (CI runs the integrations under two TRL versions)."""
     from importlib import metadata
 
+    # Read from the installed metadata, not by importing: importing trl here, before any test
+    # module, would run its package checks before LLaMA-Factory fixes them (see
+    # solopo_kernels/integrations/llamafactory/trainer.py), and the header would change the run.
     versions = []
     for name in ("torch", "triton", "transformers", "trl", "datasets", "accelerate"):
         try:
-            module = __import__(name)
-            versions.append(f"{name} {getattr(module, '__version__', metadata.version(name))}")
-        except ImportError:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
     return ["versions: " + ", ".join(versions)]
 
