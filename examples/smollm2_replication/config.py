@@ -28,7 +28,9 @@ class Preset:
 
     Data: ``train_questions`` one-hop biography questions, whose contexts are built at
     ``train_length`` tokens and whose short prompts the model samples ``num_samples`` answers
-    for (temperature ``temperature``, sub-EM judge, no gold answer unless ``include_gold``);
+    for (temperature ``temperature``, sub-EM judge, no gold answer unless ``include_gold``,
+    answers cut by ``sample_max_new_tokens`` neither chosen nor rejected unless
+    ``keep_truncated``: the quick preset's random model never stops);
     ``dev_questions`` and ``test_questions`` held out, disjoint in people, evaluated at the
     short prompt and at ``dev_lengths`` / ``test_lengths`` tokens.
 
@@ -55,6 +57,7 @@ class Preset:
     sample_max_new_tokens: int = 32
     sample_batch_size: int = 32
     include_gold: bool = False
+    keep_truncated: bool = False
     answer_max_new_tokens: int = 32
     eval_batch_size: int = 8
     lora_rank: int = 16
@@ -88,6 +91,8 @@ class Preset:
             "data_seed",
         )
         described = {key: _plain(getattr(self, key)) for key in keys}
+        if self.keep_truncated:  # only when set: the full preset's committed hash stays the same
+            described["keep_truncated"] = True
         return hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -120,6 +125,7 @@ QUICK = Preset(
     num_samples=2,
     sample_max_new_tokens=6,
     include_gold=True,
+    keep_truncated=True,
     answer_max_new_tokens=6,
     lora_rank=4,
     batch_size=2,

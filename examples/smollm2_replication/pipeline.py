@@ -204,6 +204,8 @@ def sample_pairs(
     ]
     if preset.include_gold:
         argv.append("--include-gold")
+    if preset.keep_truncated:
+        argv.append("--keep-truncated")
     began = time.perf_counter()
     if vllm_python:
         argv += ["--backend", "vllm", *VLLM_ENGINE]

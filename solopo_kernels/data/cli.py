@@ -132,6 +132,7 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         include_gold=args.include_gold,
+        keep_truncated=args.keep_truncated,
     )
     engine_options = _engine_options(args)  # bad engine flags fail before anything loads
     rows = read_context_rows(args.input)[: args.limit]
@@ -570,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
         "example has a correct response. For demos with models that cannot answer (--model "
         "tiny): the chosen response is then the reference, not the model's (off-policy); "
         "metadata.chosen_source says which",
+    )
+    sample.add_argument(
+        "--keep-truncated",
+        action="store_true",
+        help="also judge samples cut by --max-new-tokens (no end-of-sequence token: unfinished "
+        "answers), which are otherwise never chosen or rejected (metadata.num_truncated counts "
+        "them). For models that never stop, such as --model tiny",
     )
     sample.add_argument(
         "--device", default=None, help="torch device for transformers (default: cuda if available)"

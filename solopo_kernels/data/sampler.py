@@ -41,6 +41,9 @@ class SamplingConfig:
     backend call; ``seed`` seeds each batch. ``include_gold`` adds the reference response
     ``"The answer is <gold answer>."`` after the samples, so an example always has a correct
     candidate (for demos with models that cannot answer; the pair is then off-policy).
+    A sample cut by ``max_new_tokens`` (no end-of-sequence token: an unfinished answer) is
+    neither chosen nor rejected unless ``keep_truncated`` (for models that never stop, such as
+    the random ``tiny`` demo model); backends that cannot tell count every sample as finished.
     """
 
     num_samples: int = 32
@@ -51,6 +54,7 @@ class SamplingConfig:
     batch_size: int = 8
     seed: int = 0
     include_gold: bool = False
+    keep_truncated: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "max_new_tokens", "batch_size"):
@@ -70,7 +74,8 @@ class SamplingSummary:
 
     ``pairs``, ``no_correct`` and ``no_incorrect`` count the whole output (earlier runs
     included); the other fields count this run: ``processed`` examples, ``samples`` generated,
-    ``prompt_tokens`` (each prompt once), ``generated_tokens`` and ``seconds`` of generation.
+    ``prompt_tokens`` (each prompt once), ``generated_tokens``, ``seconds`` of generation and
+    ``truncated`` samples (cut by ``max_new_tokens``; left out unless ``keep_truncated``).
     ``cached_prompt_tokens``: prompt tokens (over every sample's copy of its prompt) that the
     engine took from its prefix cache, where the backend reports it (vLLM, transformers: 0),
     else ``None``. The engine computed ``prompt_tokens * num_samples - cached_prompt_tokens``.
@@ -87,6 +92,8 @@ class SamplingSummary:
     generated_tokens: int
     seconds: float
     cached_prompt_tokens: int | None = None
+    truncated: int = 0
+    truncated_kept: bool = False
 
     def __str__(self) -> str:
         return (
@@ -95,6 +102,16 @@ class SamplingSummary:
             f"{self.processed} examples ({self.already_done} of {self.examples} were already "
             f"done), {self.samples} samples, {self.prompt_tokens} prompt tokens, "
             f"{self.generated_tokens} generated tokens, {self.seconds:.1f} s generating."
+            + (
+                f" {self.truncated} samples were cut by max_new_tokens"
+                + (
+                    " (judged: keep_truncated)."
+                    if self.truncated_kept
+                    else " and left out (raise --max-new-tokens, or pass --keep-truncated)."
+                )
+                if self.truncated
+                else ""
+            )
         )
 
 
@@ -118,6 +135,7 @@ def _recover_record(pair_row: dict[str, Any]) -> dict[str, Any]:
         "key": _row_key(pair_row, metadata["answers"]),
         "status": "pair",
         "num_correct": metadata["num_correct"],
+        "num_truncated": metadata["num_truncated"],
     }
 
 
@@ -161,7 +179,8 @@ def sample_pairs(
 
     Output rows: ``id``, ``prompt``, ``long_prompt``, ``chosen``, ``rejected`` (strings, or
     ``[{"role": "assistant", "content": ...}]`` for conversational prompts) and ``metadata``
-    (the context's metadata plus ``answers``, ``num_samples``, ``num_correct``,
+    (the context's metadata plus ``answers``, ``num_samples``, ``num_correct`` (correct samples
+    among those judged), ``num_truncated`` (samples cut by ``max_new_tokens``),
     ``chosen_source``: ``"sample"`` or ``"gold"``).
     """
     judge = judge or make_sub_em_judge()
@@ -178,7 +197,7 @@ def sample_pairs(
         store.close()
         raise
     already_done = sum(row["id"] in store.records for row in rows)
-    counts = Counter(samples=0, prompt_tokens=0, generated_tokens=0)
+    counts = Counter(samples=0, prompt_tokens=0, generated_tokens=0, truncated=0)
     cached: int | None = 0
     seconds = 0.0
     bar = tqdm(
@@ -222,10 +241,12 @@ def sample_pairs(
             else:
                 cached = None
             out_rows, records = [], []
-            for row, texts in zip(batch, generation.texts, strict=True):
+            cut = generation.truncated or [[False] * len(texts) for texts in generation.texts]
+            for row, texts, flags in zip(batch, generation.texts, cut, strict=True):
                 if row["id"] in store.records:
                     continue
-                pair_row, record = _judge_row(row, texts, judge, config)
+                counts.update(truncated=sum(flags))
+                pair_row, record = _judge_row(row, texts, flags, judge, config)
                 records.append({"id": row["id"], "key": keys[row["id"]], **record})
                 if pair_row is not None:
                     out_rows.append(pair_row)
@@ -247,18 +268,32 @@ def sample_pairs(
         generated_tokens=counts["generated_tokens"],
         seconds=seconds,
         cached_prompt_tokens=cached,
+        truncated=counts["truncated"],
+        truncated_kept=config.keep_truncated,
     )
 
 
 def _judge_row(
-    row: dict[str, Any], texts: Sequence[str], judge: Judge, config: SamplingConfig
+    row: dict[str, Any],
+    texts: Sequence[str],
+    truncated: Sequence[bool],
+    judge: Judge,
+    config: SamplingConfig,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Judge one example's samples; return its output row (None when skipped) and its record."""
+    """Judge one example's samples; return its output row (None when skipped) and its record.
+
+    ``truncated[j]``: sample ``j`` was cut by ``max_new_tokens`` (left out unless
+    ``config.keep_truncated``).
+    """
     answers = row["answers"]
     conversational = isinstance(row["prompt"], list)
     # A string prompt is continued by the response as generated (its leading space included);
     # a chat response is a message of its own.
-    candidates = [(text.strip() if conversational else text.rstrip(), "sample") for text in texts]
+    candidates = [
+        (text.strip() if conversational else text.rstrip(), "sample")
+        for text, cut in zip(texts, truncated, strict=True)
+        if config.keep_truncated or not cut
+    ]
     if config.include_gold:
         gold = gold_response(answers)
         candidates.append((gold if conversational else f" {gold}", "gold"))
@@ -267,7 +302,12 @@ def _judge_row(
     incorrect = [text for text, _, ok in verdicts if not ok]
     num_correct = sum(ok for _, source, ok in verdicts if source == "sample")
     status = "no_correct" if not correct else "no_incorrect" if not incorrect else "pair"
-    record = {"id": row["id"], "status": status, "num_correct": num_correct}
+    record = {
+        "id": row["id"],
+        "status": status,
+        "num_correct": num_correct,
+        "num_truncated": sum(truncated),
+    }
     if status != "pair":
         return None, record
     chosen, source = correct[0]
@@ -282,6 +322,7 @@ def _judge_row(
             "answers": answers,
             "num_samples": config.num_samples,
             "num_correct": num_correct,
+            "num_truncated": sum(truncated),
             "chosen_source": source,
         },
     }

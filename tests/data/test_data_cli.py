@@ -47,7 +47,7 @@ def test_offline_demo_two_commands(tmp_path, sample_path, capsys):
     assert "wrote 4 rows" in out and "rho mean" in out
     sample = ["sample-pairs", "--input", str(contexts), "--output", str(pairs), "--model", "tiny"]
     sample += ["--tokenizer", "tiny", "--num-samples", "2", "--max-new-tokens", "4"]
-    sample += ["--include-gold", "--quiet"]
+    sample += ["--include-gold", "--keep-truncated", "--quiet"]
     assert main(sample) == 0
     assert "pairs written in total" in capsys.readouterr().out
     dataset = datasets.load_dataset("json", data_files=str(pairs), split="train")

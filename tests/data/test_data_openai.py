@@ -32,7 +32,8 @@ OPTIONS = dict(max_new_tokens=5, temperature=1.0, top_p=0.9, top_k=0, seed=0)
 class FakeServer:
     """A threaded HTTP server on 127.0.0.1 that speaks enough of the OpenAI completions API.
 
-    Each completion's text is ``"seed=<seed> prompt=<first token id>"``. ``script`` is a list
+    Each completion's text is ``"seed=<seed> prompt=<first token id>"``, cut by ``max_tokens``
+    (finish reason ``"length"``) for odd seeds and finished for even ones. ``script`` is a list
     of HTTP statuses (or ``"slow"``) that the next completion requests get, in order, before
     the server answers normally; every request body is kept in ``requests``.
     """
@@ -86,7 +87,7 @@ class FakeServer:
                     {
                         "index": j,
                         "text": f"seed={request['seed'] + j} prompt={request['prompt'][0]}",
-                        "finish_reason": "length",
+                        "finish_reason": "length" if (request["seed"] + j) % 2 else "stop",
                     }
                     for j in range(n)
                 ]
@@ -141,6 +142,7 @@ def test_requests_carry_token_ids_and_per_sample_seeds(fake):
         [f"seed={2000 + j} prompt=8" for j in range(3)],
     ]
     assert (out.prompt_tokens, out.generated_tokens) == (5, 12)
+    assert out.truncated == [[j % 2 == 1 for j in range(3)]] * 2  # finish_reason "length"
     assert len(fake.requests) == 6
     for request in fake.requests:
         assert request["n"] == 1 and request["model"] == "tiny"
@@ -239,7 +241,10 @@ def test_resumes_after_a_server_failure(fake, tmp_path, tiny_tok):
     sample_pairs(rows(6), backend, tiny_tok, full, config=config, progress=False)
     assert len(read_jsonl(full)) == 6
     first_id = read_jsonl(full)[0]["id"]
-    assert read_jsonl(full)[0]["rejected"].startswith(f"seed={prompt_seed(0, first_id)} ")
+    # The rejected response is the first finished sample: odd seeds come back cut.
+    seed = prompt_seed(0, first_id)
+    assert read_jsonl(full)[0]["rejected"].startswith(f"seed={seed + seed % 2} ")
+    assert read_jsonl(full)[0]["metadata"]["num_truncated"] == 1
 
     # Batch 0 is answered (2 prompts x 2 samples), then the server refuses a request.
     fake.script = [200] * 4 + [400]

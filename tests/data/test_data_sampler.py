@@ -13,7 +13,10 @@ from solopo_kernels.tiny_models import tiny_llama
 
 from .conftest import read_jsonl, write_jsonl
 
-SMALL = SamplingConfig(num_samples=3, max_new_tokens=6, batch_size=2, include_gold=True)
+# The random tiny model never stops by itself: its samples are all cut by max_new_tokens.
+SMALL = SamplingConfig(
+    num_samples=3, max_new_tokens=6, batch_size=2, include_gold=True, keep_truncated=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +368,63 @@ def test_per_example_seed_ranges_do_not_overlap(tmp_path, tiny_tok):
         )
         recorded.append(backend.prompt_seeds)
     assert recorded[0] == recorded[1] == [prompt_seed(0, f"r{i}") for i in range(5)]
+
+
+class CutBackend(ScriptedBackend):
+    """A scripted backend that also reports which samples ``max_new_tokens`` cut."""
+
+    def __init__(self, responses, truncated):
+        super().__init__(responses)
+        self.truncated = list(truncated)
+
+    def generate(self, prompt_ids, *, num_samples, **options):
+        out = super().generate(prompt_ids, num_samples=num_samples, **options)
+        out.truncated = [self.truncated.pop(0) for _ in prompt_ids]
+        return out
+
+
+def test_a_sample_cut_by_max_new_tokens_is_never_chosen_or_rejected(tmp_path, tiny_tok):
+    responses = [
+        ["The answer is Poland", "It is Fran", "So the answer is Polska.", "Norway."],
+        ["The answer is Poland.", "Wrong and cut"],  # the only incorrect sample is cut
+    ]
+    truncated = [[True, True, False, False], [False, True]]
+    output = tmp_path / "pairs.jsonl"
+    summary = sample_pairs(
+        simple_rows(2),
+        CutBackend(responses, truncated),
+        tiny_tok,
+        output,
+        config=SamplingConfig(num_samples=4, batch_size=2),
+        progress=False,
+    )
+    [pair] = read_jsonl(output)
+    assert (pair["chosen"], pair["rejected"]) == ("So the answer is Polska.", "Norway.")
+    assert pair["metadata"]["num_truncated"] == 2 and pair["metadata"]["num_correct"] == 1
+    assert (summary.pairs, summary.no_incorrect, summary.truncated) == (1, 1, 3)
+    assert "3 samples were cut by max_new_tokens and left out" in str(summary)
+
+    # Asked for: the cut samples are judged like the others.
+    kept = tmp_path / "kept.jsonl"
+    config = SamplingConfig(num_samples=4, batch_size=2, keep_truncated=True)
+    summary = sample_pairs(
+        simple_rows(2), CutBackend(responses, truncated), tiny_tok, kept, config=config,
+        progress=False,
+    )  # fmt: skip
+    first, second = read_jsonl(kept)
+    assert (first["chosen"], first["rejected"]) == ("The answer is Poland", "It is Fran")
+    assert second["rejected"] == "Wrong and cut" and summary.pairs == 2
+    assert "(judged: keep_truncated)" in str(summary)
+
+
+def test_transformers_backend_reports_cut_samples(tiny_tok):
+    model = tiny_llama(tiny_tok)
+    backend = TransformersBackend(model, tiny_tok)
+    ids = [tiny_tok("where is the key ?")["input_ids"]] * 2
+    options = dict(num_samples=3, temperature=1.0, top_p=1.0, top_k=0, seed=0)
+    model.generation_config.eos_token_id = None  # nothing stops a sample: every one is cut
+    out = backend.generate(ids, max_new_tokens=3, **options)
+    assert out.truncated == [[True] * 3] * 2 and out.generated_tokens == 2 * 3 * 3
+    model.generation_config.eos_token_id = list(range(len(tiny_tok)))  # every token stops one
+    out = backend.generate(ids, max_new_tokens=3, **options)
+    assert out.truncated == [[False] * 3] * 2 and out.generated_tokens == 2 * 3

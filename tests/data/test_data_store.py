@@ -23,7 +23,8 @@ def _build(sample_path, output, *extra: str) -> list[str]:
 def _sample(contexts, pairs, *extra: str) -> list[str]:
     command = ["sample-pairs", "--input", str(contexts), "--output", str(pairs), "--model", "tiny"]
     command += ["--tokenizer", "tiny", "--num-samples", "2", "--max-new-tokens", "3"]
-    return [*command, "--batch-size", "2", "--include-gold", "--quiet", *extra]
+    command += ["--batch-size", "2", "--include-gold", "--keep-truncated", "--quiet"]
+    return [*command, *extra]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The vLLM backends on real engines, on the CPU: the offline engine (``vllm.LLM``), the
-``solopo-data sample-pairs --backend vllm`` command killed with SIGKILL and rerun, and a real
-``vllm serve`` on 127.0.0.1 through the OpenAI-compatible backend. A tiny random Llama is saved
-to disk; nothing comes from a model hub. Skipped where vLLM is not installed (it has its own
+``solopo-data sample-pairs --backend vllm`` command killed with SIGKILL and rerun, a real
+``vllm serve`` on 127.0.0.1 through the OpenAI-compatible backend (a tiny random Llama saved to
+disk), and sample-pairs on SmolLM2-135M-Instruct's converted folder (solopo_kernels.pretrained).
+Nothing comes from a model hub. Skipped where vLLM is not installed (it has its own
 virtualenv in CI: .ci/run)."""
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from solopo_kernels.data.backends import (  # noqa: E402
 from solopo_kernels.data.contexts import TargetLengths, build_contexts  # noqa: E402
 from solopo_kernels.data.sampler import SamplingConfig, sample_pairs  # noqa: E402
 
-from .conftest import read_jsonl, save_tiny_model, write_jsonl  # noqa: E402
+from .conftest import (  # noqa: E402
+    REAL_SAMPLING,
+    biography_contexts,
+    check_pairs_a_user_would_accept,
+    read_jsonl,
+    save_tiny_model,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -41,8 +49,14 @@ pytestmark = pytest.mark.vllm
 # own: one process start (and vLLM import) less per engine, which CI time notices.
 ENGINE = ["max_model_len=1024", "enforce_eager=true", "distributed_executor_backend=uni"]
 # One prompt per batch: many batches, so that the SIGKILL below lands in the middle of the run.
+# keep_truncated: the random tiny model never stops, so max_new_tokens cuts every sample.
 CONFIG = SamplingConfig(
-    num_samples=4, temperature=1.0, max_new_tokens=12, batch_size=1, include_gold=True
+    num_samples=4,
+    temperature=1.0,
+    max_new_tokens=12,
+    batch_size=1,
+    include_gold=True,
+    keep_truncated=True,
 )
 SERVER_READY_S = 240
 
@@ -130,7 +144,7 @@ def run_cli(model_dir, contexts_path, output, *, in_process_engine=False):
     command += ["--input", str(contexts_path), "--output", str(output), "--quiet"]
     command += ["--model", str(model_dir), "--backend", "vllm", "--dtype", "float32"]
     command += ["--num-samples", "4", "--temperature", "1.0", "--max-new-tokens", "12"]
-    command += ["--batch-size", "1", "--include-gold"]
+    command += ["--batch-size", "1", "--include-gold", "--keep-truncated"]
     command += [part for option in ENGINE for part in ("--vllm-arg", option)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     if in_process_engine:
@@ -277,3 +291,26 @@ def test_server_errors(server):
     # More new tokens than the model's context: vLLM refuses the parameter with HTTP 400.
     with pytest.raises(SamplingServerError, match=r"refused the request .*HTTP 400"):
         backend.generate([[5, 6]], max_new_tokens=5000, **options)
+
+
+def test_sample_pairs_on_smollm2_with_vllm(smollm2_folder, tmp_path):
+    """The converted folder on vLLM's CPU engine: pairs a user would accept, as on transformers
+    (tests/data/test_data_real_models.py)."""
+    from transformers import AutoTokenizer
+
+    contexts = biography_contexts(smollm2_folder, tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    command = [sys.executable, "-m", "solopo_kernels.data", "sample-pairs", "--quiet"]
+    command += ["--input", str(contexts), "--output", str(pairs), "--model", str(smollm2_folder)]
+    command += ["--backend", "vllm", "--dtype", "float32", *REAL_SAMPLING, "--limit", "3"]
+    command += [part for option in ENGINE for part in ("--vllm-arg", option)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the command's process: faster
+    }
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "pairs written in total" in run.stdout
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    check_pairs_a_user_would_accept(read_jsonl(pairs), tokenizer, max_new_tokens=24)

@@ -706,34 +706,21 @@ def test_the_documented_yaml_runs_from_the_command_line(workdir, capsys):
 
 
 # ------------------------------------------------------------------ the environment
-def test_a_missing_mergekit_names_the_fix():
-    """TRL 0.24 with transformers 5 imports mergekit unconditionally (the check it asks transformers
-    for returns a tuple, always true): without mergekit, importing the trainer names the fix
-    instead of TRL's chained RuntimeError. mergekit is hidden in a fresh interpreter."""
+def test_trl_imported_before_llamafactory_names_the_fix():
+    """With transformers 5, TRL 0.24's optional-package checks are always true unless LLaMA-Factory
+    corrects transformers' check first: trl imported before it makes LLaMA-Factory's DPO trainer
+    import packages that are not installed (mergekit, llm_blender). The import names the fix
+    instead of TRL's chained RuntimeError. In a fresh interpreter: trl first, then the trainer."""
     import subprocess
     import sys
 
-    code = """
-import importlib.abc, importlib.util, sys
-
-class Missing(importlib.abc.Loader):  # mergekit as a fresh environment has it: not there
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        raise ModuleNotFoundError("No module named 'mergekit'", name="mergekit")
-
-class HideMergekit(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "mergekit":
-            return importlib.util.spec_from_loader(name, Missing())
-
-sys.meta_path.insert(0, HideMergekit())
-from solopo_kernels.integrations.llamafactory import trainer
-"""
+    code = "import trl.import_utils\nfrom solopo_kernels.integrations.llamafactory import trainer\n"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0
     assert "ImportError: LLaMA-Factory's DPO trainer cannot be imported" in result.stderr
-    assert "pip install mergekit" in result.stderr
+    assert (
+        "Import llamafactory (or solopo_kernels.integrations.llamafactory) before trl"
+        in result.stderr
+    )

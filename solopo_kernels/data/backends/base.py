@@ -30,12 +30,15 @@ class Generation:
     including the end-of-sequence token). ``cached_prompt_tokens`` counts the prompt tokens that
     the engine served from its prefix cache instead of computing them (summed over every
     sample's copy of the prompt), where the backend reports it, else ``None``.
+    ``truncated[i][j]`` is true when sample ``j`` of prompt ``i`` was cut by ``max_new_tokens``
+    (it ended without an end-of-sequence token); ``None`` when the backend cannot tell.
     """
 
     texts: list[list[str]]
     prompt_tokens: int
     generated_tokens: int
     cached_prompt_tokens: int | None = None
+    truncated: list[list[bool]] | None = None
 
 
 def prompt_seed(seed: int, example_id: str) -> int:

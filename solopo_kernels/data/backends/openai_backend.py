@@ -167,6 +167,7 @@ class OpenAIBackend:
                 for i, (ids, base) in enumerate(zip(prompt_ids, prompt_seeds))
             ]
         texts: list[list[str]] = [[] for _ in prompt_ids]
+        truncated: list[list[bool]] = [[] for _ in prompt_ids]
         generated = 0
         # Results are collected in job order, whatever order the server answers in.
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
@@ -181,10 +182,12 @@ class OpenAIBackend:
                             f"for n={n}"
                         )
                     texts[i] += [choice.text for choice in choices]
+                    # The completions API's finish reasons: "stop", "length" (max_tokens), ...
+                    truncated[i] += [choice.finish_reason == "length" for choice in choices]
                     if response.usage is not None:
                         generated += response.usage.completion_tokens
             except BaseException:
                 for future in futures:
                     future.cancel()
                 raise
-        return Generation(texts, sum(map(len, prompt_ids)), generated)
+        return Generation(texts, sum(map(len, prompt_ids)), generated, truncated=truncated)

@@ -74,11 +74,18 @@ class TransformersBackend:
         stop_ids = self.model.generation_config.eos_token_id
         stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids]) - {None}
         texts: list[list[str]] = [[] for _ in prompt_ids]
+        truncated: list[list[bool]] = [[] for _ in prompt_ids]
         generated = 0
         for row, tokens in enumerate(output[:, width:].tolist()):
-            end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), len(tokens))
+            end = next((i + 1 for i, token in enumerate(tokens) if token in stop_ids), None)
+            # generate stops early only once every row has stopped: a row without a stop token
+            # ran to max_new_tokens.
+            truncated[row // num_samples].append(end is None)
+            end = len(tokens) if end is None else end
             generated += end
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
             texts[row // num_samples].append(text)
         # generate repeats every prompt per sample and has no cache across rows: nothing cached.
-        return Generation(texts, sum(map(len, prompt_ids)), generated, cached_prompt_tokens=0)
+        return Generation(
+            texts, sum(map(len, prompt_ids)), generated, cached_prompt_tokens=0, truncated=truncated
+        )

@@ -73,13 +73,20 @@ class VLLMBackend:
                     )
                 )
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        texts = [
-            [outputs[i * num_samples + j].outputs[0].text for j in range(num_samples)]
+        samples = [
+            [outputs[i * num_samples + j].outputs[0] for j in range(num_samples)]
             for i in range(len(prompt_ids))
         ]
         generated = sum(len(output.outputs[0].token_ids) for output in outputs)
         cached = sum(output.num_cached_tokens or 0 for output in outputs)
-        return Generation(texts, sum(map(len, prompt_ids)), generated, cached_prompt_tokens=cached)
+        return Generation(
+            [[sample.text for sample in row] for row in samples],
+            sum(map(len, prompt_ids)),
+            generated,
+            cached_prompt_tokens=cached,
+            # vLLM's finish reasons: "stop" (a stop token or string), "length" (max_tokens).
+            truncated=[[sample.finish_reason == "length" for sample in row] for row in samples],
+        )
 
 
 def check_vllm_args(vllm_args: Mapping[str, Any]) -> None:

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import llamafactory  # here, so that a missing LLaMA-Factory fails on import with the fix
+import llamafactory.extras.packages  # noqa: F401  (before trl: it corrects the package check TRL reads)
 
 from .args import SoLoPOLlamaFactoryArguments, check_stage, split_solopo_args
 

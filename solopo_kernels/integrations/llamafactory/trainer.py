@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from typing import Any
 
@@ -33,14 +34,17 @@ from .data import LONG_BATCH_KEYS, REF_COLUMNS, SoLoPODataCollator
 try:
     from llamafactory.train.dpo.trainer import CustomDPOTrainer
 except (ImportError, RuntimeError) as error:
-    # TRL 0.24 asks transformers whether mergekit is installed; transformers 5 answers with a
-    # tuple, which is always true, so `from trl import DPOTrainer` imports mergekit and fails
-    # without it. LLaMA-Factory 0.9.5 resolves to exactly that pair (TRL 0.24, transformers 5.6).
-    if "mergekit" not in str(error):
+    # With transformers 5, TRL 0.24's checks for optional packages (mergekit, llm_blender, ...)
+    # read a tuple and are always true; LLaMA-Factory corrects transformers' check when it is
+    # imported (llamafactory.extras.packages). If TRL was imported first, its checks were made
+    # before that, and `from trl import DPOTrainer` imports packages that are not installed.
+    if "trl.import_utils" not in sys.modules or "No module named" not in str(error):
         raise
     raise ImportError(
-        "LLaMA-Factory's DPO trainer cannot be imported: TRL 0.24 with transformers 5.x imports "
-        "the optional package mergekit unconditionally. Fix: `pip install mergekit`."
+        "LLaMA-Factory's DPO trainer cannot be imported: trl was imported before llamafactory, so "
+        f"TRL 0.24 now imports optional packages that are not installed ({error}). Import "
+        "llamafactory (or solopo_kernels.integrations.llamafactory) before trl, or run "
+        "`python -m solopo_kernels.integrations.llamafactory train CONFIG.yaml`."
     ) from error
 
 # Batch keys that are not model inputs.
