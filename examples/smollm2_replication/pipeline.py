@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -250,6 +251,12 @@ def prepare(preset: Preset, work: Workspace, *, vllm_python: str | None = None) 
         sampling = json.loads(work.pairs.with_name("sampling.json").read_text())
     else:
         sampling = sample_pairs(preset, work, model, vllm_python=vllm_python)
+    # the pairs every arm trains on go with the results (a fresh machine copies them back into
+    # WORK_DIR/pairs/ to train on exactly these)
+    kept = work.results / "pairs"
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in (work.pairs.name, work.pairs.name + ".progress", "sampling.json"):
+        shutil.copyfile(work.pairs.with_name(name), kept / name)
     return {"model": str(model), "sampling": sampling}
 
 

@@ -218,6 +218,8 @@ def markdown(report: dict[str, Any]) -> str:
             + f" | {100 * row['mean']:.1f} | {step} |"
         )
     sampling = report["sampling"]
+    if sampling is None:
+        return "\n".join([*lines, "", "Pairs: not sampled yet."]) + "\n"
     lines += [
         "",
         f"Pairs: {sampling['pairs']} of {sampling['questions']} training questions "
