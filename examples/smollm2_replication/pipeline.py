@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,9 +35,19 @@ from .config import TINY_MODEL, Preset
 SPLITS = ("train", "dev", "test")
 REPO = Path(__file__).resolve().parents[2]
 #: vLLM engine options of the commands run in a vLLM virtualenv: room for the longest prompt
-#: plus its answer, and no compilation (an engine starts per unit; eager answers were 4.6x
-#: faster than transformers' in the pilot already).
-VLLM_ENGINE = ("--vllm-arg", "max_model_len=4096", "--vllm-arg", "enforce_eager=true")
+#: plus its answer, no compilation (an engine starts per unit; eager answers were 4.6x faster
+#: than transformers' in the pilot already), and the model run in the engine's own process: the
+#: default executor gives up when one model step takes over VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
+#: (300 s), which a step of long prompts did on the shared machine at nice 19, twice (the engine
+#: died with a TimeoutError in its message queue).
+VLLM_ENGINE = (
+    "--vllm-arg",
+    "max_model_len=4096",
+    "--vllm-arg",
+    "enforce_eager=true",
+    "--vllm-arg",
+    "distributed_executor_backend=uni",
+)
 
 
 def vllm_env() -> dict[str, str]:
@@ -240,6 +251,12 @@ def prepare(preset: Preset, work: Workspace, *, vllm_python: str | None = None) 
         sampling = json.loads(work.pairs.with_name("sampling.json").read_text())
     else:
         sampling = sample_pairs(preset, work, model, vllm_python=vllm_python)
+    # the pairs every arm trains on go with the results (a fresh machine copies them back into
+    # WORK_DIR/pairs/ to train on exactly these)
+    kept = work.results / "pairs"
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in (work.pairs.name, work.pairs.name + ".progress", "sampling.json"):
+        shutil.copyfile(work.pairs.with_name(name), kept / name)
     return {"model": str(model), "sampling": sampling}
 
 

@@ -218,6 +218,8 @@ def markdown(report: dict[str, Any]) -> str:
             + f" | {100 * row['mean']:.1f} | {step} |"
         )
     sampling = report["sampling"]
+    if sampling is None:
+        return "\n".join([*lines, "", "Pairs: not sampled yet."]) + "\n"
     lines += [
         "",
         f"Pairs: {sampling['pairs']} of {sampling['questions']} training questions "
@@ -299,5 +301,6 @@ def write_report(
     }
     write_json(work.results / "smollm2_replication.json", report)
     (work.results / "smollm2_replication.md").write_text(markdown(report), encoding="utf-8")
-    plot(report, work.results / "smollm2_replication.png")
+    if summary["arms"]:  # nothing to draw before the first test unit
+        plot(report, work.results / "smollm2_replication.png")
     return report

@@ -188,7 +188,11 @@ def evaluate_folder(
     if vllm_python:
         argv += ["--backend", "vllm", "--batch-size", "64", *VLLM_ENGINE]
         command = [vllm_python, "-m", "solopo_kernels.data.cli", *argv]
-        subprocess.run(command, check=True, env=vllm_env(), cwd=REPO, stdout=subprocess.DEVNULL)
+        # vLLM logs to stdout: kept, so that an engine's death says why. One retry: the answers
+        # resume, so a transient failure (an engine killed on a loaded machine) costs a restart.
+        if subprocess.run(command, env=vllm_env(), cwd=REPO).returncode != 0:
+            print(f"{unit.model_key}: the vLLM evaluation failed; resuming it once", flush=True)
+            subprocess.run(command, check=True, env=vllm_env(), cwd=REPO)
     else:
         argv += ["--backend", "transformers", "--device", "cpu"]
         argv += ["--batch-size", str(preset.eval_batch_size)]

@@ -184,6 +184,10 @@ def test_quick_run_writes_every_result(quick_run):
             assert "alpha" in arm["hparams"] or not name.startswith("SoLo")
     assert report["comparisons"] and all("long" in row for row in report["comparisons"])
     assert report["sampling"]["pairs"] >= 1
+    # the pairs the arms trained on go with the results
+    assert (results / "pairs" / "train.jsonl").read_bytes() == (
+        work / "pairs" / "train.jsonl"
+    ).read_bytes()
     table = (results / "smollm2_replication.md").read_text()
     assert "| **SoLo-SimPO** |" in table and "Paired comparisons" in table
     assert (results / "smollm2_replication.png").stat().st_size > 0
