@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -156,8 +156,9 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
         "tokenizer": tokenizer_name,
         "judge": _judge_setting(args),
     }
-    try:
-        summary = sample_pairs(
+    summary, status = _run_resumable(
+        "sample-pairs",
+        lambda: sample_pairs(
             rows,
             backend,
             tokenizer,
@@ -167,22 +168,33 @@ def sample_pairs_command(args: argparse.Namespace) -> int:
             settings=settings,
             overwrite=args.overwrite,
             progress=not args.quiet,
-        )
+        ),
+    )
+    if status is not None:
+        return status
+    print(summary)
+    return 0
+
+
+def _run_resumable(command: str, work: Callable[[], Any]) -> tuple[Any, int | None]:
+    """``(work(), None)``, or ``(None, exit status)`` after saying that the finished batches are
+    saved: 130 on Ctrl-C, 1 when the generation server fails (``sample-pairs`` and ``evaluate``
+    resume from their store)."""
+    try:
+        return work(), None
     except KeyboardInterrupt:
         print(
             "interrupted: finished batches are saved; rerun the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return None, 130
     except SamplingServerError as error:
         print(
-            f"solopo-data sample-pairs: error: {error}\nfinished batches are saved; rerun the "
-            "same command to resume",
+            f"solopo-data {command}: error: {error}\nfinished batches are saved; rerun the same "
+            "command to resume",
             file=sys.stderr,
         )
-        return 1
-    print(summary)
-    return 0
+        return None, 1
 
 
 def _load_model_backend(
@@ -260,8 +272,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "judge": _judge_setting(args),
     }
-    try:
-        run = evaluate(
+    run, status = _run_resumable(
+        "evaluate",
+        lambda: evaluate(
             items,
             backend,
             tokenizer,
@@ -271,20 +284,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             settings=settings,
             overwrite=args.overwrite,
             progress=not args.quiet,
-        )
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished batches are saved; rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return 130
-    except SamplingServerError as error:
-        print(
-            f"solopo-data evaluate: error: {error}\nfinished batches are saved; rerun the same "
-            "command to resume",
-            file=sys.stderr,
-        )
-        return 1
+        ),
+    )
+    if status is not None:
+        return status
     report = build_report(
         run,
         {**settings, "max_new_tokens": config.max_new_tokens, "backend": backend.name},

@@ -151,3 +151,24 @@ def test_demo_output_trains_with_the_solopo_trainer(tmp_path, sample_path):
     trainer.train()
     logged = trainer.state.log_history[0]
     assert math.isfinite(logged["loss"]) and "solo_ra/distance" in logged
+
+
+def test_an_interrupted_or_failed_generation_says_the_run_resumes(capsys):
+    """sample-pairs and evaluate: Ctrl-C exits 130 and a failed server 1, each saying that the
+    finished batches are saved (both commands go through the same helper)."""
+    from solopo_kernels.data import cli
+    from solopo_kernels.data.backends import SamplingServerError
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def server_failed():
+        raise SamplingServerError("the server went away")
+
+    assert cli._run_resumable("evaluate", lambda: 7) == (7, None)
+    assert cli._run_resumable("evaluate", interrupted) == (None, 130)
+    assert "finished batches are saved" in capsys.readouterr().err
+    assert cli._run_resumable("sample-pairs", server_failed) == (None, 1)
+    err = capsys.readouterr().err
+    assert "solopo-data sample-pairs: error: the server went away" in err
+    assert "rerun the same command to resume" in err
