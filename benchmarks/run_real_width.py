@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from harness import CellResult, run_grid
 from peers import PEERS, Workload
 from run_memory import (
@@ -91,7 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--time-budget", type=float, default=30.0, dest="time_budget_s")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="CPU threads per peer"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per cell")
     parser.add_argument("--mem-limit-gb", type=float, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "tmp" / "real-width")
@@ -147,10 +150,12 @@ def goal_rows(
             if best is not None and r is not None and r.status == "ok":
                 ref = results[index, best]
                 row["time_ratio"] = r.median_s / ref.median_s
-                row["memory_ratio"] = r.peak_bytes / ref.peak_bytes
-                row["meets_goal"] = (
-                    row["time_ratio"] <= TIME_GOAL and row["memory_ratio"] <= MEMORY_GOAL
-                )
+                # A peak of 0 (RSS did not move: a tiny cell) gives no memory ratio, no verdict.
+                if ref.peak_bytes:
+                    row["memory_ratio"] = r.peak_bytes / ref.peak_bytes
+                    row["meets_goal"] = (
+                        row["time_ratio"] <= TIME_GOAL and row["memory_ratio"] <= MEMORY_GOAL
+                    )
             rows.append(row)
     return rows
 
@@ -169,8 +174,12 @@ def goal_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        if "time_ratio" not in row:
-            lines.append(f"| {row['workload']} | {PEERS[row['mode']].label} | n/a | | | |")
+        if "meets_goal" not in row:
+            peer = PEERS[row["peer"]].label if row.get("peer") else "n/a"
+            time_ratio = format_ratio(row["time_ratio"]) if "time_ratio" in row else ""
+            lines.append(
+                f"| {row['workload']} | {PEERS[row['mode']].label} | {peer} | {time_ratio} | n/a | |"
+            )
             continue
         verdict = "meets" if row["meets_goal"] else "misses"
         lines.append(
@@ -193,7 +202,7 @@ def plot(cells: list[Workload], rows: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in rows if r["mode"] == mode]
         xs = [r["cell"] + k * width for r in mine]
         for ax, key in zip(axes, ("time_ratio", "memory_ratio")):
-            ax.bar(xs, [r.get(key, 0.0) for r in mine], width, label=PEERS[mode].label)
+            ax.bar(xs, [r.get(key) or 0.0 for r in mine], width, label=PEERS[mode].label)
     labels = [f"H={w.hidden}\nV={w.vocab}\nTl={w.long_len}" for w in cells]
     for ax, title, goal in zip(
         axes, ("time / fastest other peer", "peak memory / that peer's"), (TIME_GOAL, MEMORY_GOAL)
