@@ -440,6 +440,12 @@ def build_ours_strict(workload: Workload, inputs: Inputs, device: torch.device) 
     return build_ours(workload, inputs, device, saved_logits_bytes=0)
 
 
+def build_ours_all_saved(workload: Workload, inputs: Inputs, device: torch.device) -> Step:
+    """solopo-kernels with a saved-logits budget that holds every call's ``N x V`` float32 logits
+    (all response tokens of the step): no recompute, 6 N H V FLOPs, the memory of the logits."""
+    return build_ours(workload, inputs, device, saved_logits_bytes=4 * workload.response_tokens * workload.vocab)
+
+
 @dataclass(frozen=True)
 class Peer:
     """One implementation of the loss head.
@@ -532,6 +538,14 @@ PEERS: dict[str, Peer] = {
             "solopo-kernels",
             "solopo_kernels",
             build_ours_strict,
+            compaction=True,
+        ),
+        Peer(
+            "ours-all",
+            "solopo-kernels, every logit saved",
+            "solopo-kernels",
+            "solopo_kernels",
+            build_ours_all_saved,
             compaction=True,
         ),
     )

@@ -325,7 +325,7 @@ NOISE_MIN_BYTES = MIB
 CUDA_RESOLUTION_BYTES = 512
 
 # Peers that are solopo-kernels (drawn apart in the plots, reported in the summary).
-OURS = ("ours", "ours-strict")
+OURS = ("ours", "ours-strict", "ours-all")
 
 
 def _fmt_mem(value: float) -> str:
@@ -411,10 +411,12 @@ def table(
     results: dict[tuple[int, str], CellResult],
     metric: str,
     floor: float | None = None,
+    head: bool = False,
 ) -> str:
     """Markdown table of one metric of :data:`METRICS`: rows = cells, columns = peers, each
     figure with its ratio to the best full-work peer of the row (:func:`format_figure`; the
-    memory metrics with the noise ``floor``); other cells say why not."""
+    memory metrics with the noise ``floor``); other cells say why not. ``head``: the row labels
+    name H and V too (a grid over head widths)."""
     read, fmt, noisy = METRICS[metric]
     lines = [
         "| workload | " + " | ".join(PEERS[p].label for p in peers) + " |",
@@ -443,7 +445,7 @@ def table(
                     less_work=partial(p, w),
                 )
             )
-        lines.append(f"| {w.label(head=False)} | " + " | ".join(row) + " |")
+        lines.append(f"| {w.label(head=head)} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
