@@ -197,3 +197,10 @@ def test_progress_restarts_its_estimate_after_the_warm_up():
         assert progress.bar.n == 1
     finally:
         progress.close()
+
+
+def test_the_front_door_leaves_out_the_all_saved_mode():
+    # At the front door's shapes every logit fits the default budget: "ours-all" would repeat it.
+    peers = rm.parse_args([]).peers
+    assert "ours" in peers and "ours-strict" in peers and "ours-all" not in peers
+    assert rm.parse_args(["--peers", "ours,ours-all"]).peers == ["ours", "ours-all"]
