@@ -798,6 +798,30 @@ class Progress:
         self.bar.close()
 
 
+def measure(cells: list[Workload], args: argparse.Namespace) -> dict[tuple[int, str], CellResult]:
+    """Every peer of ``args.peers`` on every cell, side by side (:func:`harness.run_grid`), with
+    the progress bar; ``args`` carries the harness settings (device, threads, warm-up, repeats,
+    time budget, memory limit, timeout). Shared with ``run_real_width.py``."""
+    progress = Progress(cells, args.peers)
+    try:
+        return run_grid(
+            "peers",
+            args.peers,
+            [w.as_dict() for w in cells],
+            device=args.device,
+            threads=args.threads,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            time_budget_s=args.time_budget_s,
+            mem_limit_bytes=int(args.mem_limit_gb * 2**30) if args.mem_limit_gb else None,
+            timeout_s=args.timeout,
+            on_result=progress.on_result,
+            on_setup=progress.on_setup,
+        )
+    finally:
+        progress.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cells = grid(args)
@@ -813,22 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measured, the peers taking turns.",
         file=sys.stderr,
     )
-    progress = Progress(cells, args.peers)
-    results = run_grid(
-        "peers",
-        args.peers,
-        [w.as_dict() for w in cells],
-        device=args.device,
-        threads=args.threads,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        time_budget_s=args.time_budget_s,
-        mem_limit_bytes=int(args.mem_limit_gb * 2**30) if args.mem_limit_gb else None,
-        timeout_s=args.timeout,
-        on_result=progress.on_result,
-        on_setup=progress.on_setup,
-    )
-    progress.close()
+    results = measure(cells, args)
     elapsed = time.perf_counter() - started
 
     env = environment(args.device, args.threads) | {"load_average_1min_at_start": load_before}

@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import CellResult, run_grid
+from harness import CellResult
 from peers import PEERS, Workload
 from run_memory import (
     OURS,
-    Progress,
     _fmt_mem,
     available_memory_bytes,
     environment,
     format_ratio,
     loss_check,
+    measure,
     noise_floor_bytes,
     partial,
     peak_spread_bytes,
@@ -222,22 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = grid(args)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    progress = Progress(cells, args.peers)
-    results = run_grid(
-        "peers",
-        args.peers,
-        [w.as_dict() for w in cells],
-        device=args.device,
-        threads=args.threads,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        time_budget_s=args.time_budget_s,
-        mem_limit_bytes=int(args.mem_limit_gb * 2**30) if args.mem_limit_gb else None,
-        timeout_s=args.timeout,
-        on_result=progress.on_result,
-        on_setup=progress.on_setup,
-    )
-    progress.close()
+    results = measure(cells, args)
     elapsed = time.perf_counter() - started
     env = environment(args.device, args.threads) | {"load_average_1min_at_start": load_before}
     spread = peak_spread_bytes(results)

@@ -5,6 +5,7 @@ row and is not this package, and says "misses" when either bound is broken."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -73,3 +74,15 @@ def test_grid_one_cell_per_width_and_length() -> None:
         (64, 512, 8, 256), (64, 512, 8, 512), (128, 1024, 16, 256), (128, 1024, 16, 512),
     ]  # fmt: skip
     assert {w.kind for w in cells} == {"solopo"} and {w.loss_type for w in cells} == {"simpo"}
+
+
+def test_a_tiny_run_writes_its_report(tmp_path: Path) -> None:
+    # End to end through the harness (a child process per peer), on a shape of no cost.
+    argv = ["--widths", "32x256x8", "--long", "64", "--short", "32", "--peers", "ours,ours-all"]
+    argv += ["--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plot"]
+    assert rw.main(argv) == 0
+    report = (tmp_path / "real_width.md").read_text()
+    assert "### The goal" in report and "solopo-kernels, every logit saved" in report
+    cells = json.loads((tmp_path / "real_width.json").read_text())["cells"]
+    assert {c["peer"] for c in cells} == {"ours", "ours-all"}
+    assert all(c["status"] == "ok" for c in cells)
