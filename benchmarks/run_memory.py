@@ -798,6 +798,18 @@ class Progress:
         self.bar.close()
 
 
+def failures_section(
+    cells: list[Workload], results: dict[tuple[int, str], CellResult]
+) -> list[str]:
+    """The report's lines on the cells that did not run (status and reason), or none."""
+    problems = [
+        f"- {cells[i].label()} | {PEERS[p].label}: {r.status}: {r.reason}"
+        for (i, p), r in sorted(results.items())
+        if r.status != "ok"
+    ]
+    return ["", "Cells that did not run:", *problems] if problems else []
+
+
 def measure(cells: list[Workload], args: argparse.Namespace) -> dict[tuple[int, str], CellResult]:
     """Every peer of ``args.peers`` on every cell, side by side (:func:`harness.run_grid`), with
     the progress bar; ``args`` carries the harness settings (device, threads, warm-up, repeats,
@@ -882,13 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         loss_check(cells, args.peers, results),
     ]
-    problems = [
-        f"- {cells[i].label()} | {PEERS[p].label}: {r.status}: {r.reason}"
-        for (i, p), r in sorted(results.items())
-        if r.status != "ok"
-    ]
-    if problems:
-        report += ["", "Cells that did not run:", *problems]
+    report += failures_section(cells, results)
     report += ["", f"Measured in {elapsed / 60:.1f} min.", "", *files_section(files)]
     text = "\n".join(report)
     print(text)

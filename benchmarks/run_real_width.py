@@ -41,6 +41,7 @@ from run_memory import (
     _fmt_mem,
     available_memory_bytes,
     environment,
+    failures_section,
     format_ratio,
     loss_check,
     measure,
@@ -262,13 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         loss_check(cells, args.peers, results),
     ]
-    problems = [
-        f"- {cells[i].label()} | {PEERS[p].label}: {r.status}: {r.reason}"
-        for (i, p), r in sorted(results.items())
-        if r.status != "ok"
-    ]
-    if problems:
-        report += ["", "Cells that did not run:", *problems]
+    report += failures_section(cells, results)
     report += ["", f"Measured in {elapsed / 60:.1f} min."]
     text = "\n".join(report)
     print(text)

@@ -204,3 +204,12 @@ def test_the_front_door_leaves_out_the_all_saved_mode():
     peers = rm.parse_args([]).peers
     assert "ours" in peers and "ours-strict" in peers and "ours-all" not in peers
     assert rm.parse_args(["--peers", "ours,ours-all"]).peers == ["ours", "ours-all"]
+
+
+def test_cells_that_did_not_run_are_listed_with_their_reason():
+    cells = _cells()
+    results = {(0, "ours"): _result(10, 1, 0.1), (1, "cce"): CellResult("OOM", reason="killed")}
+    lines = rm.failures_section(cells, results)
+    assert lines[:2] == ["", "Cells that did not run:"] and len(lines) == 3
+    assert "CCE: OOM: killed" in lines[2] and cells[1].label() in lines[2]
+    assert rm.failures_section(cells, {(0, "ours"): _result(10, 1, 0.1)}) == []
