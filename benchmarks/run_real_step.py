@@ -94,9 +94,18 @@ def biographies(count: int, seed: int = 0) -> list[tuple[str, str, str]]:
     companies = [f"{a} {b} {c}" for a in brands for b in trades for c in kinds]
     rng.shuffle(names)
     rng.shuffle(companies)
-    if count > min(len(names), len(companies)):
-        raise ValueError(f"count: at most {min(len(names), len(companies))}, got {count}")
-    return [(names[i], rng.choice(cities), companies[i]) for i in range(count)]
+    people = [(names[i], rng.choice(cities), companies[i]) for i in range(min(count, len(names)))]
+    # Past the 900 plain names (Gemma's 16K row needs more look-alikes): the same names with a
+    # middle initial, each with a company of its own; the first 900 people stay as they were,
+    # so the shorter rows' pairs do not change.
+    initials = "ABCDEFGHJKLMNPRSTVW"
+    extra = [f"{n.split()[0]} {i}. {n.split()[1]}" for i in initials for n in names]
+    extra_companies = [f"{c} {s}" for s in ("International", "Global", "Europe") for c in companies]
+    if count > len(names) + min(len(extra), len(extra_companies)):
+        raise ValueError(f"count: at most {len(names) + len(extra_companies)}, got {count}")
+    for i in range(count - len(people)):
+        people.append((extra[i], rng.choice(cities), extra_companies[i]))
+    return people
 
 
 def make_pair(tokenizer: Any, chat_format: str, long_length: int) -> dict[str, Any]:
@@ -110,7 +119,8 @@ def make_pair(tokenizer: Any, chat_format: str, long_length: int) -> dict[str, A
     )
     from solopo_kernels.data.readers import Passage, QAExample
 
-    people = biographies(900)
+    # About 18 tokens per biography: enough look-alikes for the row, whatever the tokenizer
+    people = biographies(max(900, long_length // 12))
     examples = [
         QAExample(
             id=f"bio{i}",
@@ -338,7 +348,8 @@ def plot(
             ax.set_ylabel(ylabel)
             ax.set_title(model, fontsize=10)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # a run where every cell failed has none
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -23,8 +23,9 @@ few long ones: the gap SoLoPO is for. The script
 
 Everything runs on the CPU with float32 weights; nothing is downloaded. The first command is the
 plumbing (7 min on 2 CPU cores shared with other jobs, load average 5-7; 4 held-out questions say
-little); the default run samples 192 answers, trains 20 steps and answers 192 prompts greedily:
-much longer on 2 cores (not timed yet).
+little); the default run samples 192 answers, trains 20 steps and answers 192 prompts greedily in
+7.7 min on 2 quiet cores (held-out accuracy 81% short / 8% long before, 96% / 17% after: see
+the README, "Real models, offline").
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from typing import Any
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+# The run is on the CPU: without this, DeepSpeed (imported by accelerate where it is installed)
+# logs "Setting accelerator to CPU" as a warning in the middle of training.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 

@@ -55,6 +55,17 @@ def test_the_pair_holds_one_question_at_the_length_asked(tiny):
     assert company not in pair["rejected"][0]["content"]
 
 
+def test_more_than_900_people_keep_the_first_900_and_stay_distinct():
+    # Gemma's 16K row needs more look-alikes than the 900 plain names; the shorter rows' people
+    # (the first 900) must not change, and no name or company may repeat (a repeated name with
+    # another company would contradict the gold biography).
+    base, more = rs.biographies(900), rs.biographies(2000)
+    assert more[:900] == base
+    assert len({name for name, _, _ in more}) == len({company for _, _, company in more}) == 2000
+    with pytest.raises(ValueError, match="count: at most"):
+        rs.biographies(10**6)
+
+
 @pytest.mark.parametrize("method", ["solopo", "trl-dpo"])
 def test_one_step_of_each_trainer_trains(tiny, method):
     cell = rs.build_cell(method, _cell(tiny, 256), torch.device("cpu"), seed=0)

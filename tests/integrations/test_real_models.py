@@ -151,9 +151,8 @@ def test_first_loss_on_chat_rows_is_the_hand_computation(smollm2, tmp_path):
     assert abs(first - expected) <= 2e-6 * abs(expected), (first, expected)
 
 
-@pytest.mark.heavy  # ~90 s on two cores; tests/integrations/test_mixed_precision.py covers bf16 in CI
 def test_first_bf16_loss_is_the_models_bf16_forward(smollm2, tmp_path):
-    # One pair: bf16 matmuls are slow on CPUs without bf16 units.
+    # One pair: bf16 matmuls are slow on CPUs without bf16 units (13 s on two quiet AVX2 cores).
     model, tokenizer = smollm2
     rows = _rows()[:1]
     float32_loss = _hand_loss(model, tokenizer, rows, autocast=False, **OPTIONS)
