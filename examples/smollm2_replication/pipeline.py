@@ -52,9 +52,14 @@ VLLM_ENGINE = (
 
 def vllm_env() -> dict[str, str]:
     """The environment of a command run in the vLLM virtualenv: this checkout's package, no
-    hub, 4 GiB of KV cache unless set, vLLM's warnings only."""
+    hub, 4 GiB of KV cache and the engine's threads on every core this process may use, unless
+    set; vLLM's warnings only."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # vLLM's automatic binding ("auto") keeps one core per worker for its scheduler process: on
+    # two cores the model runs on one. Measured on 64 prompts of 1,024 tokens: 282 s with it,
+    # 156 s bound to both cores (transformers, batch 8: 154 s), the same 64 answers.
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return env
 

@@ -58,7 +58,9 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
     columns = ["short", *lengths]
     arms: dict[str, Any] = {}
     correct: dict[str, dict[str, list[str]]] = {}
-    for arm, results in _by_arm(preset, work).items():
+    by_arm = _by_arm(preset, work)
+    _check_same_questions(by_arm, columns)
+    for arm, results in by_arm.items():
         correct[arm] = {c: [r["correct"][c] for r in results] for c in columns}
         long_strings = ["".join(r["correct"][n] for n in lengths) for r in results]
         pooled = accuracy(long_strings)
@@ -82,6 +84,22 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
         }
     ordered = {arm: arms[arm] for arm in arm_order() if arm in arms}
     return {"columns": columns, "lengths": lengths, "arms": ordered, "correct": correct}
+
+
+def _check_same_questions(by_arm: dict[str, list[dict[str, Any]]], columns: list[str]) -> None:
+    """Every test unit answered the same number of questions per column: the paired comparisons
+    line answers up by position (a unit evaluated before ``test_eval_questions`` changed is
+    stale: delete its result to redo it)."""
+    counts = {
+        f"{r['unit']['arm']} seed {r['unit']['seed']}": tuple(r["questions"][c] for c in columns)
+        for results in by_arm.values()
+        for r in results
+    }
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"test units answered different numbers of questions per column {columns}: "
+            f"{counts}; delete the stale units' results under units/test/ and rerun"
+        )
 
 
 def paired_se(correct: dict[str, list[str]], lengths: list[str]) -> float:

@@ -185,6 +185,8 @@ def evaluate_folder(
         argv += ["--input", str(path)]
     argv += ["--model", str(folder), "--dtype", "float32", "--quiet"]
     argv += ["--max-new-tokens", str(preset.answer_max_new_tokens)]
+    if unit.split == "test" and preset.test_eval_questions is not None:
+        argv += ["--limit", str(preset.test_eval_questions)]  # the first N rows of every length
     if vllm_python:
         argv += ["--backend", "vllm", "--batch-size", "64", *VLLM_ENGINE]
         command = [vllm_python, "-m", "solopo_kernels.data.cli", *argv]

@@ -178,7 +178,7 @@ def test_quick_run_writes_every_result(quick_run):
         for column in columns:
             stats = arm["accuracy"][column]
             assert 0 <= stats["mean"] <= 1 and math.isfinite(stats["se"])
-            assert stats["questions"] == QUICK.test_questions
+            assert stats["questions"] == QUICK.test_eval_questions < QUICK.test_questions
         if name != "base":
             assert arm["step_seconds"] > 0 and arm["steps"] >= 1
             assert "alpha" in arm["hparams"] or not name.startswith("SoLo")
@@ -195,7 +195,7 @@ def test_quick_run_writes_every_result(quick_run):
     for unit_file in (results / "units" / "test").glob("*.json"):
         unit = json.loads(unit_file.read_text())
         answers = json.loads((results / "answers" / "test" / unit_file.name).read_text())
-        assert len(answers["answers"]) == QUICK.test_questions * (1 + len(QUICK.test_lengths))
+        assert len(answers["answers"]) == QUICK.test_eval_questions * (1 + len(QUICK.test_lengths))
         if unit["unit"]["variant"] != "base":
             assert (work / "adapters" / unit_file.stem / "adapter_config.json").exists()
     assert not any((work / "merged").glob("*"))
@@ -238,3 +238,31 @@ def test_quick_rerun_skips_finished_units_and_a_stopped_grid_reports_partial(qui
         assert report["summary"]["arms"]["SoLo-SimPO"]["seeds"] == [0]
     finally:
         missing.write_bytes(kept)
+
+
+def test_a_unit_evaluated_on_other_questions_stops_the_report(quick_run):
+    work, results = quick_run
+    path = sorted((results / "units" / "test").glob("simpo-short-*seed1.json"))[0]
+    kept = path.read_bytes()
+    unit = json.loads(kept)
+    unit["questions"] = {column: n + 1 for column, n in unit["questions"].items()}
+    unit["correct"] = {column: bits + "0" for column, bits in unit["correct"].items()}
+    path.write_text(json.dumps(unit))
+    try:
+        with pytest.raises(ValueError, match="different numbers of questions"):
+            _main_here(work, results)
+    finally:
+        path.write_bytes(kept)
+
+
+def test_vllm_runs_on_every_core_unless_told_otherwise(monkeypatch):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from smollm2_replication.pipeline import vllm_env
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    assert vllm_env()["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert vllm_env()["VLLM_CPU_OMP_THREADS_BIND"] == "0"
