@@ -2,11 +2,12 @@
 
 The loss of the first batch of conversational rows (``compute_loss``, as the first training
 step computes it) equals the SoLoPO objective computed by hand from the model's own logits
-(float64 ``log_softmax``), on token ids built the way TRL 1.16 tokenizes conversational rows: the prompt rendered with the generation prompt, the
-prompt + response rendered whole, the response = what follows the prompt (for SmolLM2 the
-answer, ``<|im_end|>`` and a newline). Float32: to 2e-6 relative. ``bf16=True`` (autocast): the
-first loss is the model's bf16 forward (the body under autocast, the head's inputs rounded to
-bf16 and accumulated exactly, as the kernel does), not the float32 one.
+(float64 ``log_softmax``), on token ids built the way TRL 1.16 tokenizes conversational rows:
+the prompt rendered with the generation prompt, the prompt + response rendered whole, the
+response = what follows the prompt (for SmolLM2 the answer, ``<|im_end|>`` and a newline). Float32: to 2e-6 relative. ``bf16=True`` (autocast): the
+first loss is the model's bf16 forward (the body under autocast on the collated batch, whose
+shapes bf16 rounding depends on; the head's inputs rounded to bf16 and accumulated exactly, as the
+kernel does), not the float32 one.
 """
 
 from __future__ import annotations
@@ -62,23 +63,13 @@ def _conversation_ids(tokenizer, prompt, response) -> tuple[list[int], int]:
     return ids, len(prompt_ids)
 
 
-def _hand_loss(model, tokenizer, rows, *, autocast: bool, **options: Any) -> float:
-    """SimPO-SoLoPO from the model's own logits (float64 log_softmax of each row's logits)."""
+def _hand_loss(model, tokenizer, rows, **options: Any) -> float:
+    """SimPO-SoLoPO from the model's own float32 logits (float64 log_softmax), row by row."""
 
     def logps(prompt, response):
         ids, start = _conversation_ids(tokenizer, prompt, response)
-        if autocast:
-            # The body under bf16 autocast; the head from its inputs rounded to bf16, as autocast
-            # rounds them, but accumulated exactly: the kernel's contract (it never rounds the
-            # logits to bf16, which autocast's own lm_head would).
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                body = model.model(input_ids=torch.tensor([ids]), use_cache=False)
-            hidden = body.last_hidden_state[0, :-1].to(torch.bfloat16).double()
-            weight = model.lm_head.weight.detach().to(torch.bfloat16).double()
-            logits = hidden @ weight.T
-        else:
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
         token_logps = torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), ids[1:]]
         return token_logps[start - 1 :].sum(), float(len(ids) - start)
 
@@ -90,6 +81,22 @@ def _hand_loss(model, tokenizer, rows, *, autocast: bool, **options: Any) -> flo
         torch.tensor([n for _, n in short], dtype=torch.float64),
         torch.stack([s for s, _ in long]),
         torch.tensor([n for _, n in long], dtype=torch.float64),
+        loss_type="simpo",
+        **options,
+    )
+    return loss.item()
+
+
+def _bf16_hand_loss(model, batch, **options: Any) -> float:
+    """SimPO-SoLoPO as a bf16 autocast run computes it, by hand on the collated batch
+    (``reference.autocast_batch_logps``: the body under autocast on the padded batch, the head
+    exact from bf16-rounded inputs). Short rows ``[chosen..., rejected...]``, long rows the
+    chosen ones; the float32 test checks this batch against the chat template row by row."""
+    short = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    long = batch["long_input_ids"], batch["long_attention_mask"], batch["long_completion_mask"]
+    loss, _, _ = reference.solopo_objective(
+        *reference.autocast_batch_logps(model, *short),
+        *reference.autocast_batch_logps(model, *long),
         loss_type="simpo",
         **options,
     )
@@ -136,17 +143,22 @@ def smollm2(smollm2_folder):
     return model, AutoTokenizer.from_pretrained(smollm2_folder)
 
 
-def _first_loss(trainer) -> float:
-    """The loss of the first batch (every row), as the first training step computes it (without
-    the backward and the optimizer step: the value is what this test checks)."""
+def _first_batch(trainer) -> dict[str, torch.Tensor]:
+    """The first batch: every row, collated as the first training step collates it."""
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    return trainer.data_collator(rows)
+
+
+def _first_loss(trainer) -> float:
+    """The loss of the first batch, as the first training step computes it (without the backward
+    and the optimizer step: the value is what this test checks)."""
     with torch.no_grad():
-        return trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item()
+        return trainer.compute_loss(trainer.model, _first_batch(trainer)).item()
 
 
 def test_first_loss_on_chat_rows_is_the_hand_computation(smollm2, tmp_path):
     model, tokenizer = smollm2
-    expected = _hand_loss(model, tokenizer, _rows(), autocast=False, **OPTIONS)
+    expected = _hand_loss(model, tokenizer, _rows(), **OPTIONS)
     first = _first_loss(_trainer(model, tokenizer, _rows(), tmp_path, bf16=False, **OPTIONS))
     assert abs(first - expected) <= 2e-6 * abs(expected), (first, expected)
 
@@ -155,11 +167,13 @@ def test_first_bf16_loss_is_the_models_bf16_forward(smollm2, tmp_path):
     # One pair: bf16 matmuls are slow on CPUs without bf16 units (13 s on two quiet AVX2 cores).
     model, tokenizer = smollm2
     rows = _rows()[:1]
-    float32_loss = _hand_loss(model, tokenizer, rows, autocast=False, **OPTIONS)
-    bf16_loss = _hand_loss(model, tokenizer, rows, autocast=True, **OPTIONS)
+    float32_loss = _hand_loss(model, tokenizer, rows, **OPTIONS)
+    trainer = _trainer(model, tokenizer, rows, tmp_path, bf16=True, **OPTIONS)
+    bf16_loss = _bf16_hand_loss(model, _first_batch(trainer), **OPTIONS)
     # compute_loss runs its forwards under the autocast that bf16=True gives the model.
-    first = _first_loss(_trainer(model, tokenizer, rows, tmp_path, bf16=True, **OPTIONS))
+    first = _first_loss(trainer)
     gap = abs(bf16_loss - float32_loss)
     assert gap > 1e-4, "the check needs bf16 to move this loss"
-    assert abs(first - float32_loss) <= 2**-5 * abs(float32_loss)  # bf16 moved it, within reason
-    assert abs(first - bf16_loss) <= 0.25 * gap, (first, bf16_loss, float32_loss)
+    # bf16 moved it within reason: by 5.2 % on an AVX-512 BF16 CPU (torch 2.13).
+    assert abs(first - float32_loss) <= 2**-3 * abs(float32_loss)
+    assert abs(first - bf16_loss) <= 1e-6 + 0.01 * gap, (first, bf16_loss, float32_loss)
