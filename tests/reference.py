@@ -42,18 +42,22 @@ def sequence_logps(hidden, weight, labels, bias=None, *, ignore_index=-100, temp
     return tok.sum(-1), (labels != ignore_index).sum(-1).double()
 
 
-def autocast_batch_logps(
-    model, input_ids, attention_mask, completion_mask, *, dtype: torch.dtype = torch.bfloat16
-):
-    """float64 ``(sums, lengths)`` of each row's completion tokens in a padded batch ``(B, T)``,
-    computed as a mixed-precision run computes them: the model's body under CPU autocast, on the
-    batch as given (16-bit results depend on the batch's shapes: on CPUs with bf16 units one
-    hidden value can round differently in a padded row and in the row alone, which moves a loss
-    as much as bf16 itself does), then the head's inputs rounded to ``dtype`` as autocast rounds
-    them and accumulated exactly (the kernels' contract: logits are never rounded to 16 bits)."""
+def autocast_batch_logps(model, batch, *, prefix: str = "", dtype: torch.dtype = torch.bfloat16):
+    """float64 ``(sums, lengths)`` of each row's completion tokens in a collated batch (the
+    ``(B, T)`` tensors ``{prefix}input_ids``, ``{prefix}attention_mask`` and
+    ``{prefix}completion_mask``; ``prefix="long_"`` for the long rows), computed as a
+    mixed-precision run computes them: the model's body under CPU autocast, on the batch as given
+    (16-bit results depend on the batch's shapes: on CPUs with bf16 units one hidden value can
+    round differently in a padded row and in the row alone, which moves a loss as much as bf16
+    itself does), then the head's inputs rounded to ``dtype`` as autocast rounds them and
+    accumulated exactly (the kernels' contract: logits are never rounded to 16 bits)."""
+    input_ids = batch[f"{prefix}input_ids"]
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        body = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    labels = input_ids[:, 1:].masked_fill(~completion_mask[:, 1:].bool(), -100)
+        body = model.model(
+            input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
+        )
+    completion = batch[f"{prefix}completion_mask"][:, 1:].bool()
+    labels = input_ids[:, 1:].masked_fill(~completion, -100)
     hidden = body.last_hidden_state[:, :-1].to(dtype)
     return sequence_logps(hidden, model.lm_head.weight.detach().to(dtype), labels)
 

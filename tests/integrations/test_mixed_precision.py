@@ -102,17 +102,15 @@ def _bf16_loss(policy, ref, batch) -> float:
     (``reference.autocast_batch_logps``: the body under autocast on the padded batches the trainer
     runs, the head exact from bf16-rounded inputs). Rows ``[chosen..., rejected...]`` short, the
     chosen ones long (the float32 tests check this batch against row-by-row tokenization)."""
-    short = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    long = batch["long_input_ids"], batch["long_attention_mask"], batch["long_completion_mask"]
-    short_logps, short_lengths = reference.autocast_batch_logps(policy, *short)
-    long_logps, long_lengths = reference.autocast_batch_logps(policy, *long)
+    short_logps, short_lengths = reference.autocast_batch_logps(policy, batch)
+    long_logps, long_lengths = reference.autocast_batch_logps(policy, batch, prefix="long_")
     loss, _, _ = reference.solopo_objective(
         short_logps,
         short_lengths,
         long_logps,
         long_lengths,
-        ref_short_logps=reference.autocast_batch_logps(ref, *short)[0],
-        ref_long_logps=reference.autocast_batch_logps(ref, *long)[0],
+        ref_short_logps=reference.autocast_batch_logps(ref, batch)[0],
+        ref_long_logps=reference.autocast_batch_logps(ref, batch, prefix="long_")[0],
         loss_type="dpo",
         beta=0.5,
         alpha=1.0,
@@ -133,8 +131,8 @@ def test_first_bf16_loss_is_the_bf16_forward_not_the_float32_one(tmp_path):
         max_steps=1,
         per_device_train_batch_size=4,  # the first step is the whole dataset
     )
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    bf16_loss = _bf16_loss(policy, ref, trainer.data_collator(rows))  # before training moves them
+    first_batch = common.batch(trainer, list(range(len(trainer.train_dataset))))
+    bf16_loss = _bf16_loss(policy, ref, first_batch)  # before training moves the policy
     trainer.train()
     first = trainer.state.log_history[0]["loss"]
     # Within bf16 error of the exact value, and the bf16 forward's value to float32 rounding (the

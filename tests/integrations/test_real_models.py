@@ -4,10 +4,10 @@ The loss of the first batch of conversational rows (``compute_loss``, as the fir
 step computes it) equals the SoLoPO objective computed by hand from the model's own logits
 (float64 ``log_softmax``), on token ids built the way TRL 1.16 tokenizes conversational rows:
 the prompt rendered with the generation prompt, the prompt + response rendered whole, the
-response = what follows the prompt (for SmolLM2 the answer, ``<|im_end|>`` and a newline). Float32: to 2e-6 relative. ``bf16=True`` (autocast): the
-first loss is the model's bf16 forward (the body under autocast on the collated batch, whose
-shapes bf16 rounding depends on; the head's inputs rounded to bf16 and accumulated exactly, as the
-kernel does), not the float32 one.
+response = what follows the prompt (for SmolLM2 the answer, ``<|im_end|>`` and a newline).
+Float32: to 2e-6 relative. ``bf16=True`` (autocast): the first loss is the model's bf16 forward
+(the body under autocast on the collated batch, whose shapes bf16 rounding depends on; the head's
+inputs rounded to bf16 and accumulated exactly, as the kernel does), not the float32 one.
 """
 
 from __future__ import annotations
@@ -92,11 +92,9 @@ def _bf16_hand_loss(model, batch, **options: Any) -> float:
     (``reference.autocast_batch_logps``: the body under autocast on the padded batch, the head
     exact from bf16-rounded inputs). Short rows ``[chosen..., rejected...]``, long rows the
     chosen ones; the float32 test checks this batch against the chat template row by row."""
-    short = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    long = batch["long_input_ids"], batch["long_attention_mask"], batch["long_completion_mask"]
     loss, _, _ = reference.solopo_objective(
-        *reference.autocast_batch_logps(model, *short),
-        *reference.autocast_batch_logps(model, *long),
+        *reference.autocast_batch_logps(model, batch),
+        *reference.autocast_batch_logps(model, batch, prefix="long_"),
         loss_type="simpo",
         **options,
     )
