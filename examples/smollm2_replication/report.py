@@ -76,6 +76,9 @@ def aggregate(preset: Preset, work: Workspace) -> dict[str, Any]:
             "step_seconds": statistics.median(c["step_seconds_median"] for c in costs)
             if costs
             else None,
+            # seeds can run on different machines (the grid goes on across sessions): a step
+            # time compares with other arms' of the same seed, not with their medians
+            "step_seconds_by_seed": [c["step_seconds_median"] for c in costs],
             "steps": costs[0]["steps"] if costs else None,
             "peak_rss_mib": max(c["peak_rss_above_start_mib"] or 0 for c in costs)
             if costs
@@ -170,7 +173,7 @@ def markdown(report: dict[str, Any]) -> str:
     preset = report["preset"]
     arms = summary["arms"]
     questions = next(iter(arms.values()))["accuracy"]["short"]["questions"] if arms else 0
-    head = ["arm", *columns, "long (pooled)", "s / step", "peak MiB", "settings"]
+    head = ["arm", *columns, "long (pooled)", "s / step by seed", "peak MiB", "settings"]
     lines = []
     if not report["run"].get("complete", True):
         counts = report["units_done"]
@@ -183,17 +186,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"Test accuracy (%, greedy, sub-EM) of SmolLM2-135M-Instruct on {questions} one-hop "
         f"biography questions per column, mean over seeds {preset['seeds']} ± standard error over "
-        f"questions; long contexts in tokens (trained at {preset['train_length']}). Cost: median "
-        f"wall time of an optimizer step ({preset['batch_size']} pairs, LoRA r={preset['lora_rank']}"
-        f"{', bf16 autocast' if preset['bf16'] else ', float32'}) and peak resident memory above "
-        "the start of training.",
+        f"questions; long contexts in tokens (trained at {preset['train_length']}). Cost: the "
+        f"median wall time of an optimizer step ({preset['batch_size']} pairs, LoRA "
+        f"r={preset['lora_rank']}{', bf16 autocast' if preset['bf16'] else ', float32'}) in each "
+        "seed's run, in seed order (a seed's runs may share a machine that another seed's do not: "
+        "compare arms within a seed), and peak resident memory above the start of training.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for name, arm in arms.items():
         cells = [_pct(arm["accuracy"][c]) for c in columns] + [_pct(arm[LONG])]
-        step = f"{arm['step_seconds']:.2f}" if arm["step_seconds"] else "-"
+        by_seed = arm.get("step_seconds_by_seed") or []
+        step = " / ".join(f"{seconds:.1f}" for seconds in by_seed) or "-"
         peak = f"{arm['peak_rss_mib']:.0f}" if arm["peak_rss_mib"] else "-"
         label = f"**{name}**" if name.startswith("SoLo") else name
         lines.append(f"| {label} | " + " | ".join([*cells, step, peak, _settings(arm)]) + " |")

@@ -181,6 +181,8 @@ def test_quick_run_writes_every_result(quick_run):
             assert stats["questions"] == QUICK.test_eval_questions < QUICK.test_questions
         if name != "base":
             assert arm["step_seconds"] > 0 and arm["steps"] >= 1
+            by_seed = arm["step_seconds_by_seed"]
+            assert len(by_seed) == len(seeds) and all(seconds > 0 for seconds in by_seed)
             assert "alpha" in arm["hparams"] or not name.startswith("SoLo")
     assert report["comparisons"] and all("long" in row for row in report["comparisons"])
     assert report["sampling"]["pairs"] >= 1
@@ -190,6 +192,11 @@ def test_quick_run_writes_every_result(quick_run):
     ).read_bytes()
     table = (results / "smollm2_replication.md").read_text()
     assert "| **SoLo-SimPO** |" in table and "Paired comparisons" in table
+    for name, arm in arms.items():
+        label = f"**{name}**" if name.startswith("SoLo") else name
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        by_seed = arm.get("step_seconds_by_seed") or []
+        assert (" / ".join(f"{seconds:.1f}" for seconds in by_seed) or "| - |") in row
     assert (results / "smollm2_replication.png").stat().st_size > 0
     # every unit kept its evaluate report (every answer) and its adapter; no merged copy is left
     for unit_file in (results / "units" / "test").glob("*.json"):
