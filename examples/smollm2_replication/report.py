@@ -197,8 +197,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, arm in arms.items():
         cells = [_pct(arm["accuracy"][c]) for c in columns] + [_pct(arm[LONG])]
-        by_seed = arm.get("step_seconds_by_seed") or []
-        step = " / ".join(f"{seconds:.1f}" for seconds in by_seed) or "-"
+        step = " / ".join(f"{seconds:.1f}" for seconds in arm["step_seconds_by_seed"]) or "-"
         peak = f"{arm['peak_rss_mib']:.0f}" if arm["peak_rss_mib"] else "-"
         label = f"**{name}**" if name.startswith("SoLo") else name
         lines.append(f"| {label} | " + " | ".join([*cells, step, peak, _settings(arm)]) + " |")

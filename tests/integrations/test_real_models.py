@@ -5,12 +5,12 @@ step computes it) equals the SoLoPO objective computed by hand from the model's 
 (float64 ``log_softmax``), on token ids built the way TRL 1.16 tokenizes conversational rows:
 the prompt rendered with the generation prompt, the prompt + response rendered whole, the
 response = what follows the prompt (for SmolLM2 the answer, ``<|im_end|>`` and a newline).
-Float32: to 1e-5 relative (float32 sums run in another order in the trainer's batched forward
-than in the hand computation, an order that depends on the CPU's matmul kernels: 4.9e-6 measured
-on an Intel Xeon with AVX-512; a wrong loss is off by orders of magnitude more).
-``bf16=True`` (autocast): the first loss is the model's bf16 forward
-(the body under autocast on the collated batch, whose shapes bf16 rounding depends on; the head's
-inputs rounded to bf16 and accumulated exactly, as the kernel does), not the float32 one.
+Float32: to 1e-5 relative (float32 sums run in another order in the trainer's batched forward than
+in the hand computation, an order that depends on the CPU's matmul kernels: 4.9e-6 measured on an
+Intel Xeon with AVX-512; a wrong loss is off by orders of magnitude more). ``bf16=True``
+(autocast): the first loss is the model's bf16 forward (the body under autocast on the collated
+batch, whose shapes bf16 rounding depends on; the head's inputs rounded to bf16 and accumulated
+exactly, as the kernel does), not the float32 one.
 """
 
 from __future__ import annotations
